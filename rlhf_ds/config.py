@@ -1,0 +1,340 @@
+"""Typed run configs: YAML file + `key.sub=value` overrides, validated on load, saved resolved into the run dir.
+
+Every step has one dataclass (``PretrainConfig``, ``SFTConfig``, ``RMConfig``, ``PPOConfig``, ``PipelineConfig``). Shared
+sections (``EngineConfig``, ``TrainConfig``, ``DataConfig``, ``TrackingConfig``) keep one meaning everywhere, and the
+DeepSpeed JSON is derived from them (see ``rlhf_ds.engine.ds_config``) so batch sizes, precision and ZeRO stage have
+one source of truth.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: names the key and what is wrong."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # None = pick per architecture (GPT-2: c_attn/c_proj/c_fc, LLaMA: q/k/v/o/gate/up/down projections)
+    target_modules: Optional[list[str]] = None
+
+
+@dataclass
+class EngineConfig:
+    """How one model runs on DeepSpeed. Each PPO role has its own."""
+
+    zero_stage: int = 3
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_ratio: float = 0.05
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    grad_clip: float = 1.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = run the epochs
+    eval_every: int = 50
+    save_every: int = 0  # 0 = only at the end
+    log_every: int = 5
+    seed: int = 1234
+    eval_batch_size: int = 16
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = None  # file, folder (save_to_disk) or hub name; None = built-in task
+    eval: Optional[str] = None
+    eval_fraction: float = 0.05  # held out from `train` when `eval` is not given
+    format: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    on_bad_row: Literal["error", "skip"] = "error"
+    max_prompt_tokens: int = 64
+    max_seq_len: int = 128
+    prompt_overflow: Literal["truncate", "drop"] = "truncate"
+
+
+@dataclass
+class TrackingConfig:
+    wandb: bool = False
+    wandb_project: str = "rlhf_ds"
+    wandb_run_name: Optional[str] = None
+    wandb_group: Optional[str] = None
+    wandb_tags: list[str] = field(default_factory=list)
+    tensorboard: bool = False
+
+
+@dataclass
+class BuiltinTaskConfig:
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ArchConfig:
+    """A small causal LM built from scratch (step 0)."""
+
+    type: Literal["gpt2", "llama"] = "gpt2"
+    n_layers: int = 4
+    hidden: int = 128
+    n_heads: int = 4
+    intermediate: int = 0  # 0 = 4 * hidden
+    max_positions: int = 128
+    vocab_size: int = 512  # tokenizer vocabulary to train
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = "runs/pretrain"
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=64))
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=2e-3, zero_stage=0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(micro_batch_size=32, epochs=2))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "runs/sft"
+    model: str = "runs/pretrain"  # local from_pretrained folder, or a step run dir holding model/
+    trust_remote_code: bool = False
+    loss_on_prompt: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=5e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+
+
+STEP_CONFIGS: dict[str, type] = {"pretrain": PretrainConfig, "sft": SFTConfig}
+
+
+def register_step_config(name: str, cls: type) -> type:
+    STEP_CONFIGS[name] = cls
+    return cls
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+# --------------------------------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only what is lossless (int -> float, dict -> dataclass)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {_type_name(tp)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for section '{key}', got {type(value).__name__}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()} if args else value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {_type_name(tp)}")  # a bug in a config dataclass
+
+
+def _build(cls: type, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f" (did you mean '{prefix + close[0]}'?)" if close else f" (known: {', '.join(names)})"
+        raise ConfigError(f"unknown config key '{prefix + k}'{hint}")
+    default = cls()
+    kwargs = {}
+    for name in names:
+        if name in raw:
+            sub_default = getattr(default, name)
+            value = raw[name]
+            if dataclasses.is_dataclass(sub_default) and isinstance(value, dict):
+                # merge into the step's own defaults for the section, not the section class's
+                value = {**dataclasses.asdict(sub_default), **value}
+            kwargs[name] = _coerce(value, hints[name], prefix + name)
+    return dataclasses.replace(default, **kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`engine.lr=1e-4` -> ('engine.lr', 0.0001). Values are read as YAML so types come out right."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.strip().lower() in {"none", "null"}:
+        value = None
+    if isinstance(value, str) and _looks_like_float(value):
+        value = float(value)  # YAML 1.1 reads `1e-4` as a string
+    return key, value
+
+
+def _looks_like_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return any(c in s.lower() for c in "e.") and not s.strip().lower() in {"inf", "nan", "-inf"}
+
+
+def load_config(step: str, path: Optional[str] = None, overrides: Optional[list[str]] = None):
+    """Build and validate the config of `step` from an optional YAML file and `key=value` overrides."""
+    if step not in STEP_CONFIGS:
+        raise ConfigError(f"unknown step '{step}' (known: {', '.join(STEP_CONFIGS)})")
+    raw: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    cfg = _build(STEP_CONFIGS[step], raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg) -> None:
+    """Combinations that cannot work, caught before any process group or model exists."""
+    for name, eng in _engines(cfg):
+        if eng.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{name}.zero_stage must be 0, 1, 2 or 3, got {eng.zero_stage}")
+        if eng.offload_params and eng.zero_stage != 3:
+            raise ConfigError(f"{name}.offload_params needs zero_stage 3 (DeepSpeed offloads parameters only in ZeRO-3)")
+        if eng.offload_optimizer and eng.zero_stage == 0:
+            raise ConfigError(f"{name}.offload_optimizer needs zero_stage >= 1")
+        if eng.lr <= 0:
+            raise ConfigError(f"{name}.lr must be > 0, got {eng.lr}")
+        if not 0 <= eng.warmup_ratio < 1:
+            raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {eng.warmup_ratio}")
+        if len(eng.adam_betas) != 2:
+            raise ConfigError(f"{name}.adam_betas must have two values")
+        if eng.lora.enabled and eng.lora.rank <= 0:
+            raise ConfigError(f"{name}.lora.rank must be > 0")
+    train = getattr(cfg, "train", None)
+    if train is not None:
+        for k in ("micro_batch_size", "grad_accum", "epochs", "log_every", "eval_batch_size"):
+            if getattr(train, k) <= 0:
+                raise ConfigError(f"train.{k} must be > 0, got {getattr(train, k)}")
+        if train.max_steps < 0:
+            raise ConfigError("train.max_steps must be >= 0")
+    data = getattr(cfg, "data", None)
+    if data is not None:
+        if data.max_prompt_tokens >= data.max_seq_len and not isinstance(cfg, PretrainConfig):
+            raise ConfigError(
+                f"data.max_prompt_tokens ({data.max_prompt_tokens}) must be < data.max_seq_len ({data.max_seq_len}) "
+                "to leave room for a response"
+            )
+        if not 0 <= data.eval_fraction < 1:
+            raise ConfigError("data.eval_fraction must be in [0, 1)")
+    extra = getattr(cfg, "validate", None)
+    if callable(extra):
+        extra()
+
+
+def _engines(cfg) -> list[tuple[str, EngineConfig]]:
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, EngineConfig):
+            out.append((f.name, v))
+    return out
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str) -> None:
+    """Write the resolved config (all defaults filled in) atomically."""
+    from rlhf_ds.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

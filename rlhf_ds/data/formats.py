@@ -1,0 +1,344 @@
+"""Turn raw records into normalized SFT, preference and prompt examples.
+
+Each format is detected from the columns present (``fmt="auto"``) or named explicitly.
+``columns`` maps a canonical column name to the user's column name, e.g.
+``{"prompt": "instruction", "response": "output"}``. Bad rows raise :class:`DataError`
+naming file, row and field, or are skipped and counted with ``on_bad_row="skip"``.
+
+SFT formats:        prompt_response, prompt_completion, messages
+Preference formats: ranked (prompt + responses, best first), stack_exchange
+                    (question/response_j/response_k, j preferred), prompt_chosen_rejected,
+                    dialogue (chosen/rejected full "\\n\\nHuman: ... \\n\\nAssistant: ..." texts)
+Prompt formats:     messages (last turn from the user), prompt, question
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .readers import DataError, Record, read_records
+
+ROLES = ("system", "user", "assistant")
+ASSISTANT_MARKER = "\n\nAssistant:"
+
+
+@dataclass
+class SFTExample:
+    """A prompt/response pair, or a chat whose last assistant turn is the response."""
+
+    prompt: str | None = None
+    response: str | None = None
+    messages: list[dict] | None = None
+
+
+@dataclass
+class PreferenceExample:
+    """One comparison; ``group`` ties pairs expanded from the same source row together."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+    weight: float = 1.0
+    group: int = 0
+
+
+@dataclass
+class PromptExample:
+    """A PPO prompt: plain text or a chat ending with a user turn."""
+
+    prompt: str | None = None
+    messages: list[dict] | None = None
+
+
+@dataclass
+class ParseReport:
+    """What happened to the rows: ``kept`` counts source rows, not expanded pairs."""
+
+    fmt: str = "auto"
+    total: int = 0
+    kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        text = f"format {self.fmt!r}: {self.total} rows, kept {self.kept}"
+        if self.skipped:
+            reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
+            text += f", skipped {sum(self.skipped.values())} ({reasons})"
+        return text
+
+
+class _BadRow(Exception):
+    """Internal: a row-level problem, turned into a DataError or a skip count by the caller."""
+
+    def __init__(self, reason: str, field: str | None, detail: str):
+        super().__init__(detail)
+        self.reason, self.field, self.detail = reason, field, detail
+
+
+class _Row:
+    """Typed access to one record's fields through the user's column mapping."""
+
+    def __init__(self, data: dict, columns: dict[str, str]):
+        self.data, self.columns = data, columns
+
+    def name(self, key: str) -> str:
+        return self.columns.get(key, key)
+
+    def has(self, key: str) -> bool:
+        return self.data.get(self.name(key)) is not None
+
+    def raw(self, key: str):
+        name = self.name(key)
+        if name not in self.data or self.data[name] is None:
+            present = ", ".join(map(str, self.data)) or "none"
+            raise _BadRow("missing field", name, f"missing field (columns present: {present})")
+        return self.data[name]
+
+    def text(self, key: str) -> str:
+        return _check_text(self.raw(key), self.name(key))
+
+    def items(self, key: str) -> list:
+        """A list field; CSV users may store it as a JSON string."""
+        value, name = self.raw(key), self.name(key)
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise _BadRow("malformed list", name, f"not a valid JSON list: {err.msg}") from None
+        if not isinstance(value, (list, tuple)):
+            raise _BadRow("malformed list", name, f"expected a list, got {type(value).__name__}")
+        return list(value)
+
+    def margin(self) -> float:
+        if not self.has("margin"):
+            return 0.0
+        value = self.data[self.name("margin")]
+        try:
+            margin = float(value)
+        except (TypeError, ValueError):
+            margin = math.nan
+        if isinstance(value, bool) or not math.isfinite(margin):
+            raise _BadRow("invalid margin", self.name("margin"), f"margin must be a finite number, got {value!r}")
+        return margin
+
+
+def _check_text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise _BadRow("non-string value", name, f"expected text, got {type(value).__name__} {value!r:.60}")
+    if not value.strip():
+        raise _BadRow("empty text", name, "empty text")
+    return value
+
+
+def _messages(row: _Row) -> list[dict]:
+    name = row.name("messages")
+    turns = row.items("messages")
+    if not turns:
+        raise _BadRow("empty text", name, "empty message list")
+    return [_turn(turn, f"{name}[{i}]") for i, turn in enumerate(turns)]
+
+
+def _turn(turn, where: str) -> dict:
+    if not isinstance(turn, dict):
+        raise _BadRow("malformed list", where, f"expected a {{role, content}} object, got {type(turn).__name__}")
+    role = turn.get("role")
+    if role not in ROLES:
+        raise _BadRow("unknown role", f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    if "content" not in turn or turn["content"] is None:
+        raise _BadRow("missing field", f"{where}.content", "missing field")
+    return {"role": role, "content": _check_text(turn["content"], f"{where}.content")}
+
+
+def _last_role(row: _Row, turns: list[dict], role: str) -> list[dict]:
+    if turns[-1]["role"] != role:
+        where = f"{row.name('messages')}[{len(turns) - 1}].role"
+        raise _BadRow("wrong last turn", where, f"last turn must be from the {role}, got {turns[-1]['role']!r}")
+    return turns
+
+
+# ---- SFT ---------------------------------------------------------------------------------
+
+
+def _sft_prompt_response(row: _Row, group: int) -> list[SFTExample]:
+    return [SFTExample(prompt=row.text("prompt"), response=row.text("response"))]
+
+
+def _sft_prompt_completion(row: _Row, group: int) -> list[SFTExample]:
+    return [SFTExample(prompt=row.text("prompt"), response=row.text("completion"))]
+
+
+def _sft_messages(row: _Row, group: int) -> list[SFTExample]:
+    return [SFTExample(messages=_last_role(row, _messages(row), "assistant"))]
+
+
+SFT_FORMATS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "messages": (("messages",), _sft_messages),
+    "prompt_response": (("prompt", "response"), _sft_prompt_response),
+    "prompt_completion": (("prompt", "completion"), _sft_prompt_completion),
+}
+
+
+# ---- preferences -------------------------------------------------------------------------
+
+
+def _pair(row: _Row, group: int, prompt: str, chosen_key: str, rejected_key: str) -> PreferenceExample:
+    chosen, rejected = row.text(chosen_key), row.text(rejected_key)
+    if chosen == rejected:
+        raise _BadRow("chosen identical to rejected", row.name(rejected_key), f"identical to {row.name(chosen_key)!r}")
+    return PreferenceExample(prompt, chosen, rejected, margin=row.margin(), group=group)
+
+
+def _pref_prompt_chosen_rejected(row: _Row, group: int) -> list[PreferenceExample]:
+    return [_pair(row, group, row.text("prompt"), "chosen", "rejected")]
+
+
+def _pref_stack_exchange(row: _Row, group: int) -> list[PreferenceExample]:
+    return [_pair(row, group, row.text("question"), "response_j", "response_k")]
+
+
+def _pref_dialogue(row: _Row, group: int) -> list[PreferenceExample]:
+    """Full dialogues: the prompt is the shared text up to the last common "\\n\\nAssistant:"."""
+    pair = _pair(row, group, "", "chosen", "rejected")
+    common = _common_prefix(pair.chosen, pair.rejected)
+    cut = common.rfind(ASSISTANT_MARKER)
+    if cut < 0:
+        raise _BadRow("no common prompt", row.name("rejected"), f"chosen and rejected share no prefix ending in {ASSISTANT_MARKER!r}")
+    cut += len(ASSISTANT_MARKER)
+    pair.prompt, pair.chosen, pair.rejected = pair.chosen[:cut], pair.chosen[cut:], pair.rejected[cut:]
+    _check_text(pair.chosen, row.name("chosen"))
+    _check_text(pair.rejected, row.name("rejected"))
+    return [pair]
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
+def _pref_ranked(row: _Row, group: int) -> list[PreferenceExample]:
+    """Best-first list -> every (better, worse) pair, weighted so the prompt counts once."""
+    prompt, name = row.text("prompt"), row.name("responses")
+    responses = [_check_text(r, f"{name}[{i}]") for i, r in enumerate(row.items("responses"))]
+    if len(responses) < 2:
+        raise _BadRow("too few responses", name, f"need at least 2 ranked responses, got {len(responses)}")
+    pairs = [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
+    for i, j in pairs:
+        if responses[i] == responses[j]:
+            raise _BadRow("chosen identical to rejected", f"{name}[{j}]", f"identical to {name}[{i}]")
+    margin, weight = row.margin(), 1.0 / len(pairs)
+    return [PreferenceExample(prompt, responses[i], responses[j], margin, weight, group) for i, j in pairs]
+
+
+PREFERENCE_FORMATS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "ranked": (("prompt", "responses"), _pref_ranked),
+    "stack_exchange": (("question", "response_j", "response_k"), _pref_stack_exchange),
+    "prompt_chosen_rejected": (("prompt", "chosen", "rejected"), _pref_prompt_chosen_rejected),
+    "dialogue": (("chosen", "rejected"), _pref_dialogue),
+}
+
+
+# ---- prompts -----------------------------------------------------------------------------
+
+
+def _prompt_messages(row: _Row, group: int) -> list[PromptExample]:
+    return [PromptExample(messages=_last_role(row, _messages(row), "user"))]
+
+
+def _prompt_prompt(row: _Row, group: int) -> list[PromptExample]:
+    return [PromptExample(prompt=row.text("prompt"))]
+
+
+def _prompt_question(row: _Row, group: int) -> list[PromptExample]:
+    return [PromptExample(prompt=row.text("question"))]
+
+
+PROMPT_FORMATS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "messages": (("messages",), _prompt_messages),
+    "prompt": (("prompt",), _prompt_prompt),
+    "question": (("question",), _prompt_question),
+}
+
+
+# ---- driver ------------------------------------------------------------------------------
+
+
+def _as_records(records: Iterable) -> list[Record]:
+    """Accept Records or plain dicts (the latter are named "<records>" in errors)."""
+    return [r if isinstance(r, Record) else Record("<records>", i, r) for i, r in enumerate(records)]
+
+
+def _detect(records: list[Record], formats: dict, columns: dict[str, str], kind: str) -> str:
+    """The first format (in priority order) whose columns all appear in the data."""
+    present = {key for record in records for key in record.data}
+    for name, (required, _) in formats.items():
+        if all(columns.get(key, key) in present for key in required):
+            return name
+    expected = "; ".join(f"{name}: {', '.join(req)}" for name, (req, _) in formats.items())
+    raise DataError(
+        f"cannot tell the {kind} format from columns [{', '.join(sorted(map(str, present)))}]; "
+        f"expected one of ({expected}); rename columns with columns={{canonical: yours}} or pass fmt=",
+        file=records[0].file,
+    )
+
+
+def _parse(records, fmt: str, columns: dict | None, on_bad_row: str, formats: dict, kind: str) -> tuple[list, ParseReport]:
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if fmt != "auto" and fmt not in formats:
+        raise ValueError(f"unknown {kind} format {fmt!r}; choose 'auto' or one of {', '.join(formats)}")
+    records, columns = _as_records(records), dict(columns or {})
+    if records and fmt == "auto":
+        fmt = _detect(records, formats, columns, kind)
+    report, examples = ParseReport(fmt=fmt, total=len(records)), []
+    parse_row = formats[fmt][1] if records else None
+    for group, record in enumerate(records):
+        try:
+            examples.extend(parse_row(_Row(record.data, columns), group))
+        except _BadRow as bad:
+            if on_bad_row == "error":
+                raise DataError(bad.detail, record.file, record.row, bad.field) from None
+            report.skipped[bad.reason] = report.skipped.get(bad.reason, 0) + 1
+            continue
+        report.kept += 1
+    return examples, report
+
+
+def parse_sft(records, fmt: str = "auto", columns: dict | None = None, on_bad_row: str = "error") -> tuple[list[SFTExample], ParseReport]:
+    """Records -> SFT examples (prompt/response, prompt/completion or chat messages)."""
+    return _parse(records, fmt, columns, on_bad_row, SFT_FORMATS, "SFT")
+
+
+def parse_preferences(records, fmt: str = "auto", columns: dict | None = None, on_bad_row: str = "error") -> tuple[list[PreferenceExample], ParseReport]:
+    """Records -> preference pairs; ranked lists expand to all pairs with weight 1/num_pairs."""
+    return _parse(records, fmt, columns, on_bad_row, PREFERENCE_FORMATS, "preference")
+
+
+def parse_prompts(records, fmt: str = "auto", columns: dict | None = None, on_bad_row: str = "error") -> tuple[list[PromptExample], ParseReport]:
+    """Records -> PPO prompts (plain text, or chat messages ending with a user turn)."""
+    return _parse(records, fmt, columns, on_bad_row, PROMPT_FORMATS, "prompt")
+
+
+def _load(parse: Callable, source: str, split: str, kw: dict):
+    records = read_records(source, split=split)
+    if not records:
+        raise DataError("no rows found", file=str(source))
+    return parse(records, **kw)
+
+
+def load_sft(source: str, split: str = "train", **kw) -> tuple[list[SFTExample], ParseReport]:
+    """read_records + parse_sft; ``kw`` goes to parse_sft."""
+    return _load(parse_sft, source, split, kw)
+
+
+def load_preferences(source: str, split: str = "train", **kw) -> tuple[list[PreferenceExample], ParseReport]:
+    """read_records + parse_preferences; ``kw`` goes to parse_preferences."""
+    return _load(parse_preferences, source, split, kw)
+
+
+def load_prompts(source: str, split: str = "train", **kw) -> tuple[list[PromptExample], ParseReport]:
+    """read_records + parse_prompts; ``kw`` goes to parse_prompts."""
+    return _load(parse_prompts, source, split, kw)

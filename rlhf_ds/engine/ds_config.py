@@ -1,0 +1,74 @@
+"""DeepSpeed JSON from the `ds_configs/` templates, filled from the run config (the one source of truth).
+
+Templates hold what rarely changes (bucket sizes, ZeRO-3 knobs); batch sizes, precision, stage, offload and clipping
+always come from `EngineConfig`/`TrainConfig`, so they cannot disagree with what the trainer does.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Optional
+
+from rlhf_ds.config import EngineConfig
+
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_templates")
+
+
+def template_name(engine: EngineConfig, inference: bool) -> str:
+    if inference and engine.zero_stage == 3:
+        return "zero3_inference.json"
+    if engine.zero_stage == 3:
+        return "zero3_offload.json" if (engine.offload_params or engine.offload_optimizer) else "zero3.json"
+    return "zero0.json" if engine.zero_stage == 0 else "zero2.json"
+
+
+def load_template(name: str, template_dir: Optional[str] = None) -> dict:
+    path = os.path.join(template_dir or TEMPLATE_DIR, name)
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def build_ds_config(
+    engine: EngineConfig,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    inference: bool = False,
+    template_dir: Optional[str] = None,
+) -> dict:
+    """Fill a template; every 'auto' left in it is resolved here, never by DeepSpeed's guessing."""
+    cfg = copy.deepcopy(load_template(template_name(engine, inference), template_dir))
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg["train_batch_size"] = micro_batch_size * (1 if inference else grad_accum) * world_size
+    if inference:
+        cfg.pop("gradient_accumulation_steps", None)
+        cfg.pop("gradient_clipping", None)
+    else:
+        cfg["gradient_accumulation_steps"] = grad_accum
+        cfg["gradient_clipping"] = engine.grad_clip
+    zero = cfg.setdefault("zero_optimization", {})
+    zero["stage"] = engine.zero_stage
+    if engine.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True} if engine.offload_params else {"device": "none"}
+    if not inference and engine.zero_stage >= 1:
+        zero["offload_optimizer"] = (
+            {"device": "cpu", "pin_memory": True} if engine.offload_optimizer else {"device": "none"}
+        )
+    cfg["bf16"] = {"enabled": engine.precision == "bf16"}
+    cfg["fp16"] = {"enabled": engine.precision == "fp16", "initial_scale_power": 12, "loss_scale_window": 100}
+    if engine.offload_optimizer and not inference:
+        # DeepSpeed requires its own CPU optimizer to be allowed alongside a client optimizer for offload.
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    leftover = [k for k, v in _walk(cfg) if v == "auto"]
+    if leftover:
+        raise ValueError(f"DeepSpeed template {template_name(engine, inference)} leaves 'auto' for: {leftover}")
+    return cfg
+
+
+def _walk(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _walk(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

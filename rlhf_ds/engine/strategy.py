@@ -1,0 +1,188 @@
+"""The only place that talks to DeepSpeed: process group, model construction under ZeRO-3, engines, gathering, saving.
+
+Trainers call these few functions and otherwise read as algorithms (`engine(...)`, `engine.backward(loss)`,
+`engine.step()`).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from datetime import timedelta
+from typing import Iterable, Iterator, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from rlhf_ds.config import EngineConfig
+from rlhf_ds.engine.ds_config import build_ds_config
+from rlhf_ds.utils import world_size
+
+
+def on_cpu() -> bool:
+    return get_accelerator().device_name() == "cpu"
+
+
+def setup_distributed(timeout_minutes: float = 30.0) -> None:
+    """Join the process group (gloo on CPU, NCCL on CUDA through the accelerator) and pin this rank's device/threads."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+    if on_cpu():
+        # ranks sharing a host must not oversubscribe its cores (measured: 4 threads on 2 cores is ~100x slower)
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
+        torch.set_num_threads(int(os.environ.get("RLHF_DS_THREADS", threads)))
+    else:
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python`/`rlhf-ds`: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(
+            dist_backend=get_accelerator().communication_backend_name(),
+            timeout=timedelta(minutes=timeout_minutes),
+            verbose=False,
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    return torch.device(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def ds_config_for(engine: EngineConfig, micro_batch_size: int, grad_accum: int = 1, inference: bool = False) -> dict:
+    return build_ds_config(engine, micro_batch_size, grad_accum, world_size(), inference=inference)
+
+
+@contextlib.contextmanager
+def model_construction(ds_config: dict) -> Iterator[None]:
+    """Models built (or `from_pretrained`) inside are created already partitioned when the config is ZeRO-3.
+
+    transformers reads the ZeRO-3 switch from a live `HfDeepSpeedConfig`; it is removed on exit so a later model of
+    another stage in the same process (PPO) is not partitioned by mistake. Extra modules (scalar heads) built inside
+    go through `deepspeed.zero.Init` too, so they share the backbone's partitioning and dtype.
+    """
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive: transformers holds a weak reference)
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+
+
+def zero3_init(ds_config: dict):
+    """Context for plain torch modules that must be partitioned like a ZeRO-3 backbone (e.g. a value head)."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def _lr_lambda(engine: EngineConfig, total_steps: int):
+    warmup = int(engine.warmup_ratio * total_steps)
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if engine.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if engine.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine down to 10%
+
+    return f
+
+
+def init_trainable(model: torch.nn.Module, engine: EngineConfig, ds_config: dict, total_steps: int):
+    """A training engine: only parameters with requires_grad go to the optimizer (LoRA: the adapters)."""
+    if engine.gradient_checkpointing:
+        inner = getattr(model, "backbone", model)
+        if hasattr(inner, "gradient_checkpointing_enable"):
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(inner, "enable_input_require_grads"):
+                inner.enable_input_require_grads()
+    from rlhf_ds.engine.optimizers import build_optimizer
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        params,
+        name=engine.optimizer,
+        lr=engine.lr,
+        weight_decay=engine.weight_decay,
+        betas=tuple(engine.adam_betas),
+        offload=engine.offload_optimizer,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(engine, total_steps))
+    ds_engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return ds_engine
+
+
+def init_frozen(model: torch.nn.Module, ds_config: dict):
+    """An inference-only engine (reference/reward models): ZeRO-3 keeps it partitioned, no optimizer."""
+    model.requires_grad_(False)
+    ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    ds_engine.eval()
+    return ds_engine
+
+
+def is_partitioned(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: Optional[int] = None):
+    """Full parameters inside the block (all ranks take part); a no-op for unpartitioned ones."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def full_state_dict(module: torch.nn.Module, to_rank0_only: bool = True, group_size: int = 64) -> dict[str, torch.Tensor]:
+    """The whole module's state on CPU, parameters gathered in groups so peak memory stays one group above a shard.
+
+    Every rank must call this (the gather is collective); with `to_rank0_only` other ranks get an empty dict.
+    """
+    keep = (not to_rank0_only) or (not dist.is_initialized()) or dist.get_rank() == 0
+    out: dict[str, torch.Tensor] = {}
+    named = list(module.named_parameters())
+    for i in range(0, len(named), group_size):
+        chunk = named[i : i + group_size]
+        with gathered([p for _, p in chunk]):
+            if keep:
+                for name, p in chunk:
+                    out[name] = p.data.detach().to("cpu", copy=True)
+    if keep:
+        for name, b in module.named_buffers():
+            out[name] = b.detach().to("cpu", copy=True)
+    return out
+
+
+def unwrap(engine_or_module) -> torch.nn.Module:
+    return getattr(engine_or_module, "module", engine_or_module)
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Average a small tensor of metrics over ranks (every rank sees the same numbers)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        summed = values.detach().to(device(), dtype=torch.float64, copy=True)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return (summed / dist.get_world_size()).to(values.device, values.dtype)
+    return values

@@ -1,0 +1,107 @@
+"""Full, hook-free copies of a (possibly ZeRO-3-partitioned, possibly LoRA-wrapped) causal LM.
+
+Two users: the hybrid engine (every rank generates with such a copy: no ZeRO hooks fire per submodule, which is what
+makes gathered generation fast) and saving (rank 0 writes the copy as a Hugging Face folder). LoRA deltas are fused
+into the copy's base weights; the training model itself is never modified, so training state stays bit-identical.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from rlhf_ds.engine.strategy import gathered
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _plain_name(name: str) -> str:
+    """peft parameter name -> the same tensor's name in the un-wrapped model."""
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX) :]
+    return name.replace(".base_layer.", ".")
+
+
+def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_delta_weight")}
+
+
+def build_plain(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    """An empty-weighted twin of `model`'s base architecture, outside ZeRO (filled by `copy_into`)."""
+    base = model.get_base_model() if is_peft(model) else model
+    plain = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    plain.generation_config = base.generation_config
+    plain.requires_grad_(False)
+    return plain.to(device).eval()
+
+
+@torch.no_grad()
+def copy_into(model: torch.nn.Module, plain: Optional[torch.nn.Module], group_size: int = 32) -> None:
+    """Gather `model`'s parameters `group_size` tensors at a time and write them (LoRA fused) into `plain`.
+
+    Collective: every rank calls it; ranks passing `plain=None` only take part in the gathers. Peak extra memory is
+    one group of full tensors, which is how a memory budget for the gather is honoured.
+    """
+    lora = _lora_layers(model) if is_peft(model) else {}
+    lora_params = {id(p) for m in lora.values() for p in m.parameters()}
+    targets = dict(plain.named_parameters()) if plain is not None else {}
+    target_buffers = dict(plain.named_buffers()) if plain is not None else {}
+
+    # LoRA layers: base weight + B @ A * scale, gathered together
+    for name, layer in lora.items():
+        with gathered(list(layer.parameters())):
+            if plain is not None:
+                merged = layer.base_layer.weight.data + layer.get_delta_weight(layer.active_adapter[0])
+                targets[_plain_name(f"{name}.base_layer.weight")].copy_(merged)
+                if getattr(layer.base_layer, "bias", None) is not None:
+                    targets[_plain_name(f"{name}.base_layer.bias")].copy_(layer.base_layer.bias.data)
+
+    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in lora_params]
+    for i in range(0, len(rest), group_size):
+        chunk = rest[i : i + group_size]
+        with gathered([p for _, p in chunk]):
+            if plain is not None:
+                for n, p in chunk:
+                    targets[_plain_name(n)].copy_(p.data)
+    if plain is not None:
+        for n, b in model.named_buffers():
+            if _plain_name(n) in target_buffers:
+                target_buffers[_plain_name(n)].copy_(b)
+
+
+def unsharded_copy(model: torch.nn.Module, device="cpu", all_ranks: bool = False, dtype=None):
+    """A plain copy on every rank (`all_ranks`) or on rank 0 only (others get None). Collective."""
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    dtype = dtype or next(model.parameters()).dtype
+    plain = build_plain(model, device, dtype) if (all_ranks or rank0) else None
+    copy_into(model, plain)
+    return plain
+
+
+def adapter_state_dict(model: torch.nn.Module) -> Optional[dict]:
+    """The LoRA adapter weights in peft's saved naming, gathered to rank 0 (others get None). Collective."""
+    from peft import get_peft_model_state_dict
+
+    named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    state = {}
+    with gathered([p for _, p in named]):
+        if rank0:
+            state = {n: p.data.detach().to("cpu", copy=True) for n, p in named}
+    return get_peft_model_state_dict(model, state_dict=state) if rank0 else None
+
+
+def save_adapter(model: torch.nn.Module, state: dict, out_dir: str) -> None:
+    """A folder `peft.PeftModel.from_pretrained(base, out_dir)` loads."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    model.peft_config["default"].save_pretrained(out_dir)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(out_dir, "adapter_model.safetensors"))

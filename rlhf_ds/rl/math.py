@@ -1,0 +1,263 @@
+"""RL math for PPO-style RLHF as small, pure torch functions.
+
+Conventions: per-token tensors are ``[batch, T]``; ``mask`` (float or bool) is 1 on
+real response tokens and 0 on padding. Every function selects with the mask instead of
+multiplying by it, so whatever sits in padded positions (even inf/nan) never leaks into
+results. Nothing here knows about models or DeepSpeed, which keeps it unit-testable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _fill_pads(x: torch.Tensor, mask: torch.Tensor, value: float = 0.0) -> torch.Tensor:
+    """Replace padded entries by ``value`` (select, not multiply, so nan/inf pads vanish)."""
+    return torch.where(_as_bool(mask), x, torch.full_like(x, value))
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    """Mean over the real tokens only (over ``dim``, or over everything when ``dim`` is None)."""
+    m = _as_bool(mask)
+    filled = _fill_pads(x, m)
+    total = filled.sum() if dim is None else filled.sum(dim)
+    count = m.sum() if dim is None else m.sum(dim)
+    return total / count.to(total.dtype)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population variance over the real tokens (divides by n, not n-1, to match the notes)."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Scale to unit variance over real tokens; pads come out 0.
+
+    With ``shift_mean=False`` the original mean is added back, so only the scale changes
+    (used for rewards, where shifting the mean would change what the policy is paid for).
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return _fill_pads(out, mask)
+
+
+# --------------------------------------------------------------------------- log-probs and KL
+
+
+def _scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    # Half-precision log_softmax over a large vocabulary loses the small differences PPO
+    # ratios depend on, so the math runs in at least fp32.
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-prob of ``labels`` under softmax(logits / temperature).
+
+    The temperature must equal the sampling temperature for every model that scores a
+    rollout; otherwise KL and ratios are wrong from the first step.
+    """
+    logp = F.log_softmax(_scaled_logits(logits, temperature), dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token entropy of softmax(logits / temperature), in nats."""
+    z = _scaled_logits(logits, temperature)
+    return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
+
+
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from samples of the policy.
+
+    With d = logp - ref_logp: k1 = d (unbiased, noisy, can be negative), k2 = d^2/2
+    (biased, low variance), k3 = exp(-d) - 1 + d (unbiased, low variance, always >= 0).
+    """
+    d = logp - ref_logp
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+# --------------------------------------------------------------------------- rewards and advantages
+
+
+def last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token in each row; works for left and right padding."""
+    m = _as_bool(mask)
+    positions = torch.arange(m.shape[-1], device=m.device).expand_as(m)
+    idx = torch.where(m, positions, torch.full_like(positions, -1)).max(dim=-1).values
+    if (idx < 0).any():
+        raise ValueError("every row of the mask needs at least one real token")
+    return idx
+
+
+def per_token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float, score_clip=None) -> torch.Tensor:
+    """Dense rewards: -beta * KL on every real token, plus the sequence score on the last one.
+
+    ``score_clip`` bounds the reward-model score to [-score_clip, score_clip] so one
+    outlier sequence cannot dominate a batch.
+    """
+    rewards = _fill_pads(-beta * kl, mask)
+    score = score.to(rewards.dtype)
+    if score_clip is not None:
+        score = score.clamp(-score_clip, score_clip)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += score
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95):
+    """Generalised advantage estimation over the real tokens of each row.
+
+    delta_t = r_t + gamma * V_next - V_t and A_t = delta_t + gamma * lam * A_next, where
+    "next" is the next real token of the row (0 after the last one). Pads are skipped, so
+    rows of different lengths share a batch; pads get advantage and return 0.
+    Returns ``(advantages, returns)`` with returns = advantages + values.
+    """
+    m = _as_bool(mask)
+    rewards, values = _fill_pads(rewards, m), _fill_pads(values, m)
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        real = m[:, t]
+        advantages[:, t] = torch.where(real, adv, torch.zeros_like(adv))
+        next_value = torch.where(real, values[:, t], next_value)
+        next_adv = torch.where(real, adv, next_adv)
+    returns = _fill_pads(advantages + values, m)
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2):
+    """PPO clipped surrogate: masked_mean(max(-A * rho, -A * clip(rho, 1-eps, 1+eps))).
+
+    Stats (detached 0-dim tensors):
+    - ``clipfrac``: share of real tokens where the clipped term is strictly the larger one,
+      i.e. the token gives no gradient because of clipping;
+    - ``approx_kl``: masked mean of the k3 estimate of KL(old || new) from samples of the
+      old policy, exp(r) - 1 - r with r = logp - old_logp (unbiased and >= 0);
+    - ``ratio_mean``: masked mean of rho.
+    """
+    log_ratio = _fill_pads(logp - old_logp, mask)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
+            "approx_kl": masked_mean(kl_per_token(old_logp, logp, "k3"), mask),
+            "ratio_mean": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range=0.2):
+    """Critic loss 0.5 * masked_mean((V - R)^2), pessimistically clipped around V_old.
+
+    Clipping keeps the critic from moving further than ``clip_range`` per rollout; it does
+    not always help, so ``clip_range=None`` turns it off. Returns ``(loss, clipfrac)``
+    where clipfrac is the share of real tokens whose clipped error is the larger one.
+    """
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        return 0.5 * masked_mean(unclipped, mask), torch.zeros((), dtype=values.dtype, device=values.device)
+    v_clipped = torch.maximum(torch.minimum(values, old_values + clip_range), old_values - clip_range)
+    clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clipfrac = masked_mean((clipped > unclipped).to(values.dtype), mask)
+    return loss, clipfrac
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin=None, weights=None) -> torch.Tensor:
+    """Reward-model pairwise loss: weighted mean of -log sigmoid(r_c - r_r - margin).
+
+    Depends only on the reward difference, so it cannot pin the reward's offset;
+    normalise the trained model separately. ``weights`` are normalised by their sum.
+    """
+    diff = r_chosen - r_rejected
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)
+    if weights is None:
+        return losses.mean()
+    weights = weights.to(losses.dtype)
+    return (losses * weights).sum() / weights.sum()
+
+
+# --------------------------------------------------------------------------- KL coefficient controllers
+
+
+class FixedKLController:
+    """Constant KL coefficient (DeepSpeed-Chat style)."""
+
+    def __init__(self, beta: float):
+        self.beta = float(beta)
+
+    def update(self, current_kl, n_steps: int) -> float:
+        return self.beta
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. proportional controller that steers the measured KL towards ``target``.
+
+    e = clip(KL / target - 1, -0.2, 0.2); beta <- beta * (1 + e * n_steps / horizon), with
+    n_steps the number of episodes in the update. The clip limits how fast beta can move.
+    """
+
+    def __init__(self, init_beta: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("adaptive KL controller needs target > 0 and horizon > 0")
+        super().__init__(init_beta)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl, n_steps: int) -> float:
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta
+
+
+def make_kl_controller(kind: str, beta: float, target=None, horizon=None) -> FixedKLController:
+    """Build a controller from config: ``kind`` is "fixed" or "adaptive"."""
+    if kind == "fixed":
+        return FixedKLController(beta)
+    if kind == "adaptive":
+        if target is None or horizon is None:
+            raise ValueError("adaptive KL controller needs target and horizon")
+        return AdaptiveKLController(beta, target, horizon)
+    raise ValueError(f"unknown KL controller kind {kind!r}; expected 'fixed' or 'adaptive'")

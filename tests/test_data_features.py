@@ -1,0 +1,204 @@
+"""Tokenization and collation with a tiny tokenizer built locally (no hub access)."""
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from rlhf_ds.data.features import (
+    collate_preferences,
+    collate_sft,
+    pad_batch,
+    preference_features,
+    prompt_features,
+    render_prompt,
+    sft_features,
+)
+from rlhf_ds.data.formats import PreferenceExample, PromptExample, SFTExample
+
+SPECIALS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]
+CORPUS = [
+    "Human : hi hello how are you",
+    "Assistant : fine thanks good bad",
+    "one two three four five six seven eight",
+    "user assistant system be nice",
+]
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m.role }} : {{ m.content }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
+
+def build_tokenizer(bos=True):
+    core = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.train_from_iterator(CORPUS, trainers.WordLevelTrainer(special_tokens=SPECIALS))
+    extra = {"bos_token": "[BOS]"} if bos else {}
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]", **extra)
+
+
+@pytest.fixture
+def tok():
+    return build_tokenizer()
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ---- rendering ---------------------------------------------------------------------------
+
+
+def test_render_plain_prompt_is_unchanged(tok):
+    assert render_prompt(tok, SFTExample(prompt="hi", response="fine")) == "hi"
+
+
+def test_render_messages_fallback_without_template(tok):
+    chat = [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how are you"},
+        {"role": "assistant", "content": "fine"},
+    ]
+    # For SFT the last assistant turn is the response, so it is left out of the prompt.
+    expected = "be nice\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you\n\nAssistant:"
+    assert render_prompt(tok, SFTExample(messages=chat)) == expected
+    assert render_prompt(tok, PromptExample(messages=chat[:4])) == expected
+
+
+def test_render_messages_with_chat_template(tok):
+    tok.chat_template = TEMPLATE
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "fine"}]
+    assert render_prompt(tok, SFTExample(messages=chat)) == "[BOS]user : hi assistant :"
+
+
+# ---- SFT features ------------------------------------------------------------------------
+
+
+def test_sft_label_masking_bos_and_eos(tok):
+    feats, report = sft_features([SFTExample("hi how are you", "fine thanks")], tok, 16, 32)
+    prompt = [tok.bos_token_id] + ids(tok, "hi how are you")
+    expected = prompt + ids(tok, "fine thanks") + [tok.eos_token_id]
+    assert feats[0]["input_ids"] == expected
+    assert feats[0]["labels"] == [-100] * len(prompt) + expected[len(prompt):]
+    assert (report.truncated, report.dropped, report.response_truncated) == (0, 0, 0)
+
+
+def test_sft_loss_on_prompt(tok):
+    feats, _ = sft_features([SFTExample("hi", "fine")], tok, 8, 16, loss_on_prompt=True)
+    assert feats[0]["labels"] == feats[0]["input_ids"]
+
+
+def test_sft_messages_fallback_response_follows_assistant_marker(tok):
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "fine"}]
+    feats, _ = sft_features([SFTExample(messages=chat)], tok, 16, 32)
+    text = "\n\nHuman: hi\n\nAssistant:"
+    assert feats[0]["input_ids"] == [tok.bos_token_id] + ids(tok, text) + ids(tok, " fine") + [tok.eos_token_id]
+
+
+def test_bos_not_doubled_when_template_writes_it(tok):
+    tok.chat_template = TEMPLATE
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "fine"}]
+    feats, _ = sft_features([SFTExample(messages=chat)], tok, 16, 32)
+    seq = feats[0]["input_ids"]
+    assert seq[0] == tok.bos_token_id and seq.count(tok.bos_token_id) == 1
+
+
+def test_no_bos_when_tokenizer_has_none():
+    tok = build_tokenizer(bos=False)
+    feats, _ = sft_features([SFTExample("hi", "fine")], tok, 8, 16)
+    assert feats[0]["input_ids"] == ids(tok, "hi") + ids(tok, "fine") + [tok.eos_token_id]
+
+
+def test_long_prompt_left_truncated_keeping_bos(tok):
+    feats, report = sft_features([SFTExample("one two three four five six", "fine")], tok, 4, 16)
+    assert feats[0]["input_ids"][:4] == [tok.bos_token_id] + ids(tok, "four five six")
+    assert feats[0]["labels"][:4] == [-100] * 4
+    assert report.truncated == 1 and report.dropped == 0
+
+
+def test_long_prompt_dropped_and_counted(tok):
+    examples = [SFTExample("one two three four five six", "fine"), SFTExample("hi", "fine")]
+    feats, report = sft_features(examples, tok, 4, 16, prompt_overflow="drop")
+    assert len(feats) == 1 and report.dropped == 1 and report.examples == 2
+    assert "1 dropped" in report.summary()
+
+
+def test_sequence_cut_at_max_seq_len_loses_eos(tok):
+    feats, report = sft_features([SFTExample("hi", "one two three four five")], tok, 4, 5)
+    seq = feats[0]["input_ids"]
+    assert seq == [tok.bos_token_id] + ids(tok, "hi") + ids(tok, "one two three")
+    assert tok.eos_token_id not in seq and report.response_truncated == 1
+
+
+def test_limit_validation(tok):
+    with pytest.raises(ValueError, match="must exceed"):
+        sft_features([], tok, 8, 8)
+    with pytest.raises(ValueError, match="prompt_overflow"):
+        sft_features([], tok, 4, 8, prompt_overflow="cut")
+    with pytest.raises(ValueError, match="no room"):
+        prompt_features([], tok, 1)
+
+
+# ---- preference and prompt features ------------------------------------------------------
+
+
+def test_preference_features_share_prompt(tok):
+    ex = PreferenceExample("hi how are you", "fine thanks", "bad", margin=0.5, weight=0.25)
+    feats, _ = preference_features([ex], tok, 16, 32)
+    prompt = [tok.bos_token_id] + ids(tok, "hi how are you")
+    f = feats[0]
+    assert f["chosen_ids"] == prompt + ids(tok, "fine thanks") + [tok.eos_token_id]
+    assert f["rejected_ids"] == prompt + ids(tok, "bad") + [tok.eos_token_id]
+    assert (f["margin"], f["weight"], f["prompt_len"]) == (0.5, 0.25, len(prompt))
+
+
+def test_preference_pair_identical_after_cut_is_dropped(tok):
+    ex = PreferenceExample("hi", "one two three four", "one two three five")
+    feats, report = preference_features([ex], tok, 2, 5)
+    assert feats == [] and report.identical == 1 and report.response_truncated == 2
+
+
+def test_prompt_features_truncate_and_drop(tok):
+    chat = [{"role": "user", "content": "hi"}]
+    examples = [PromptExample(prompt="one two three four five"), PromptExample(messages=chat)]
+    seqs, report = prompt_features(examples, tok, 3)
+    assert seqs[0] == [tok.bos_token_id] + ids(tok, "four five") and report.truncated == 2
+    seqs, report = prompt_features(examples, tok, 3, prompt_overflow="drop")
+    assert seqs == [] and report.dropped == 2
+
+
+# ---- collation ---------------------------------------------------------------------------
+
+
+def test_pad_batch_sides_and_pad_to():
+    ids_r, mask_r = pad_batch([[5, 6, 7], [8]], pad_id=0)
+    assert ids_r.tolist() == [[5, 6, 7], [8, 0, 0]] and mask_r.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids_l, mask_l = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left", pad_to=4)
+    assert ids_l.tolist() == [[0, 5, 6, 7], [0, 0, 0, 8]] and mask_l.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert ids_l.dtype == mask_l.dtype == torch.long
+    with pytest.raises(ValueError, match="shorter"):
+        pad_batch([[1, 2, 3]], 0, pad_to=2)
+    with pytest.raises(ValueError, match="side"):
+        pad_batch([[1]], 0, side="middle")
+
+
+def test_collate_sft_pads_labels_with_ignore_index():
+    batch = collate_sft([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [1, 4], "labels": [-100, 4]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [1, 4, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [-100, 4, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_collate_preferences_stacks_chosen_then_rejected():
+    feats = [
+        {"chosen_ids": [1, 2], "rejected_ids": [1, 3, 3], "margin": 1.0, "weight": 0.5, "prompt_len": 1},
+        {"chosen_ids": [1, 4, 4, 4], "rejected_ids": [1, 5], "margin": 0.0, "weight": 1.0, "prompt_len": 1},
+    ]
+    batch = collate_preferences(feats, pad_id=0)
+    assert batch["input_ids"].shape == (4, 4)
+    assert batch["input_ids"].tolist() == [[1, 2, 0, 0], [1, 4, 4, 4], [1, 3, 3, 0], [1, 5, 0, 0]]
+    assert batch["attention_mask"].sum(1).tolist() == [2, 4, 3, 2]
+    assert batch["margin"].tolist() == [1.0, 0.0] and batch["weight"].tolist() == [0.5, 1.0]
+    assert batch["prompt_lens"].tolist() == [1, 1]

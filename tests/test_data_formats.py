@@ -1,0 +1,371 @@
+"""Readers and format parsing: every supported layout, detection, remapping and error messages."""
+
+import json
+
+import pytest
+
+from rlhf_ds.data.formats import (
+    PreferenceExample,
+    PromptExample,
+    SFTExample,
+    load_preferences,
+    load_prompts,
+    load_sft,
+    parse_preferences,
+    parse_prompts,
+    parse_sft,
+)
+from rlhf_ds.data.readers import DataError, Record, read_records
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def records(rows, file="data/train.jsonl"):
+    return [Record(file, i, row) for i, row in enumerate(rows)]
+
+
+def assert_names(err, file, row, field):
+    text = str(err.value)
+    assert err.value.file == file and err.value.row == row and err.value.field == field
+    assert file in text and f"row {row}" in text and repr(field) in text
+
+
+# ---- readers -----------------------------------------------------------------------------
+
+
+def test_jsonl_skips_blank_lines_and_keeps_line_rows(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a"}\n\n   \n{"prompt": "b"}\n', encoding="utf-8")
+    got = read_records(str(path))
+    assert [(r.row, r.data["prompt"]) for r in got] == [(0, "a"), (3, "b")]
+    assert got[0].file == str(path)
+
+
+def test_jsonl_malformed_line_names_file_line_and_error(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b",\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_records(str(path))
+    assert err.value.file == str(path) and err.value.row == 1
+    assert "line 2" in str(err.value) and "malformed JSON" in str(err.value)
+
+
+def test_jsonl_non_object_line(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"prompt": "a"}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(DataError, match="expected a JSON object, got list") as err:
+        read_records(str(path))
+    assert err.value.row == 1
+
+
+def test_non_utf8_bytes_name_file_row_and_field(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DataError, match="not valid UTF-8") as err:
+        read_records(str(path))
+    assert_names(err, str(path), 1, "prompt")
+    assert "0xe9" in str(err.value)
+
+
+def test_non_utf8_csv(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"prompt,response\nhi,there\nx,caf\xe9\n")
+    with pytest.raises(DataError, match="UTF-8") as err:
+        read_records(str(path))
+    assert_names(err, str(path), 1, "response")
+
+
+def test_json_list_and_json_lines_fallback(tmp_path):
+    listed = tmp_path / "a.json"
+    listed.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}]), encoding="utf-8")
+    lines = write_jsonl(tmp_path / "b.json", [{"prompt": "c"}, {"prompt": "d"}])
+    assert [r.data["prompt"] for r in read_records(str(listed))] == ["a", "b"]
+    assert [r.data["prompt"] for r in read_records(str(lines))] == ["c", "d"]
+
+
+def test_json_errors_point_at_the_problem(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n  {"prompt": "a"},\n  {"prompt": }\n]', encoding="utf-8")
+    with pytest.raises(DataError, match="malformed JSON on line 3"):
+        read_records(str(broken))
+    columnar = tmp_path / "columnar.json"
+    columnar.write_text('{\n  "prompt": ["a", "b"]\n}', encoding="utf-8")
+    with pytest.raises(DataError, match="expected a list of objects or one object per line, got a JSON dict"):
+        read_records(str(columnar))
+
+
+def test_data_error_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(DataError("empty text", "f.jsonl", 3, "chosen")))
+    assert (err.file, err.row, err.field, str(err)) == ("f.jsonl", 3, "chosen", "f.jsonl row 3, field 'chosen': empty text")
+
+
+def test_csv_round_trip_with_utf8_bom(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("\ufeffprompt,response\n\"hi, you\",there\n", encoding="utf-8")
+    examples, _ = load_sft(str(path))
+    assert examples == [SFTExample(prompt="hi, you", response="there")]
+
+
+def test_csv_ragged_row(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text("prompt,response\nhi\n", encoding="utf-8")
+    with pytest.raises(DataError, match="number of fields") as err:
+        read_records(str(path))
+    assert err.value.row == 0
+
+
+def test_parquet_round_trip(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "train.parquet"
+    pd.DataFrame({"prompt": ["p"], "chosen": ["good"], "rejected": ["bad"], "margin": [1.5]}).to_parquet(path)
+    examples, report = load_preferences(str(path))
+    assert examples == [PreferenceExample("p", "good", "bad", margin=1.5, group=0)]
+    assert report.fmt == "prompt_chosen_rejected"
+
+
+def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
+    import datasets
+
+    single = datasets.Dataset.from_list([{"prompt": "a", "completion": "b"}])
+    single.save_to_disk(str(tmp_path / "single"))
+    both = datasets.DatasetDict({"train": single, "test": datasets.Dataset.from_list([{"prompt": "t", "completion": "u"}])})
+    both.save_to_disk(str(tmp_path / "dict"))
+    assert load_sft(str(tmp_path / "single"))[0] == [SFTExample("a", "b")]
+    assert load_sft(str(tmp_path / "dict"), split="test")[0] == [SFTExample("t", "u")]
+    with pytest.raises(DataError, match="split 'validation' not found; available splits: train, test"):
+        read_records(str(tmp_path / "dict"), split="validation")
+
+
+def test_folder_of_files_and_split_tags(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    write_jsonl(plain / "part1.jsonl", [{"prompt": "a"}])
+    write_jsonl(plain / "part2.jsonl", [{"prompt": "b"}])
+    assert [e.prompt for e in load_prompts(str(plain))[0]] == ["a", "b"]
+
+    tagged = tmp_path / "tagged"
+    tagged.mkdir()
+    write_jsonl(tagged / "train.jsonl", [{"prompt": "tr"}])
+    write_jsonl(tagged / "test-00000.jsonl", [{"prompt": "te"}])
+    assert [e.prompt for e in load_prompts(str(tagged), split="test")[0]] == ["te"]
+    with pytest.raises(DataError, match="no files for split 'eval'"):
+        read_records(str(tagged), split="eval")
+
+
+def test_missing_file_path(tmp_path):
+    for source in ("data/nope.jsonl", str(tmp_path / "a" / "b" / "c")):
+        with pytest.raises(DataError, match="file not found") as err:
+            read_records(source)
+        assert err.value.file == source
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello", encoding="utf-8")
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        read_records(str(path))
+
+
+def test_hub_name_offline_fails_clearly(monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as err:
+        read_records("no-such-owner/no-such-dataset")
+    text = str(err.value)
+    assert "neither a local path nor a dataset reachable on the hub" in text
+    assert "HF_DATASETS_OFFLINE" in text and err.value.file == "no-such-owner/no-such-dataset"
+
+
+def test_load_rejects_empty_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no rows found"):
+        load_sft(str(path))
+
+
+# ---- SFT ---------------------------------------------------------------------------------
+
+
+def test_sft_prompt_response_and_completion_detected():
+    assert parse_sft(records([{"prompt": "p", "response": "r"}]))[0] == [SFTExample("p", "r")]
+    examples, report = parse_sft(records([{"prompt": "p", "completion": "c"}]))
+    assert examples == [SFTExample("p", "c")] and report.fmt == "prompt_completion"
+
+
+def test_sft_messages():
+    chat = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    examples, report = parse_sft(records([{"messages": chat}]))
+    assert report.fmt == "messages" and examples[0].messages == chat
+
+
+def test_sft_messages_from_csv_json_string(tmp_path):
+    path = tmp_path / "chat.csv"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    cell = json.dumps(chat).replace('"', '""')
+    path.write_text(f'messages\n"{cell}"\n', encoding="utf-8")
+    assert load_sft(str(path))[0][0].messages == chat
+
+
+def test_sft_unknown_role():
+    chat = [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]
+    with pytest.raises(DataError, match="unknown role 'bot'") as err:
+        parse_sft(records([{"messages": chat}]))
+    assert_names(err, "data/train.jsonl", 0, "messages[1].role")
+
+
+def test_sft_messages_must_end_with_assistant():
+    with pytest.raises(DataError, match="last turn must be from the assistant"):
+        parse_sft(records([{"messages": [{"role": "user", "content": "hi"}]}]))
+
+
+def test_sft_column_remapping():
+    rows = [{"instruction": "do it", "output": "done"}]
+    examples, _ = parse_sft(records(rows), columns={"prompt": "instruction", "response": "output"})
+    assert examples == [SFTExample("do it", "done")]
+
+
+def test_explicit_format_and_unknown_format():
+    rows = [{"prompt": "p", "response": "r", "completion": "c"}]
+    assert parse_sft(records(rows), fmt="prompt_completion")[0] == [SFTExample("p", "c")]
+    with pytest.raises(ValueError, match="unknown SFT format 'alpaca'"):
+        parse_sft(records(rows), fmt="alpaca")
+
+
+def test_undetectable_columns_lists_what_was_found():
+    with pytest.raises(DataError, match=r"cannot tell the SFT format from columns \[input, output\]") as err:
+        parse_sft(records([{"input": "a", "output": "b"}]))
+    assert "columns=" in str(err.value)
+
+
+def test_plain_dicts_are_accepted():
+    assert parse_prompts([{"prompt": "hello"}])[0] == [PromptExample(prompt="hello")]
+
+
+# ---- bad rows ----------------------------------------------------------------------------
+
+BAD_ROWS = [
+    ({"prompt": "p", "chosen": "c"}, "rejected", "missing field"),
+    ({"prompt": "p", "chosen": "   ", "rejected": "r"}, "chosen", "empty text"),
+    ({"prompt": 3, "chosen": "c", "rejected": "r"}, "prompt", "non-string value"),
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "rejected", "chosen identical to rejected"),
+    ({"prompt": "p", "chosen": "c", "rejected": "r", "margin": "big"}, "margin", "invalid margin"),
+]
+
+
+@pytest.mark.parametrize("row, field, reason", BAD_ROWS)
+def test_bad_row_error_names_file_row_field(row, field, reason):
+    good = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    with pytest.raises(DataError) as err:
+        parse_preferences(records([good, good, row]), fmt="prompt_chosen_rejected")
+    assert_names(err, "data/train.jsonl", 2, field)
+
+
+def test_bad_row_message_format():
+    with pytest.raises(DataError) as err:
+        parse_preferences(records([{"prompt": "p", "chosen": "", "rejected": "r"}]))
+    assert str(err.value) == "data/train.jsonl row 0, field 'chosen': empty text"
+
+
+def test_missing_field_lists_present_columns():
+    with pytest.raises(DataError, match=r"missing field \(columns present: prompt\)"):
+        parse_sft(records([{"prompt": "p", "response": "r"}, {"prompt": "p"}]))
+
+
+def test_skip_mode_counts_each_reason():
+    good = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    rows = [good] + [row for row, _, _ in BAD_ROWS] + [dict(good, chosen="")]
+    examples, report = parse_preferences(records(rows), on_bad_row="skip")
+    assert len(examples) == 1 and report.total == 7 and report.kept == 1
+    assert report.skipped == {
+        "missing field": 1, "empty text": 2, "non-string value": 1, "chosen identical to rejected": 1, "invalid margin": 1,
+    }
+    assert "kept 1, skipped 6" in report.summary() and "empty text: 2" in report.summary()
+
+
+def test_invalid_on_bad_row_value():
+    with pytest.raises(ValueError, match="on_bad_row"):
+        parse_prompts(records([{"prompt": "p"}]), on_bad_row="ignore")
+
+
+# ---- preferences -------------------------------------------------------------------------
+
+
+def test_preference_margin_column():
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r", "margin": 2}, {"prompt": "p", "chosen": "c", "rejected": "r"}]
+    examples, _ = parse_preferences(records(rows))
+    assert [e.margin for e in examples] == [2.0, 0.0]
+
+
+def test_full_dialogue_prefix_split():
+    shared = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant:"
+    row = {"chosen": shared + " Fine, thanks.", "rejected": shared + " Fine. Go away."}
+    examples, report = parse_preferences(records([row]))
+    assert report.fmt == "dialogue"
+    assert examples == [PreferenceExample(shared, " Fine, thanks.", " Fine. Go away.", group=0)]
+
+
+def test_full_dialogue_without_common_assistant_prefix():
+    row = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: x\n\nAssistant: y"}
+    with pytest.raises(DataError, match="share no prefix") as err:
+        parse_preferences(records([row]))
+    assert_names(err, "data/train.jsonl", 0, "rejected")
+
+
+def test_stack_exchange_paired_j_preferred():
+    row = {"question": "q?", "response_j": "good", "response_k": "bad"}
+    examples, report = parse_preferences(records([row]))
+    assert report.fmt == "stack_exchange" and examples == [PreferenceExample("q?", "good", "bad")]
+
+
+def test_ranked_list_expansion_weights():
+    rows = [{"prompt": "p", "responses": ["a", "b", "c"]}, {"prompt": "q", "responses": ["x", "y"]}]
+    examples, report = parse_preferences(records(rows))
+    assert report.fmt == "ranked" and report.kept == 2
+    assert [(e.chosen, e.rejected) for e in examples[:3]] == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert [e.weight for e in examples[:3]] == pytest.approx([1 / 3] * 3)
+    assert [e.group for e in examples] == [0, 0, 0, 1]
+    for group in (0, 1):
+        assert sum(e.weight for e in examples if e.group == group) == pytest.approx(1.0)
+
+
+def test_ranked_list_bad_entries():
+    with pytest.raises(DataError, match="at least 2"):
+        parse_preferences(records([{"prompt": "p", "responses": ["a"]}]))
+    with pytest.raises(DataError) as err:
+        parse_preferences(records([{"prompt": "p", "responses": ["a", 5]}]))
+    assert_names(err, "data/train.jsonl", 0, "responses[1]")
+
+
+def test_preference_column_remapping():
+    row = {"instruction": "p", "better": "c", "worse": "r"}
+    examples, _ = parse_preferences(records([row]), columns={"prompt": "instruction", "chosen": "better", "rejected": "worse"})
+    assert examples == [PreferenceExample("p", "c", "r")]
+
+
+# ---- prompts -----------------------------------------------------------------------------
+
+
+def test_prompt_formats():
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+    assert parse_prompts(records([{"messages": chat}]))[0] == [PromptExample(messages=chat)]
+    assert parse_prompts(records([{"question": "why?"}]))[0] == [PromptExample(prompt="why?")]
+    # Preference data doubles as a prompt source through its prompt column.
+    assert parse_prompts(records([{"prompt": "p", "chosen": "c", "rejected": "r"}]))[1].fmt == "prompt"
+
+
+def test_prompt_messages_must_end_with_user():
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(DataError, match="last turn must be from the user") as err:
+        parse_prompts(records([{"messages": chat}]))
+    assert_names(err, "data/train.jsonl", 0, "messages[1].role")
