@@ -17,6 +17,7 @@ from rlhf_ds.config import ConfigError, load_config
 TRAINING_STEPS = {
     "pretrain": "rlhf_ds.steps.pretrain",
     "sft": "rlhf_ds.steps.sft",
+    "rm": "rlhf_ds.steps.reward",
 }
 
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _step_parser(sub, "pretrain", "step 0: train a tokenizer and a small causal LM from scratch")
     _step_parser(sub, "sft", "step 1: supervised fine-tuning")
+    _step_parser(sub, "rm", "step 2: reward model from pairwise rankings")
     return parser
 
 

@@ -173,7 +173,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for section '{key}', got {type(value).__name__}")
-        return _build(tp, value, key)
+        return _build(tp, value, key + ".")
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
@@ -338,3 +338,22 @@ def save_config(cfg, path: str) -> None:
     from rlhf_ds.utils import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@dataclass
+class RMConfig:
+    output_dir: str = "runs/rm"
+    model: str = "runs/sft"  # backbone: any local causal-LM folder (SFT output, a base model, another architecture)
+    trust_remote_code: bool = False
+    # offset (and gain) stored with the model so the mean score of this reference set is 0 (and its std 1 with gain):
+    # "chosen" = the chosen responses of the evaluation pairs, "none" = keep raw scores
+    normalize_on: Literal["chosen", "none"] = "chosen"
+    normalize_gain: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=5e-4))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, eval_every=100))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+
+
+register_step_config("rm", RMConfig)

@@ -168,6 +168,18 @@ def prompt_features(examples, tokenizer, max_prompt_tokens: int, prompt_overflow
     return [ids for ids in prompts if ids is not None], report
 
 
+def pair_ids(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int, max_seq_len: int) -> list[list[int]]:
+    """(prompt, response) texts -> ids encoded exactly as reward-model training did (BOS + prompt + response + EOS).
+
+    Used to score texts, including responses of a policy with another tokenizer (decoded, then re-encoded here).
+    """
+    from rlhf_ds.data.formats import SFTExample
+
+    examples = [SFTExample(prompt=p, response=r) for p, r in zip(prompts, responses)]
+    features, _ = sft_features(examples, tokenizer, max_prompt_tokens, max_seq_len, "truncate")
+    return [f["input_ids"] for f in features]
+
+
 # ---- collation ---------------------------------------------------------------------------
 
 

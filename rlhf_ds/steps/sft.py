@@ -16,6 +16,15 @@ from rlhf_ds.utils import atomic_write_json, is_rank0
 log = logging.getLogger("rlhf_ds")
 
 
+def log_partitioning(engine) -> None:
+    """Debug line (every rank's log): how much of the ZeRO-3-partitioned parameters this rank holds."""
+    parts = [p for p in strategy.unwrap(engine).parameters() if strategy.is_partitioned(p)]
+    if parts:
+        held = sum(p.ds_tensor.numel() for p in parts)
+        full = sum(p.ds_numel for p in parts)
+        log.info("zero-3 partitions: %d tensors, this rank holds %d of %d elements", len(parts), held, full)
+
+
 def run(cfg: SFTConfig) -> dict:
     ctx = start_step(cfg, "sft")
     data = cfg.data
@@ -45,6 +54,7 @@ def run(cfg: SFTConfig) -> dict:
     log.info("sft: %d of %d parameters trainable (%.2f%%)", trainable, total, 100.0 * trainable / total)
 
     engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total_optimizer_steps(len(train_feats), cfg.train))
+    log_partitioning(engine)
     results = train_lm(engine, train_feats, eval_feats, tokenizer.pad_token_id, cfg.train, ctx.metrics, "sft")
     results.update(trainable_params=trainable, total_params=total)
     save_causal_lm(strategy.unwrap(engine), tokenizer, os.path.join(cfg.output_dir, "model"))

@@ -1,0 +1,146 @@
+"""A causal-LM backbone plus a scalar head: the reward model (score at the last real token) and the critic (a value per
+token). Saved as a Hugging Face backbone folder + `scalar_head.safetensors` + `scalar_head.json` (normalisation), so it
+reloads without DeepSpeed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel
+
+from rlhf_ds.engine import strategy
+from rlhf_ds.models.loading import check_model_dir, load_tokenizer, match_vocab, resolve_model_dir, _no_dropout_kwargs
+from rlhf_ds.models.unsharded import copy_into, is_peft
+from rlhf_ds.rl.math import last_token_index
+from rlhf_ds.utils import atomic_directory, barrier, is_rank0
+
+HEAD_WEIGHTS = "scalar_head.safetensors"
+HEAD_META = "scalar_head.json"
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them (pad invariance)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class ScalarHeadModel(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, head: torch.nn.Linear, offset: float = 0.0, gain: float = 1.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.offset = offset  # normalisation: score = gain * (raw - offset); training always uses raw values
+        self.gain = gain
+
+    @property
+    def config(self):
+        base = self.backbone.get_base_model() if is_peft(self.backbone) else self.backbone
+        return base.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw scalar per token, [B, T] in fp32."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+        ).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+    def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Raw value at the last real token of each sequence (left or right padding), [B]."""
+        values = self(input_ids, attention_mask)
+        return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        return self.gain * (raw - self.offset)
+
+
+def load_scalar_head_model(
+    path: str,
+    ds_config: dict,
+    precision: str = "fp32",
+    disable_dropout: bool = True,
+    trust_remote_code: bool = False,
+    tokenizer=None,
+    head_seed: int = 0,
+) -> ScalarHeadModel:
+    """From a saved reward model (head + normalisation restored) or any causal-LM folder (new head).
+
+    Under ZeRO-3 the head is built inside the same `zero.Init` as the backbone, in the same dtype, so the engine sees
+    one uniformly partitioned module (a head built outside trips DeepSpeed's mixed-dtype check).
+    """
+    path = resolve_model_dir(path)
+    check_model_dir(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    kwargs = _no_dropout_kwargs(config) if disable_dropout else {}
+    dtype = strategy.torch_dtype(precision)
+    with strategy.model_construction(ds_config):
+        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    if tokenizer is not None:
+        match_vocab(backbone, tokenizer, path)
+    hidden = backbone.config.hidden_size
+    with strategy.zero3_init(ds_config):
+        head = torch.nn.Linear(hidden, 1, bias=True, dtype=dtype)
+
+    meta_path = os.path.join(path, HEAD_META)
+    meta = {"offset": 0.0, "gain": 1.0}
+    if os.path.isfile(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            meta.update(json.load(f))
+        saved = load_file(os.path.join(path, HEAD_WEIGHTS))
+        init = {"weight": saved["weight"], "bias": saved["bias"]}
+    else:  # seeded so every rank and every ZeRO stage starts from the same head
+        g = torch.Generator().manual_seed(head_seed)
+        init = {"weight": torch.randn(1, hidden, generator=g) / (hidden + 1) ** 0.5, "bias": torch.zeros(1)}
+    with strategy.gathered(head.parameters(), modifier_rank=0):
+        with torch.no_grad():
+            head.weight.copy_(init["weight"].to(dtype))
+            head.bias.copy_(init["bias"].to(dtype))
+    return ScalarHeadModel(backbone, head, offset=float(meta["offset"]), gain=float(meta["gain"]))
+
+
+def save_scalar_head_model(model: ScalarHeadModel, tokenizer, out_dir: str, extra_meta: Optional[dict] = None) -> None:
+    """Backbone as a Hugging Face folder (LoRA merged) + head + normalisation, written atomically by rank 0."""
+    base = model.backbone.get_base_model() if is_peft(model.backbone) else model.backbone
+    plain = None
+    if is_rank0():
+        plain = type(base)._from_config(base.config, dtype=next(model.head.parameters()).dtype)
+    copy_into(model.backbone, plain)
+    head_state = strategy.full_state_dict(model.head)
+    if is_rank0():
+        with atomic_directory(out_dir) as tmp:
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            save_file({k: v.contiguous() for k, v in head_state.items()}, os.path.join(tmp, HEAD_WEIGHTS))
+            meta = {"offset": model.offset, "gain": model.gain, **(extra_meta or {})}
+            with open(os.path.join(tmp, HEAD_META), "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=2)
+    barrier()
+
+
+class RewardScorer:
+    """Scores (prompt, response) texts with a saved reward model, no DeepSpeed needed.
+
+    Right padding within a batch and the batch composition do not change a score (positions count real tokens only).
+    """
+
+    def __init__(self, path: str, device: str = "cpu", precision: str = "fp32", max_prompt_tokens: int = 256,
+                 max_seq_len: int = 512):
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_scalar_head_model(path, {}, precision, tokenizer=self.tokenizer).to(device).eval()
+        self.device = device
+        self.max_prompt_tokens, self.max_seq_len = max_prompt_tokens, max_seq_len
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], responses: list[str], batch_size: int = 32, normalised: bool = True) -> list[float]:
+        from rlhf_ds.data.features import pad_batch, pair_ids
+
+        out: list[float] = []
+        for i in range(0, len(prompts), batch_size):
+            seqs = pair_ids(self.tokenizer, prompts[i : i + batch_size], responses[i : i + batch_size],
+                            self.max_prompt_tokens, self.max_seq_len)
+            input_ids, mask = pad_batch(seqs, self.tokenizer.pad_token_id, side="right")
+            raw = self.model.raw_scores(input_ids.to(self.device), mask.to(self.device))
+            out += (self.model.normalise(raw) if normalised else raw).tolist()
+        return out
