@@ -18,6 +18,7 @@ TRAINING_STEPS = {
     "pretrain": "rlhf_ds.steps.pretrain",
     "sft": "rlhf_ds.steps.sft",
     "rm": "rlhf_ds.steps.reward",
+    "ppo": "rlhf_ds.steps.ppo",
 }
 
 
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _step_parser(sub, "pretrain", "step 0: train a tokenizer and a small causal LM from scratch")
     _step_parser(sub, "sft", "step 1: supervised fine-tuning")
     _step_parser(sub, "rm", "step 2: reward model from pairwise rankings")
+    _step_parser(sub, "ppo", "step 3: PPO against the reward model with a KL penalty (four ZeRO engines, hybrid engine)")
     return parser
 
 

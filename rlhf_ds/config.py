@@ -218,9 +218,16 @@ def _build(cls: type, raw: dict, prefix: str = ""):
             value = raw[name]
             if dataclasses.is_dataclass(sub_default) and isinstance(value, dict):
                 # merge into the step's own defaults for the section, not the section class's
-                value = {**dataclasses.asdict(sub_default), **value}
+                value = _deep_merge(dataclasses.asdict(sub_default), value)
             kwargs[name] = _coerce(value, hints[name], prefix + name)
     return dataclasses.replace(default, **kwargs)
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -285,20 +292,7 @@ def load_config(step: str, path: Optional[str] = None, overrides: Optional[list[
 def validate(cfg) -> None:
     """Combinations that cannot work, caught before any process group or model exists."""
     for name, eng in _engines(cfg):
-        if eng.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"{name}.zero_stage must be 0, 1, 2 or 3, got {eng.zero_stage}")
-        if eng.offload_params and eng.zero_stage != 3:
-            raise ConfigError(f"{name}.offload_params needs zero_stage 3 (DeepSpeed offloads parameters only in ZeRO-3)")
-        if eng.offload_optimizer and eng.zero_stage == 0:
-            raise ConfigError(f"{name}.offload_optimizer needs zero_stage >= 1")
-        if eng.lr <= 0:
-            raise ConfigError(f"{name}.lr must be > 0, got {eng.lr}")
-        if not 0 <= eng.warmup_ratio < 1:
-            raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {eng.warmup_ratio}")
-        if len(eng.adam_betas) != 2:
-            raise ConfigError(f"{name}.adam_betas must have two values")
-        if eng.lora.enabled and eng.lora.rank <= 0:
-            raise ConfigError(f"{name}.lora.rank must be > 0")
+        validate_engine(name, eng)
     train = getattr(cfg, "train", None)
     if train is not None:
         for k in ("micro_batch_size", "grad_accum", "epochs", "log_every", "eval_batch_size"):
@@ -318,6 +312,23 @@ def validate(cfg) -> None:
     extra = getattr(cfg, "validate", None)
     if callable(extra):
         extra()
+
+
+def validate_engine(name: str, eng: EngineConfig) -> None:
+    if eng.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{name}.zero_stage must be 0, 1, 2 or 3, got {eng.zero_stage}")
+    if eng.offload_params and eng.zero_stage != 3:
+        raise ConfigError(f"{name}.offload_params needs zero_stage 3 (DeepSpeed offloads parameters only in ZeRO-3)")
+    if eng.offload_optimizer and eng.zero_stage == 0:
+        raise ConfigError(f"{name}.offload_optimizer needs zero_stage >= 1")
+    if eng.lr <= 0:
+        raise ConfigError(f"{name}.lr must be > 0, got {eng.lr}")
+    if not 0 <= eng.warmup_ratio < 1:
+        raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {eng.warmup_ratio}")
+    if len(eng.adam_betas) != 2:
+        raise ConfigError(f"{name}.adam_betas must have two values")
+    if eng.lora.enabled and eng.lora.rank <= 0:
+        raise ConfigError(f"{name}.lora.rank must be > 0")
 
 
 def _engines(cfg) -> list[tuple[str, EngineConfig]]:
@@ -357,3 +368,87 @@ class RMConfig:
 
 
 register_step_config("rm", RMConfig)
+
+
+@dataclass
+class RoleConfig:
+    """One of PPO's four models: where it loads from and how its DeepSpeed engine runs."""
+
+    model: Optional[str] = None
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 24
+    do_sample: bool = True
+    temperature: float = 1.0  # every later log-prob evaluation divides logits by the same T
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class HybridConfig:
+    backend: Literal["portable", "deepspeed"] = "portable"
+    gather_group_size: int = 32  # parameter tensors gathered at once when syncing the generation copy
+    keep_copy: bool = True  # keep the unsharded generation copy between rollouts (else free it each time)
+
+
+@dataclass
+class PPOAlgoConfig:
+    steps: int = 60  # PPO iterations (rollout + update)
+    rollout_batch_size: int = 16  # prompts per rank per iteration
+    micro_batch_size: int = 8  # per rank, for scoring and training forward passes
+    grad_accum: int = 1
+    ppo_epochs: int = 2
+    kl_coef: float = 0.05  # beta; 0 disables the penalty (over-optimisation experiments)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip: Optional[float] = 0.2  # null disables value clipping
+    vf_coef: float = 1.0
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    score_clip: Optional[float] = None  # clip the RM score to +-score_clip
+    missing_eos_penalty: Optional[float] = -1.0  # added to the score of responses with no EOS; null disables
+    ptx_coef: float = 0.0  # PPO-ptx: InstructGPT used 27.8 (with its own loss scales)
+    ptx_data: Optional[str] = None  # text corpus for ptx; None = the built-in task's pretraining corpus
+    ema_decay: float = 0.0  # > 0 keeps an EMA copy of the actor (saved as ema/), e.g. 0.992
+
+
+@dataclass
+class PPOConfig:
+    output_dir: str = "runs/ppo"
+    actor: RoleConfig = field(default_factory=lambda: RoleConfig("runs/sft", EngineConfig(lr=2e-5, warmup_ratio=0.0, lr_schedule="constant")))
+    critic: RoleConfig = field(default_factory=lambda: RoleConfig(None, EngineConfig(lr=1e-4, warmup_ratio=0.0, lr_schedule="constant")))  # None = reward model
+    reference: RoleConfig = field(default_factory=RoleConfig)  # None = the actor's initial weights
+    reward: RoleConfig = field(default_factory=lambda: RoleConfig("runs/rm", EngineConfig()))
+    trust_remote_code: bool = False
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_tokens=32))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(log_every=1, save_every=0))
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+
+    def validate(self) -> None:
+        p = self.ppo
+        if self.actor.model is None or self.reward.model is None:
+            raise ConfigError("ppo needs actor.model (the SFT output) and reward.model (the reward model)")
+        if p.rollout_batch_size % (p.micro_batch_size * p.grad_accum):
+            raise ConfigError(f"ppo.rollout_batch_size ({p.rollout_batch_size}) must be a multiple of "
+                              f"ppo.micro_batch_size x ppo.grad_accum ({p.micro_batch_size} x {p.grad_accum})")
+        if self.generation.temperature <= 0:
+            raise ConfigError("generation.temperature must be > 0")
+        if not 0 <= p.ema_decay < 1:
+            raise ConfigError("ppo.ema_decay must be in [0, 1)")
+        for role in ("actor", "critic", "reference", "reward"):
+            validate_engine(f"{role}.engine", getattr(self, role).engine)
+
+
+register_step_config("ppo", PPOConfig)

@@ -1,0 +1,49 @@
+"""An exponential moving average of a (possibly ZeRO-3-partitioned) model, kept shard by shard on each rank.
+
+Each rank averages only the part of every parameter it owns (ZeRO-3: `ds_tensor`), so the EMA costs 1/world of a
+model copy per rank; to save it, the shards are swapped into the model, the usual gathered save runs, and the
+training weights are swapped back bit-identically.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def _local(p: torch.nn.Parameter) -> torch.Tensor:
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+class ShardedEMA:
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.mul_(self.decay).add_(_local(p).float(), alpha=1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Inside, the model's own shards hold the EMA weights (for saving); restored exactly on exit."""
+        backup = [_local(p).detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                _local(p).copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, p in zip(backup, self.params):
+                    _local(p).copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)

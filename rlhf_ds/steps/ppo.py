@@ -1,0 +1,217 @@
+"""Step 3: PPO against the reward model with a per-token KL penalty to the frozen reference (InstructGPT).
+
+Each iteration: rollouts from the actor in generation mode (hybrid engine) -> experience (old/reference log-probs,
+values, RM scores -> rewards r_t = -beta * KL_t, plus the score at the last response token -> GAE) -> `ppo_epochs`
+passes of clipped-surrogate actor updates (+ optional PPO-ptx LM loss) and clipped value-loss critic updates.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+
+from rlhf_ds.config import PPOConfig
+from rlhf_ds.data.formats import load_prompts
+from rlhf_ds.data.features import collate_sft, prompt_features, render_prompt
+from rlhf_ds.engine import strategy
+from rlhf_ds.engine.ema import ShardedEMA
+from rlhf_ds.engine.hybrid import HybridEngine, check_backend
+from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer, save_causal_lm
+from rlhf_ds.models.scalar_head import load_scalar_head_model, save_scalar_head_model
+from rlhf_ds.rl import math as rlm
+from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
+from rlhf_ds.steps.common import builtin_data, start_step
+from rlhf_ds.tracking.metrics import progress
+from rlhf_ds.utils import atomic_write_json, is_rank0, rank, world_size
+
+log = logging.getLogger("rlhf_ds")
+
+
+def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
+    """The four engines. Actor and critic train; reference and reward are frozen inference engines."""
+    p = cfg.ppo
+    actor_ds = strategy.ds_config_for(cfg.actor.engine, p.micro_batch_size, p.grad_accum)
+    actor = load_causal_lm(cfg.actor.model, actor_ds, cfg.actor.engine.precision, disable_dropout=True,
+                           trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
+    if cfg.actor.engine.lora.enabled:
+        actor = apply_lora(actor, cfg.actor.engine.lora)
+    updates = p.steps * p.ppo_epochs * (p.rollout_batch_size // (p.micro_batch_size * p.grad_accum))
+    actor = strategy.init_trainable(actor, cfg.actor.engine, actor_ds, updates)
+
+    ref_ds = strategy.ds_config_for(cfg.reference.engine, p.micro_batch_size, inference=True)
+    reference = load_causal_lm(cfg.reference.model or cfg.actor.model, ref_ds, cfg.reference.engine.precision,
+                               disable_dropout=True, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
+    reference = strategy.init_frozen(reference, ref_ds)
+
+    critic_ds = strategy.ds_config_for(cfg.critic.engine, p.micro_batch_size, p.grad_accum)
+    critic = load_scalar_head_model(cfg.critic.model or cfg.reward.model, critic_ds, cfg.critic.engine.precision,
+                                    trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
+    if cfg.critic.engine.lora.enabled:
+        critic.backbone = apply_lora(critic.backbone, cfg.critic.engine.lora, task_type="FEATURE_EXTRACTION")
+    critic = strategy.init_trainable(critic, cfg.critic.engine, critic_ds, updates)
+
+    reward_ds = strategy.ds_config_for(cfg.reward.engine, p.micro_batch_size, inference=True)
+    reward = load_scalar_head_model(cfg.reward.model, reward_ds, cfg.reward.engine.precision,
+                                    trust_remote_code=cfg.trust_remote_code, tokenizer=reward_tokenizer)
+    reward = strategy.init_frozen(reward, reward_ds)
+    return actor, critic, reference, reward
+
+
+def load_prompt_ids(cfg: PPOConfig, tokenizer, source: str) -> tuple[list[list[int]], list[str]]:
+    examples, report = load_prompts(source, fmt=cfg.data.format, columns=cfg.data.columns, on_bad_row=cfg.data.on_bad_row)
+    texts = [render_prompt(tokenizer, ex) for ex in examples]
+    # keep texts aligned with ids: featurize one by one only where prompts can be dropped
+    ids, lengths = prompt_features(examples, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
+    if len(ids) != len(texts):
+        kept = [prompt_features([ex], tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)[0] for ex in examples]
+        texts = [t for t, k in zip(texts, kept) if k]
+    log.info("ppo prompts %s: %s; %s", source, report.summary(), lengths.summary())
+    return ids, texts
+
+
+def ptx_batches(cfg: PPOConfig, tokenizer, source: str):
+    """An endless seeded stream of packed pretraining blocks for PPO-ptx (rank-local)."""
+    from rlhf_ds.steps.pretrain import pack, read_corpus
+
+    blocks = pack(read_corpus(source), tokenizer, cfg.data.max_seq_len)
+    rng = np.random.default_rng([cfg.train.seed, rank()])
+    while True:
+        idx = rng.choice(len(blocks), size=cfg.ppo.micro_batch_size, replace=False)
+        yield collate_sft([blocks[i] for i in idx], tokenizer.pad_token_id)
+
+
+def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx) -> dict:
+    """`ppo_epochs` passes over the rollout in micro-batches; returns mean losses and PPO diagnostics."""
+    p, T = cfg.ppo, (cfg.generation.temperature if cfg.generation.do_sample else 1.0)
+    n = exp.sequences.shape[0]
+    sums: dict[str, float] = {}
+    count = 0
+    dev = strategy.device()
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank())
+    for _ in range(p.ppo_epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, p.micro_batch_size):
+            mb = exp.minibatch(order[start : start + p.micro_batch_size])
+            seq, attn, m = mb["sequences"], mb["attention_mask"], mb["action_mask"]
+            logp, entropy = sequence_logprobs(actor, seq, attn, exp.prompt_len, T, with_entropy=True)
+            pg_loss, pg = rlm.policy_loss(logp, mb["old_logp"], mb["advantages"], m, p.clip_eps)
+            loss = pg_loss
+            if ptx is not None:
+                batch = {k: v.to(dev) for k, v in next(ptx).items()}
+                logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                ptx_loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
+                                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+                loss = loss + p.ptx_coef * ptx_loss
+                sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + ptx_loss.item()
+            actor.backward(loss)
+            actor.step()
+
+            values = token_values(critic, seq, attn, exp.prompt_len)
+            vf_loss, vf_clipfrac = rlm.value_loss(values, mb["old_values"], mb["returns"], m, p.value_clip)
+            critic.backward(p.vf_coef * vf_loss)
+            critic.step()
+
+            for k, v in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "clipfrac": float(pg["clipfrac"]),
+                         "approx_kl": float(pg["approx_kl"]), "ratio": float(pg["ratio_mean"]),
+                         "value_clipfrac": float(vf_clipfrac), "entropy": rlm.masked_mean(entropy, m).item()}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+    return {k: v / count for k, v in sums.items()}
+
+
+def save_models(cfg: PPOConfig, actor, critic, tokenizer, ema, out_dir: str) -> None:
+    save_causal_lm(strategy.unwrap(actor), tokenizer, os.path.join(out_dir, "model"))
+    save_scalar_head_model(strategy.unwrap(critic), tokenizer, os.path.join(out_dir, "critic"))
+    if ema is not None:
+        with ema.swapped_in():
+            save_causal_lm(strategy.unwrap(actor), tokenizer, os.path.join(out_dir, "ema"))
+
+
+def run(cfg: PPOConfig) -> dict:
+    ctx = start_step(cfg, "ppo")
+    p = cfg.ppo
+    tokenizer = load_tokenizer(cfg.actor.model, cfg.trust_remote_code)
+    reward_tokenizer = load_tokenizer(cfg.reward.model, cfg.trust_remote_code)
+    gold = None
+    prompt_src, ptx_src = cfg.data.train, p.ptx_data
+    if prompt_src is None or (p.ptx_coef > 0 and ptx_src is None):
+        files = builtin_data(cfg.task, cfg.output_dir)
+        prompt_src = prompt_src or files["ppo_prompts"]
+        ptx_src = ptx_src or files["pretrain"]
+        if cfg.data.train is None:
+            from rlhf_ds.data.builtin_task import BuiltinTask
+
+            gold = BuiltinTask(cfg.task.seed).gold_reward
+    prompt_ids, prompt_texts = load_prompt_ids(cfg, tokenizer, prompt_src)
+
+    actor, critic, reference, reward = build_models(cfg, tokenizer, reward_tokenizer)
+    check_backend(cfg.hybrid.backend, strategy.unwrap(actor).config.model_type)
+    hybrid = HybridEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.hybrid.backend,
+                          cfg.hybrid.gather_group_size, cfg.hybrid.keep_copy)
+    kl_ctl = rlm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
+    maker = ExperienceMaker(hybrid, actor, critic, reference, reward, tokenizer, reward_tokenizer, p, cfg.generation,
+                            cfg.data.max_prompt_tokens, kl_ctl, gold)
+    ptx = ptx_batches(cfg, tokenizer, ptx_src) if p.ptx_coef > 0 else None
+    ema = ShardedEMA(strategy.unwrap(actor), p.ema_decay) if p.ema_decay > 0 else None
+
+    per_step = p.rollout_batch_size * world_size()
+    if len(prompt_ids) < per_step:
+        raise ValueError(f"{len(prompt_ids)} prompts cannot fill one rollout of {per_step} ({p.rollout_batch_size} per rank)")
+    history = []
+    bar = progress(p.steps, "ppo")
+    t_start = time.time()
+    for step in range(1, p.steps + 1):
+        # the prompts of this step: a seeded permutation per pass over the data, this rank's slice of it
+        per_epoch = len(prompt_ids) // per_step
+        epoch, pos = divmod(step - 1, per_epoch)
+        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(prompt_ids))
+        mine = order[pos * per_step + rank() * p.rollout_batch_size:][: p.rollout_batch_size]
+        torch.manual_seed(cfg.train.seed * 100003 + step * 101 + rank())  # sampling stream per rank and step
+
+        exp = maker.make([prompt_ids[i] for i in mine], [prompt_texts[i] for i in mine])
+        t0 = time.time()
+        train_stats = train_on_experience(exp, actor, critic, cfg, ptx)
+        t_train = time.time() - t0
+        if ema is not None:
+            ema.update()
+
+        local = {**exp.stats, **train_stats, "time_training": t_train}
+        keys = sorted(local)
+        mean = strategy.all_reduce_mean(torch.tensor([local[k] for k in keys], dtype=torch.float64)).tolist()
+        s = dict(zip(keys, mean))
+        kl_ctl.update(s["kl"], per_step)
+        metrics = {f"ppo/{k}": v for k, v in s.items() if not k.startswith("time_") and k != "gen_tokens"}
+        metrics.update({f"timing/{k[5:]}": v for k, v in s.items() if k.startswith("time_")})
+        metrics["ppo/beta"] = kl_ctl.beta
+        metrics["perf/generation_tokens_per_s"] = s["gen_tokens"] * world_size() / max(s["time_generation"], 1e-9)
+        trained_tokens = exp.attention_mask.sum().item() * p.ppo_epochs
+        metrics["perf/training_tokens_per_s"] = trained_tokens * world_size() / max(t_train, 1e-9)
+        history.append(metrics)
+        if step % cfg.train.log_every == 0 or step == p.steps:
+            ctx.metrics.log(metrics, step=step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{s['reward']:.3f}", kl=f"{s['kl']:.3f}")
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < p.steps:
+            save_models(cfg, actor, critic, tokenizer, ema, cfg.output_dir)
+    bar.close()
+
+    save_models(cfg, actor, critic, tokenizer, ema, cfg.output_dir)
+    window = history[-max(1, len(history) // 10):]
+    # summary figures over the last 10% of steps
+    results = {name: float(np.mean([h[f"ppo/{key}"] for h in window])) for name, key in
+               (("reward_mean", "reward"), ("kl", "kl"), ("beta", "beta"), ("response_length", "response_length"),
+                ("eos_rate", "eos_rate"))}
+    if gold is not None:
+        results["gold_reward_first"] = history[0]["ppo/gold_reward"]
+        results["gold_reward_last"] = float(np.mean([h["ppo/gold_reward"] for h in window]))
+    results.update(steps=p.steps, seconds=time.time() - t_start,
+                   **{f"{k}_seconds": float(np.sum([h[f"timing/{k}"] for h in history]))
+                      for k in ("generation", "scoring", "training")})
+    if is_rank0():
+        atomic_write_json(os.path.join(cfg.output_dir, "results.json"), results)
+    ctx.metrics.summary(results)
+    ctx.metrics.close()
+    return results
