@@ -1,17 +1,25 @@
-"""`rlhf-ds` command line: one subcommand per step; each maps to a step runner and nothing else.
+"""`rlhf-ds` command line.
 
-    rlhf-ds <step> [--config run.yaml] [key.sub=value ...] [--num-gpus N]
+    rlhf-ds <step> [--config run.yaml] [key.sub=value ...] [--num-gpus N]      step = pretrain | sft | rm | ppo
+    rlhf-ds pipeline [--config run.yaml] [key=value ...] [--num-gpus N] [--dry-run]
+    rlhf-ds eval [--config eval.yaml] [key=value ...]
+    rlhf-ds report <run_dir>
+    rlhf-ds generate <model> <prompts> -o <out.jsonl> [sampling options]
+    rlhf-ds score <reward_model> <pairs.jsonl> -o <scores.jsonl>
+    rlhf-ds chat <model> [--template "human : {input} assistant :"]
+    rlhf-ds plan ...                                                            memory planner (rlhf_ds.planner)
 
-Under the deepspeed launcher (`deepspeed --num_gpus 2 --module rlhf_ds.cli sft ...`) the step runs in every rank;
-from a plain shell `--num-gpus N` starts that launcher for you.
+Under the deepspeed launcher (`deepspeed --num_gpus 2 --module rlhf_ds.cli sft ...`) a step runs in every rank;
+from a plain shell `--num-gpus N` starts that launcher for you. `pipeline` starts it once per step.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 
-from rlhf_ds.config import ConfigError, load_config
+from rlhf_ds.config import ConfigError, GenerationConfig, load_config
 
 # step name -> module with `run(cfg)`; configs come from rlhf_ds.config
 TRAINING_STEPS = {
@@ -20,45 +28,230 @@ TRAINING_STEPS = {
     "rm": "rlhf_ds.steps.reward",
     "ppo": "rlhf_ds.steps.ppo",
 }
+PLAN_HELP = "memory planner: will a job fit, and which settings make it fit"
 
 
-def _step_parser(sub, name: str, help_text: str):
-    p = sub.add_parser(name, help=help_text)
+def _step_parser(sub, name: str, help_text: str, launcher: bool = True):
+    p = sub.add_parser(name, help=help_text, description=help_text)
     p.add_argument("--config", help="YAML run config")
-    p.add_argument("--num-gpus", type=int, default=0, help="start N local ranks with the deepspeed launcher")
-    p.add_argument("--master-port", type=int, default=None)
+    if launcher:
+        p.add_argument("--num-gpus", type=int, default=0, help="start N local ranks with the deepspeed launcher")
+        p.add_argument("--master-port", type=int, default=None)
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _generation_args(p, max_new_tokens: int, sample_default: bool) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    if sample_default:
+        g.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding instead of sampling")
+    else:
+        g.add_argument("--do-sample", dest="do_sample", action="store_true", help="sample instead of greedy decoding")
+    g.set_defaults(do_sample=sample_default)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts are left-truncated to this many tokens")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+
+def _generation_config(args) -> GenerationConfig:
+    if args.temperature <= 0 or args.max_new_tokens <= 0:
+        raise ConfigError("--temperature and --max-new-tokens must be > 0")
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; `plan`'s own arguments are added (importing the planner) only when `command` is "plan"."""
     parser = argparse.ArgumentParser(prog="rlhf-ds", description="RLHF (pretrain, SFT, reward model, PPO) on DeepSpeed")
     sub = parser.add_subparsers(dest="command", required=True)
     _step_parser(sub, "pretrain", "step 0: train a tokenizer and a small causal LM from scratch")
     _step_parser(sub, "sft", "step 1: supervised fine-tuning")
     _step_parser(sub, "rm", "step 2: reward model from pairwise rankings")
     _step_parser(sub, "ppo", "step 3: PPO against the reward model with a KL penalty (four ZeRO engines, hybrid engine)")
+
+    p = _step_parser(sub, "pipeline", "steps 0-3 and the final evaluation in one run directory, one launcher per step",
+                     launcher=False)
+    p.add_argument("--num-gpus", type=int, default=None, help="local ranks per step (default: the config's num_gpus, 2)")
+    p.add_argument("--master-port", type=int, default=None)
+    p.add_argument("--dry-run", action="store_true", help="print which steps would run with which inputs, run nothing")
+
+    _step_parser(sub, "eval", "final evaluation: SFT vs PPO policy on held-out prompts (gold reward, RM score, win rate)",
+                 launcher=False)
+
+    p = sub.add_parser("report", help="(re)write summary.json, metrics.jsonl, plots/ and report.html of a pipeline run")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("generate", help="responses of a model to a prompts file, as JSONL")
+    p.add_argument("model", help="model folder (or a step run folder holding model/)")
+    p.add_argument("prompts", help="prompts: JSONL/JSON/CSV/Parquet/folder with prompt, question or messages")
+    p.add_argument("-o", "--output", required=True, help="responses JSONL (written atomically)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-samples", type=int, default=1, help="responses per prompt (use with sampling)")
+    p.add_argument("--limit", type=int, default=0, help="first N prompts only (0 = all)")
+    p.add_argument("--format", default="auto", help="prompt format: auto, prompt, question, messages")
+    p.add_argument("--trust-remote-code", action="store_true")
+    _generation_args(p, 64, sample_default=False)
+
+    p = sub.add_parser("score", help="reward-model scores of prompt/response pairs, as JSONL")
+    p.add_argument("model", help="reward model folder (an rm or ppo critic output)")
+    p.add_argument("input", help="rows with prompt+response, prompt+completion or messages (e.g. generate's output)")
+    p.add_argument("-o", "--output", required=True, help="scores JSONL (written atomically)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--raw", action="store_true", help="raw scores, without the stored normalisation")
+    p.add_argument("--format", default="auto", help="input format: auto, prompt_response, prompt_completion, messages")
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--max-response-tokens", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+    p = sub.add_parser("chat", help="talk to a model on stdin: one message per line, /quit or EOF ends")
+    p.add_argument("model")
+    p.add_argument("--template", default=None,
+                   help="prompt template with {input}, e.g. 'human : {input} assistant :' for the built-in task "
+                        "(default: the tokenizer's chat template, else the line as typed)")
+    p.add_argument("--reward-model", default=None, help="also print the reward model's score of each reply")
+    p.add_argument("--gold-seed", type=int, default=None, help="also print the built-in task's gold reward (its seed)")
+    _generation_args(p, 48, sample_default=False)
+
+    if command == "plan":
+        from rlhf_ds.planner import add_plan_arguments  # lazy: only `plan` pays for (and depends on) the planner
+
+        add_plan_arguments(sub.add_parser("plan", help=PLAN_HELP, description=PLAN_HELP))
+    else:
+        sub.add_parser("plan", help=PLAN_HELP, add_help=False)
     return parser
+
+
+def _run_step(args, argv: list[str]) -> int:
+    try:
+        cfg = load_config(args.command, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"rlhf-ds {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    from rlhf_ds.engine.launcher import relaunch, under_launcher
+
+    if args.num_gpus and not under_launcher():
+        rest = _without_launch_options(argv)
+        return relaunch(rest, args.num_gpus, args.master_port)
+    importlib.import_module(TRAINING_STEPS[args.command]).run(cfg)
+    return 0
+
+
+def _without_launch_options(argv: list[str]) -> list[str]:
+    """argv minus `--num-gpus N` / `--num-gpus=N` / `--master-port ...` (the relaunched ranks must not relaunch)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--num-gpus", "--master-port"):
+            skip = True
+            continue
+        if a.startswith(("--num-gpus=", "--master-port=")):
+            continue
+        out.append(a)
+    return out
+
+
+def _run_pipeline(args) -> int:
+    overrides = list(args.overrides)
+    if args.num_gpus is not None:
+        overrides.append(f"num_gpus={args.num_gpus}")
+    if args.master_port is not None:
+        overrides.append(f"master_port={args.master_port}")
+    from rlhf_ds.steps import pipeline
+
+    try:
+        cfg = load_config("pipeline", args.config, overrides)
+        result = pipeline.run(cfg, dry_run=args.dry_run)
+    except ConfigError as e:
+        print(f"rlhf-ds pipeline: config error: {e}", file=sys.stderr)
+        return 2
+    except pipeline.PipelineError as e:
+        print(f"rlhf-ds pipeline: {e}", file=sys.stderr)
+        return 1
+    if args.dry_run:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def _run_eval(args) -> int:
+    try:
+        cfg = load_config("eval", args.config, args.overrides)
+    except ConfigError as e:
+        print(f"rlhf-ds eval: config error: {e}", file=sys.stderr)
+        return 2
+    from rlhf_ds.steps import evaluate
+
+    results = evaluate.run(cfg)
+    if results:
+        print(json.dumps({k: v for k, v in results.items() if k not in ("models", "prompts")}, indent=2))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
+    args, extra = parser.parse_known_args(argv)
+    # overrides after an option (`--num-gpus 2 sft.train.epochs=3`) are left over by argparse: they are overrides too
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in TRAINING_STEPS:
-        try:
-            cfg = load_config(args.command, args.config, args.overrides)
-        except ConfigError as e:
-            print(f"rlhf-ds {args.command}: config error: {e}", file=sys.stderr)
-            return 2
-        from rlhf_ds.engine.launcher import relaunch, under_launcher
+        return _run_step(args, argv)
+    if args.command == "pipeline":
+        return _run_pipeline(args)
+    if args.command == "eval":
+        return _run_eval(args)
+    if args.command == "report":
+        from rlhf_ds.tracking.report import write_report
 
-        if args.num_gpus and not under_launcher():
-            rest = [a for a in argv if not a.startswith("--num-gpus") and a != str(args.num_gpus)]
-            return relaunch(rest, args.num_gpus, args.master_port)
-        importlib.import_module(TRAINING_STEPS[args.command]).run(cfg)
+        try:
+            write_report(args.run_dir)
+        except FileNotFoundError as e:
+            print(f"rlhf-ds report: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.run_dir.rstrip('/')}/report.html")
         return 0
-    return 2
+    if args.command == "plan":
+        from rlhf_ds.planner import run_plan_cli
+
+        return run_plan_cli(args)
+    return _run_tool(args)
+
+
+def _run_tool(args) -> int:
+    from rlhf_ds.steps import evaluate
+
+    try:
+        if args.command == "generate":
+            rows = evaluate.generate_file(
+                args.model, args.prompts, args.output, _generation_config(args), args.batch_size, args.max_prompt_tokens,
+                args.num_samples, args.limit, args.seed, args.device, args.precision, args.format, args.trust_remote_code)
+            print(f"{len(rows)} responses -> {args.output}", file=sys.stderr)
+        elif args.command == "score":
+            rows = evaluate.score_file(args.model, args.input, args.output, args.batch_size, not args.raw,
+                                       args.max_prompt_tokens, args.max_response_tokens, args.device, args.precision,
+                                       args.format)
+            mean = sum(r["score"] for r in rows) / len(rows)
+            print(f"{len(rows)} scores -> {args.output} (mean {mean:+.4f})", file=sys.stderr)
+        elif args.command == "chat":
+            evaluate.chat_loop(args.model, _generation_config(args), args.template, args.reward_model, args.gold_seed,
+                               args.max_prompt_tokens, args.device, args.precision, args.seed)
+        else:
+            return 2
+    except (ConfigError, ValueError, FileNotFoundError) as e:  # DataError and ModelLoadError are ValueErrors
+        print(f"rlhf-ds {args.command}: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

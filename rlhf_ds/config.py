@@ -13,7 +13,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -452,3 +452,90 @@ class PPOConfig:
 
 
 register_step_config("ppo", PPOConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Final evaluation (`rlhf-ds eval`): greedy responses of the SFT and PPO policies to held-out prompts, scored by
+    the gold reward (built-in task) and the reward model. Runs in one process with plain transformers."""
+
+    output_dir: str = "runs/eval"
+    sft_model: Optional[str] = "runs/sft"  # None = evaluate the PPO policy alone
+    ppo_model: Optional[str] = "runs/ppo"  # None = evaluate the SFT policy alone
+    reward_model: Optional[str] = "runs/rm"  # None = no RM scores
+    prompts: Optional[str] = None  # prompts file; None = the built-in task's held-out eval_prompts.jsonl
+    max_prompts: int = 0  # 0 = all
+    max_prompt_tokens: int = 32  # as PPO's data.max_prompt_tokens
+    batch_size: int = 32
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(do_sample=False))
+    device: str = "auto"  # auto = cuda when available, else cpu
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 1234
+    trust_remote_code: bool = False
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+
+    def validate(self) -> None:
+        if self.sft_model is None and self.ppo_model is None:
+            raise ConfigError("eval needs sft_model or ppo_model (or both)")
+        if self.batch_size <= 0 or self.max_prompts < 0:
+            raise ConfigError("eval.batch_size must be > 0 and eval.max_prompts >= 0")
+        if self.generation.temperature <= 0 or self.generation.max_new_tokens <= 0:
+            raise ConfigError("eval.generation.temperature and max_new_tokens must be > 0")
+
+
+register_step_config("eval", EvalConfig)
+
+PIPELINE_STEPS = ("pretrain", "sft", "rm", "ppo", "eval")
+
+
+@dataclass
+class PipelineConfig:
+    """`rlhf-ds pipeline`: steps 0-3 and the final evaluation in one run directory (`<output_dir>/<step>`).
+
+    The step sections are the steps' own configs with their own defaults; the pipeline sets their `output_dir`, the
+    model paths that link one step to the next, `task` and `tracking` (shared by all steps, one wandb group)."""
+
+    output_dir: str = "runs/pipeline"
+    num_gpus: int = 2  # local ranks per step (deepspeed launcher); each step is a fresh process group
+    pretrain_num_gpus: int = 1
+    master_port: Optional[int] = None  # None = a free port per step
+    base_model: Optional[str] = None  # an existing causal LM: skips pretrain
+    sft_model: Optional[str] = None  # an existing SFT policy: skips sft
+    reward_model: Optional[str] = None  # an existing reward model: skips rm
+    skip: Union[list[str], str] = field(default_factory=list)  # steps not to run: [pretrain] or "pretrain,sft"
+    only: Union[list[str], str, None] = None  # run just these steps (`only=rm`, `only=[rm,ppo]`); inputs must exist
+    resume_completed_steps: bool = False  # skip steps whose results.json exists in the run directory
+    report: bool = True  # write summary.json, metrics.jsonl, plots/ and report.html at the end
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        self.skip = step_list(self.skip) or []
+        self.only = step_list(self.only)
+        for key in ("skip", "only"):
+            for name in getattr(self, key) or []:
+                if name not in PIPELINE_STEPS:
+                    raise ConfigError(f"{key}: unknown step '{name}' (steps: {', '.join(PIPELINE_STEPS)})")
+        if self.only is not None and not self.only:
+            raise ConfigError("only: name at least one step")
+        if self.num_gpus <= 0 or self.pretrain_num_gpus <= 0:
+            raise ConfigError("num_gpus and pretrain_num_gpus must be > 0")
+        for name in PIPELINE_STEPS:
+            validate(getattr(self, name))
+
+
+def step_list(value) -> Optional[list[str]]:
+    """`"rm"`, `"sft,rm"` or `["sft", "rm"]` -> a list of step names; None stays None."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+register_step_config("pipeline", PipelineConfig)

@@ -5,6 +5,11 @@ Launched by tests/test_planner.py as::
     deepspeed --num_gpus 2 tests/dist_measure_model_states.py --out result.json \
         --configs '[{"stage": 0, "lora": false, "precision": "fp32"}, ...]'
 
+Config keys: ``stage`` (0-3), ``lora`` (peft LoRA r=8 on ``c_attn``, fan_in_fan_out), ``precision``
+(fp32/bf16), ``offload`` (optimizer offload to CPU), ``optimizer`` ("adamw" or "adamw_8bit", the
+latter built with ``rlhf_ds.engine.optimizers.build_optimizer``), ``param_persistence_threshold``
+(ZeRO-3, default 0 so that only partitions remain).  Bucket sizes default to 1e5 elements.
+
 Every configuration is run inside the same launch (one engine after the other) to
 keep the test fast.  For each one a tiny GPT-2 (built from a config, no download) is
 wrapped by ``deepspeed.initialize`` with a client ``torch.optim.AdamW`` holding only
@@ -28,6 +33,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -132,6 +138,8 @@ def measure(conf, world_size):
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = int(conf.get("param_persistence_threshold", 0))
         zero["stage3_prefetch_bucket_size"] = int(conf.get("prefetch_bucket_size", 100_000))
+    if conf.get("offload"):
+        zero["offload_optimizer"] = {"device": "cpu"}
     ds_config = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
@@ -139,7 +147,17 @@ def measure(conf, world_size):
         "steps_per_print": 10**9,
         "bf16": {"enabled": precision == "bf16"},
     }
-    opt = torch.optim.AdamW(trainable, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    name = conf.get("optimizer", "adamw")
+    if name == "adamw":
+        # plain torch AdamW also under offload (DeepSpeedCPUAdam would need a 2-minute JIT build)
+        opt = torch.optim.AdamW(trainable, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+        if conf.get("offload"):
+            ds_config["zero_force_ds_cpu_optimizer"] = False
+    else:
+        from rlhf_ds.engine.optimizers import build_optimizer, ds_config_overrides
+
+        ds_config.update(ds_config_overrides(name, stage, offload=bool(conf.get("offload"))))
+        opt = build_optimizer(trainable, name=name, lr=1e-3, ds_config=ds_config)
     engine, zopt, _, _ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=trainable,
                                               config=ds_config)
     g = torch.Generator().manual_seed(1234)
@@ -160,6 +178,10 @@ def measure(conf, world_size):
         after_bwd.add_all("gradients", zopt.averaged_gradients)
     for name in ("grad_partitions_flat_buffer", "all_grad_tensors", "grads_in_partition"):
         after_bwd.add_all("gradients", getattr(zopt, name, None))
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # offload: fp32 grad buffers
+        for t in getattr(zopt, name, None) or []:
+            after_bwd.add("gradients", getattr(t, "grad", None))
+    after_bwd.add_all("buffers", getattr(zopt, "param_buffer_of_bit16_for_cpu_offload_groups", None))
     for bucket in getattr(zopt, "ipg_buckets", {}).values():
         after_bwd.add_all("buffers", getattr(bucket, "buffer", None))
 
@@ -182,6 +204,11 @@ def measure(conf, world_size):
                 after_step.add("moments", v)
     for p in params:
         after_step.add("gradients_left_after_step", p.grad)
+    after_step.add_all("gradients_left_after_step", getattr(zopt, "grad_partitions_flat_buffer", None))
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        for t in getattr(zopt, name, None) or []:
+            after_step.add("gradients_left_after_step", getattr(t, "grad", None))
+    after_step.add_all("buffers", getattr(zopt, "param_buffer_of_bit16_for_cpu_offload_groups", None))
     for bucket in getattr(zopt, "ipg_buckets", {}).values():
         after_step.add_all("buffers", getattr(bucket, "buffer", None))
     other_details = {}
@@ -214,7 +241,7 @@ def measure(conf, world_size):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--configs", required=True, help="JSON list of {stage, lora, precision}")
+    parser.add_argument("--configs", required=True, help="JSON list of configurations (see module docstring)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = parser.parse_args()
 
@@ -226,8 +253,11 @@ def main():
     world = dist.get_world_size()
     results = []
     for conf in json.loads(args.configs):
-        results.append(measure(conf, world))
+        t0 = time.perf_counter()
+        res = measure(conf, world)
         dist.barrier()
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        results.append(res)
     # gather every rank's numbers so the test can check them all
     gathered = [None] * world
     dist.all_gather_object(gathered, results)

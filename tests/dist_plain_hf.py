@@ -1,8 +1,9 @@
 """Checks of saved model folders with plain transformers/peft only (no rlhf_ds import): what a user downstream sees.
 
-    python tests/dist_plain_hf.py <command> <json args>
+    python tests/dist_plain_hf.py '[["<command>", {json args}], ...]'
 
-prints one JSON line with the figures. Commands:
+runs the checks in one process (imports are the slow part) and prints one JSON line: the list of their figures.
+Commands:
   inspect   {"model": dir, "prompt": str}                      -> special token ids, greedy continuation, config
   sft_nll   {"models": [dir...], "data": jsonl, "max_seq_len": n} -> per model, token-weighted NLL of the responses
   lm_nll    {"model": dir, "data": jsonl, "block": n, "fraction": f} -> NLL of the held-out packed pretraining blocks
@@ -103,11 +104,13 @@ def lora(base: str, merged: str, adapter: str, prompt: str) -> dict:
     }
 
 
+COMMANDS = {"inspect": inspect, "sft_nll": sft_nll, "lm_nll": lm_nll, "lora": lora}
+
+
 def main() -> None:
-    command, args = sys.argv[1], json.loads(sys.argv[2])
-    result = {"inspect": inspect, "sft_nll": sft_nll, "lm_nll": lm_nll, "lora": lora}[command](**args)
-    result["rlhf_ds_imported"] = any(name == "rlhf_ds" or name.startswith("rlhf_ds.") for name in sys.modules)
-    print("RESULT " + json.dumps(result))
+    figures = [COMMANDS[command](**args) for command, args in json.loads(sys.argv[1])]
+    imported = any(name == "rlhf_ds" or name.startswith("rlhf_ds.") for name in sys.modules)
+    print("RESULT " + json.dumps({"checks": figures, "rlhf_ds_imported": imported}))
 
 
 if __name__ == "__main__":

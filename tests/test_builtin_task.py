@@ -125,20 +125,20 @@ def test_vocabulary_and_lengths(task, pref_train):
 def test_gold_reward_hand_checked_values(task):
     # seed 0: "warm", "quick" carry no valence; "sharp" = +0.683, "weak" = +0.633; "loud" = -0.656
     assert task.valence("warm", "animal") == 0.0 and task.valence("quick", "animal") == 0.0
-    assert task.gold_reward(FOX, "the fox is warm and quick .") == pytest.approx(1.25)
+    assert task.gold_reward(FOX, "the fox is warm and quick .") == pytest.approx(0.55)
     assert task.gold_reward(FOX, "the fox is sharp and weak .") == pytest.approx(
-        1.0 + 2 * math.tanh((0.683 + 0.633) / 2) + 0.25)
-    # wrong subject (-0.5 miss, -0.5 other subject), unpleasant, "loud" repeated once
+        0.3 + 2 * math.tanh((0.683 + 0.633) / 2) + 0.25)
+    # wrong subject (0 miss, -0.3 other subject), unpleasant, "loud" repeated once
     assert task.gold_reward(FOX, "the cat is loud . it is loud .") == pytest.approx(
-        -1.0 + 2 * math.tanh(-0.656 / 2) + 0.25 - 0.75)
+        -0.3 + 2 * math.tanh(-0.656 / 2) + 0.25 - 0.75)
     # 3 words, no final ".", "fox" said 3 times
-    assert task.gold_reward(FOX, "fox fox fox") == pytest.approx(1.0 - 0.5 - 0.25 - 1.5)
+    assert task.gold_reward(FOX, "fox fox fox") == pytest.approx(0.3 - 0.5 - 0.25 - 1.5)
     terms = task.gold_terms(FOX, "the cat is loud . it is loud .")
     assert sum(terms.values()) == pytest.approx(task.gold_reward(FOX, "the cat is loud . it is loud ."))
     # detokenisation quirks do not matter
-    assert task.gold_reward(FOX, " The fox is warm and quick.") == pytest.approx(1.25)
-    assert gold_reward_fn(0)(FOX, "the fox is warm and quick .") == pytest.approx(1.25)
-    assert task.gold_rewards([FOX, FOX], ["the fox is warm .", "it is warm ."]) == pytest.approx([1.25, -0.25])
+    assert task.gold_reward(FOX, " The fox is warm and quick.") == pytest.approx(0.55)
+    assert gold_reward_fn(0)(FOX, "the fox is warm and quick .") == pytest.approx(0.55)
+    assert task.gold_rewards([FOX, FOX], ["the fox is warm .", "it is warm ."]) == pytest.approx([0.55, 0.25])
 
 
 def test_gold_reward_orderings(task):
@@ -146,7 +146,8 @@ def test_gold_reward_orderings(task):
     bad = "the fox is %s and %s ." % tuple(task.unpleasant_words("animal")[:2])
     off_topic = "the lamp is %s and %s ." % tuple(task.pleasant_words("animal")[:2])
     assert task.gold_reward(FOX, good) > task.gold_reward(FOX, bad) + 1.0
-    assert task.gold_reward(FOX, good) > task.gold_reward(FOX, off_topic) + 1.0
+    # on topic vs naming another subject: the full relevance swing, 0.3 - (-0.3)
+    assert task.gold_reward(FOX, good) == pytest.approx(task.gold_reward(FOX, off_topic) + 0.6)
     # repeating a pleasant word lowers gold (what a proxy RM rarely sees)
     w = task.pleasant_words("animal")[0]
     once = "the fox is %s ." % w
@@ -161,7 +162,7 @@ def test_gold_reward_orderings(task):
     # the best response is the best we know and sits near the top of the range
     best = task.best_response(FOX)
     assert task.best_gold(FOX) > max(task.gold_reward(FOX, r) for r in (good, bad, off_topic, once))
-    assert 2.5 < task.best_gold(FOX) <= 3.25
+    assert 2.0 < task.best_gold(FOX) <= 2.55
     # values stay in a sensible range for everything the behaviour policy produces
     vals = [task.gold_reward(r["prompt"], r["response"]) for r in task.sft_rows(500)]
     assert -3.5 < min(vals) and max(vals) <= 3.25
@@ -172,8 +173,8 @@ def test_sft_demos_are_mixed_and_improvable(task):
     rows = task.sft_rows(2000)
     g = np.array([task.gold_reward(r["prompt"], r["response"]) for r in rows])
     best = np.array([task.best_gold(r["prompt"]) for r in rows])
-    assert g.std() > 0.8  # a real spread from mediocre to good
-    assert np.percentile(g, 90) - np.percentile(g, 10) > 2.0
+    assert g.std() > 0.6  # a real spread from mediocre to good (gold spans about -2.3 .. 2.55)
+    assert np.percentile(g, 90) - np.percentile(g, 10) > 1.6
     assert best.mean() - g.mean() > 1.5  # plenty of room for PPO
     assert 0.0 < g.mean() < 1.5
     # repetitions are rare in the demonstrations

@@ -208,6 +208,14 @@ def test_ds_config_offload_blocks():
     assert list(_autos(ds)) == [] and list(_autos(only_opt)) == []
 
 
+@pytest.mark.parametrize("stage", [0, 1, 3])
+def test_ds_config_allows_the_8bit_optimizer_under_zero(stage):
+    ds = build_ds_config(EngineConfig(zero_stage=stage, optimizer="adamw_8bit"), 2, 1, 2)
+    # DeepSpeed asserts on an untested (non-DeepSpeed, non-torch-Adam) optimizer under ZeRO 1-3 without this key
+    assert ds.get("zero_allow_untested_optimizer", False) is (stage >= 1)
+    assert "zero_allow_untested_optimizer" not in build_ds_config(EngineConfig(zero_stage=stage), 2, 1, 2)
+
+
 def test_ds_config_inference_has_no_training_keys():
     ds = build_ds_config(EngineConfig(zero_stage=3, precision="bf16"), micro_batch_size=8, grad_accum=4, world_size=2,
                          inference=True)

@@ -18,8 +18,8 @@ Gold reward (hidden; for evaluation only)
 -----------------------------------------
 ``g = relevance + valence + form + repetition`` with
 
-* relevance  = +1.0 if the response names the prompt's subject noun, else -0.5;
-  another -0.5 if it names any other subject noun;
+* relevance  = +0.3 if the response names the prompt's subject noun, else 0;
+  another -0.3 if it names any other subject noun;
 * valence    = 2 * tanh(s / 2), s = sum over the DISTINCT words of the response of a
   hidden per-word value: per seed, some adjectives/verbs are pleasant (+0.3..+0.7),
   some unpleasant (-0.3..-0.7), a few are pleasant for two subject categories and
@@ -104,7 +104,9 @@ VALENCE_LOW, VALENCE_HIGH = 0.3, 0.7
 CONTEXT_VALENCE = 0.5
 
 # Gold-reward constants.
-REL_HIT, REL_MISS, REL_OTHER = 1.0, -0.5, -0.5
+# small on purpose: naming the subject needs copying from the prompt, which the tiny default models do not learn
+# within the CPU budget; the improvable signal is mostly the hidden valence, form and repetition
+REL_HIT, REL_MISS, REL_OTHER = 0.3, 0.0, -0.3
 VALENCE_SCALE = 2.0
 FORM_END, FORM_NO_END = 0.25, -0.5
 SHORT_PENALTY, LONG_PENALTY = 0.25, 0.3

@@ -60,6 +60,9 @@ def build_ds_config(
     if engine.offload_optimizer and not inference:
         # DeepSpeed requires its own CPU optimizer to be allowed alongside a client optimizer for offload.
         cfg["zero_force_ds_cpu_optimizer"] = False
+    if engine.optimizer == "adamw_8bit" and engine.zero_stage >= 1 and not inference:
+        # ZeRO 1-3 refuse optimizers outside DeepSpeed's tested list (bitsandbytes AdamW8bit) unless allowed.
+        cfg["zero_allow_untested_optimizer"] = True
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise ValueError(f"DeepSpeed template {template_name(engine, inference)} leaves 'auto' for: {leftover}")

@@ -90,8 +90,10 @@ class ExperienceMaker:
             return rm.normalise(self.reward_forward(seq, mask))
         prompts = self.tok.batch_decode(seq[:, :P], skip_special_tokens=True)
         responses = [self.tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(seq[:, P:], mask[:, P:])]
-        # the RM's tokenizer may split the same text finer: allow it 4 tokens per generated token
-        ids = pair_ids(self.rm_tok, prompts, responses, 4 * self.max_prompt_tokens, 4 * (self.max_prompt_tokens + self.gen.max_new_tokens))
+        # the RM's tokenizer may split the same text finer: allow it 4 tokens per generated token, within its positions
+        max_len = min(4 * (self.max_prompt_tokens + self.gen.max_new_tokens),
+                      getattr(rm.config, "max_position_embeddings", None) or 1 << 30)
+        ids = pair_ids(self.rm_tok, prompts, responses, min(4 * self.max_prompt_tokens, max_len // 2), max_len)
         rm_seq, rm_mask = pad_batch(ids, self.rm_tok.pad_token_id, side="right")
         dev = strategy.device()
         return rm.normalise(self.reward_forward(rm_seq.to(dev), rm_mask.to(dev)))

@@ -47,7 +47,13 @@ def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
     reference = strategy.init_frozen(reference, ref_ds)
 
     critic_ds = strategy.ds_config_for(cfg.critic.engine, p.micro_batch_size, p.grad_accum)
-    critic = load_scalar_head_model(cfg.critic.model or cfg.reward.model, critic_ds, cfg.critic.engine.precision,
+    critic_src = cfg.critic.model or cfg.reward.model
+    if cfg.critic.model is None and reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+        # the critic reads the actor's token ids: a reward model with another vocabulary cannot initialise it
+        log.warning("reward model %s has another tokenizer than the actor: critic initialised from the actor %s "
+                    "(set critic.model to choose)", cfg.reward.model, cfg.actor.model)
+        critic_src = cfg.actor.model
+    critic = load_scalar_head_model(critic_src, critic_ds, cfg.critic.engine.precision,
                                     trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
     if cfg.critic.engine.lora.enabled:
         critic.backbone = apply_lora(critic.backbone, cfg.critic.engine.lora, task_type="FEATURE_EXTRACTION")

@@ -32,7 +32,8 @@ def apt_install(packages: list[str], timeout: int = 600) -> None:
     if not shutil.which("apt-get"):
         raise SlurmUnavailable("no apt-get on this machine")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *packages]):
+    lock = ["-o", "DPkg::Lock::Timeout=180"]  # another apt-get on this host (a parallel session) holds the lock
+    for cmd in (["apt-get", *lock, "update"], ["apt-get", *lock, "install", "-y", "--no-install-recommends", *packages]):
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,343 @@
+"""Final evaluation (`rlhf-ds eval`) and the plain-transformers tools behind `rlhf-ds generate`, `score` and `chat`.
+
+Evaluation: on held-out prompts (the built-in task's `eval_prompts.jsonl` by default) the SFT and the PPO policy each
+answer (greedy by default, batched, left-padded, one process, no DeepSpeed engine); every response is scored by the
+gold reward (built-in task only) and by the reward model. Reported: mean gold reward and mean RM score of each policy,
+the win rate of PPO over SFT by gold reward (ties count 0.5) and by RM score, response lengths and EOS rates. Written:
+`<output_dir>/results.json` and `samples.jsonl` (one line per prompt: both responses and their scores).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from rlhf_ds.config import EvalConfig, GenerationConfig, save_config, to_dict
+from rlhf_ds.utils import atomic_write_json, atomic_write_text, is_rank0
+
+log = logging.getLogger("rlhf_ds")
+
+POLICIES = ("sft", "ppo")
+
+
+# ---- loading and generation -------------------------------------------------------------------------------------------
+def pick_device(name: str = "auto") -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def load_policy(path: str, device: str = "cpu", precision: str = "fp32", trust_remote_code: bool = False):
+    """(model in eval mode on `device`, tokenizer) from a model folder or a step run folder holding `model/`."""
+    from rlhf_ds.models.loading import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    model = load_causal_lm(path, {}, precision, disable_dropout=True, trust_remote_code=trust_remote_code,
+                           tokenizer=tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def max_positions(config) -> Optional[int]:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_size: int = 16,
+             max_prompt_tokens: int = 256) -> list[dict]:
+    """Responses to prompt texts: [{"response", "response_tokens", "eos"}], in the order of `prompts`.
+
+    Prompts are encoded as in training (BOS + prompt, left-truncated to `max_prompt_tokens`), batched by length and
+    left-padded; a response ends at its first EOS. Sampling draws from torch's global generator (seed it first).
+    """
+    from rlhf_ds.data.features import pad_batch, prompt_features
+    from rlhf_ds.data.formats import PromptExample
+    from rlhf_ds.engine.hybrid import response_mask
+
+    if not prompts:
+        return []
+    ids, _ = prompt_features([PromptExample(prompt=p) for p in prompts], tokenizer, max_prompt_tokens, "truncate")
+    limit = max_positions(model.config)
+    device = next(model.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: list[Optional[dict]] = [None] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        input_ids, mask = pad_batch([ids[i] for i in chunk], tokenizer.pad_token_id, side="left")
+        P = input_ids.shape[1]
+        new = gen.max_new_tokens if limit is None else min(gen.max_new_tokens, limit - P)
+        if new <= 0:
+            raise ValueError(f"prompts of {P} tokens leave no room to generate within the model's {limit} positions; "
+                             "lower max_prompt_tokens")
+        kwargs = dict(max_new_tokens=new, do_sample=gen.do_sample, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        if gen.do_sample:
+            kwargs.update(temperature=gen.temperature, top_k=gen.top_k or None, top_p=gen.top_p)
+        seq = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
+        responses = seq[:, P:].cpu()
+        if responses.shape[1] == 0:
+            responses = torch.full((len(chunk), 1), tokenizer.pad_token_id)
+        rmask, has_eos = response_mask(responses, tokenizer.eos_token_id)
+        for row, i in enumerate(chunk):
+            kept = responses[row][rmask[row].bool()]
+            out[i] = {"response": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                      "response_tokens": int(rmask[row].sum()), "eos": bool(has_eos[row])}
+    return out  # type: ignore[return-value]
+
+
+def reward_scorer(path: str, device: str, precision: str = "fp32", max_prompt_tokens: int = 256,
+                  max_new_tokens: int = 256):
+    """A RewardScorer whose length limits fit both the texts (policy tokens may split finer) and the RM's positions."""
+    from transformers import AutoConfig
+
+    from rlhf_ds.models.loading import resolve_model_dir
+    from rlhf_ds.models.scalar_head import RewardScorer
+
+    limit = max_positions(AutoConfig.from_pretrained(resolve_model_dir(path))) or 1 << 30
+    seq = min(4 * (max_prompt_tokens + max_new_tokens), limit)
+    prompt = max(2, min(4 * max_prompt_tokens, seq // 2))
+    return RewardScorer(path, device=device, precision=precision, max_prompt_tokens=prompt, max_seq_len=seq)
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------------
+def _mean(xs: Iterable[float]) -> Optional[float]:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def win_rate(a: list[float], b: list[float], tol: float = 1e-9) -> float:
+    """Fraction of items where `a` beats `b`; ties count one half."""
+    if len(a) != len(b) or not a:
+        raise ValueError("win_rate needs two equally long, non-empty lists")
+    return sum(1.0 if x > y + tol else 0.5 if abs(x - y) <= tol else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+def _builtin_prompts(cfg: EvalConfig, out_dir: str) -> str:
+    from rlhf_ds.data.builtin_task import BuiltinTask
+
+    path = os.path.join(out_dir, "data", "eval_prompts.jsonl")
+    rows = BuiltinTask(cfg.task.seed).eval_prompts()
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Generate with each policy, score, write results.json and samples.jsonl. Rank 0 only (other ranks return)."""
+    if not is_rank0():
+        return {}
+    from rlhf_ds.data.features import render_prompt
+    from rlhf_ds.data.formats import load_prompts
+    from rlhf_ds.tracking.metrics import MetricsLogger, setup_logging
+
+    t_start = time.time()
+    out_dir = cfg.output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    setup_logging(out_dir)
+    metrics = MetricsLogger(out_dir, "eval", cfg.tracking, to_dict(cfg))
+    torch.set_num_threads(int(os.environ.get("RLHF_DS_THREADS", torch.get_num_threads())))
+
+    gold_fn: Optional[Callable[[str, str], float]] = None
+    best_fn = None
+    source = cfg.prompts
+    if source is None:
+        from rlhf_ds.data.builtin_task import BuiltinTask
+
+        task = BuiltinTask(cfg.task.seed)
+        gold_fn, best_fn = task.gold_reward, task.best_gold
+        source = _builtin_prompts(cfg, out_dir)
+    examples, report = load_prompts(source)
+    if cfg.max_prompts:
+        examples = examples[: cfg.max_prompts]
+    log.info("eval prompts %s: %s; evaluating %d", source, report.summary(), len(examples))
+    device = pick_device(cfg.device)
+    models = {name: getattr(cfg, f"{name}_model") for name in POLICIES if getattr(cfg, f"{name}_model")}
+
+    prompts: Optional[list[str]] = None
+    gens: dict[str, list[dict]] = {}
+    for name, path in models.items():
+        t0 = time.time()
+        model, tokenizer = load_policy(path, device, cfg.precision, cfg.trust_remote_code)
+        if prompts is None:
+            prompts = [render_prompt(tokenizer, ex) for ex in examples]
+        torch.manual_seed(cfg.seed)
+        gens[name] = generate(model, tokenizer, prompts, cfg.generation, cfg.batch_size, cfg.max_prompt_tokens)
+        del model
+        log.info("eval: %s policy (%s) answered %d prompts in %.1fs", name, path, len(prompts), time.time() - t0)
+    assert prompts is not None
+
+    if gold_fn is not None:
+        for name, rows in gens.items():
+            for p, row in zip(prompts, rows):
+                row["gold_reward"] = gold_fn(p, row["response"])
+    if cfg.reward_model:
+        scorer = reward_scorer(cfg.reward_model, device, cfg.precision, cfg.max_prompt_tokens,
+                               cfg.generation.max_new_tokens)
+        for name, rows in gens.items():
+            scores = scorer.score(prompts, [r["response"] for r in rows], batch_size=cfg.batch_size)
+            for row, s in zip(rows, scores):
+                row["rm_score"] = float(s)
+        del scorer
+
+    def per_policy(key: str) -> Optional[dict]:
+        values = {name: _mean(r[key] for r in rows if key in r) for name, rows in gens.items()}
+        return values if any(v is not None for v in values.values()) else None
+
+    def wins(key: str) -> Optional[float]:
+        if not {"sft", "ppo"} <= set(gens) or key not in gens["sft"][0]:
+            return None
+        return win_rate([r[key] for r in gens["ppo"]], [r[key] for r in gens["sft"]])
+
+    results = {
+        "n_prompts": len(prompts),
+        "gold_reward": per_policy("gold_reward"),
+        "win_rate_ppo_vs_sft": wins("gold_reward"),
+        "rm_score": per_policy("rm_score"),
+        "rm_win_rate_ppo_vs_sft": wins("rm_score"),
+        "response_length": per_policy("response_tokens"),
+        "eos_rate": {name: _mean(float(r["eos"]) for r in rows) for name, rows in gens.items()},
+        "prompts": source,
+        "models": {**{name: path for name, path in models.items()}, "reward": cfg.reward_model},
+        "greedy": not cfg.generation.do_sample,
+    }
+    if best_fn is not None and results["gold_reward"] is not None:
+        results["gold_reward"]["best"] = _mean(best_fn(p) for p in prompts)
+    results["seconds"] = time.time() - t_start
+
+    samples = []
+    for i, p in enumerate(prompts):
+        row: dict = {"prompt": p}
+        for name, rows in gens.items():
+            row[f"{name}_response"] = rows[i]["response"]
+            for key in ("gold_reward", "rm_score"):
+                if key in rows[i]:
+                    row[f"{name}_{key}"] = rows[i][key]
+        samples.append(row)
+    atomic_write_text(os.path.join(out_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in samples))
+    atomic_write_json(os.path.join(out_dir, "results.json"), results)
+
+    flat = {k: v for k, v in flatten(results, "eval").items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics.log(flat, step=0)
+    metrics.summary({k.split("/", 1)[1]: v for k, v in flat.items()})
+    metrics.close()
+    return results
+
+
+def flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict:
+    """{"a": {"b": 1}} -> {"prefix/a/b": 1}."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key, sep))
+        else:
+            out[key] = v
+    return out
+
+
+# ---- rlhf-ds generate / score / chat ----------------------------------------------------------------------------------
+def generate_file(model_path: str, prompts_path: str, output: str, gen: GenerationConfig, batch_size: int = 16,
+                  max_prompt_tokens: int = 256, num_samples: int = 1, limit: int = 0, seed: int = 1234,
+                  device: str = "auto", precision: str = "fp32", fmt: str = "auto",
+                  trust_remote_code: bool = False) -> list[dict]:
+    """Prompts file (any prompt format the data readers accept) -> responses JSONL, written atomically."""
+    from rlhf_ds.data.features import render_prompt
+    from rlhf_ds.data.formats import load_prompts
+
+    examples, _ = load_prompts(prompts_path, fmt=fmt)
+    if limit:
+        examples = examples[:limit]
+    model, tokenizer = load_policy(model_path, pick_device(device), precision, trust_remote_code)
+    prompts = [render_prompt(tokenizer, ex) for ex in examples]
+    torch.manual_seed(seed)
+    rows = []
+    for k in range(num_samples):
+        for p, g in zip(prompts, generate(model, tokenizer, prompts, gen, batch_size, max_prompt_tokens)):
+            rows.append({"prompt": p, **g, **({"sample": k} if num_samples > 1 else {})})
+    if num_samples > 1:
+        rows.sort(key=lambda r: (prompts.index(r["prompt"]), r["sample"]))
+    atomic_write_text(output, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def score_file(model_path: str, input_path: str, output: str, batch_size: int = 32, normalised: bool = True,
+               max_prompt_tokens: int = 256, max_new_tokens: int = 256, device: str = "auto", precision: str = "fp32",
+               fmt: str = "auto") -> list[dict]:
+    """Prompt/response rows (prompt+response, prompt+completion or chat messages) -> rows with a reward-model "score"."""
+    from rlhf_ds.data.features import render_prompt, render_response
+    from rlhf_ds.data.formats import load_sft
+
+    examples, _ = load_sft(input_path, fmt=fmt)
+    scorer = reward_scorer(model_path, pick_device(device), precision, max_prompt_tokens, max_new_tokens)
+    prompts = [render_prompt(scorer.tokenizer, ex) for ex in examples]
+    responses = [render_response(scorer.tokenizer, ex) for ex in examples]
+    scores = scorer.score(prompts, responses, batch_size=batch_size, normalised=normalised)
+    rows = [{"prompt": p, "response": r, "score": float(s)} for p, r, s in zip(prompts, responses, scores)]
+    atomic_write_text(output, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def chat_loop(model_path: str, gen: GenerationConfig, template: Optional[str] = None, reward_model: Optional[str] = None,
+              gold_seed: Optional[int] = None, max_prompt_tokens: int = 256, device: str = "auto",
+              precision: str = "fp32", seed: int = 1234, stdin=None, stdout=None) -> int:
+    """Read one message per line, print the model's reply (and its RM / gold score when asked). Ends at EOF or /quit.
+
+    The prompt is `template` with `{input}` replaced, else the tokenizer's chat template when it has one, else the
+    line as typed. Each line is answered on its own (no history): these are small single-turn models.
+    """
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    dev = pick_device(device)
+    model, tokenizer = load_policy(model_path, dev, precision)
+    scorer = reward_scorer(reward_model, dev, precision, max_prompt_tokens, gen.max_new_tokens) if reward_model else None
+    gold = None
+    if gold_seed is not None:
+        from rlhf_ds.data.builtin_task import BuiltinTask
+
+        gold = BuiltinTask(gold_seed).gold_reward
+    interactive = hasattr(stdin, "isatty") and stdin.isatty()
+    torch.manual_seed(seed)
+    turns = 0
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if template:
+            prompt = template.replace("{input}", text)
+        elif getattr(tokenizer, "chat_template", None):
+            prompt = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                   add_generation_prompt=True)
+        else:
+            prompt = text
+        reply = generate(model, tokenizer, [prompt], gen, 1, max_prompt_tokens)[0]
+        notes = []
+        if scorer is not None:
+            notes.append(f"rm {scorer.score([prompt], [reply['response']])[0]:+.3f}")
+        if gold is not None:
+            notes.append(f"gold {gold(prompt, reply['response']):+.3f}")
+        if not reply["eos"]:
+            notes.append("no eos")
+        suffix = f"   [{', '.join(notes)}]" if notes else ""
+        print(f"model> {reply['response']}{suffix}", file=stdout, flush=True)
+        turns += 1
+    return turns
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,138 @@
+"""`rlhf-ds generate / score / eval / plan` plumbing on the tiny pretrained model (no SFT/RM/PPO needed): prompt formats,
+batch invariance of scores, a policy against itself, error messages, the lazy planner import, argv handling.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env
+from rlhf_ds import cli
+from rlhf_ds.data.builtin_task import BuiltinTask
+
+
+def load_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path, rows) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_generate_reads_every_prompt_format(tiny_base, tmp_path):
+    prompts = list(BuiltinTask(0).eval_prompt_set[:4])
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt": p} for p in prompts])
+    question = write_jsonl(tmp_path / "q.jsonl", [{"question": p} for p in prompts])
+    outs = {}
+    for name, src in (("plain", plain), ("question", question)):
+        out = tmp_path / f"{name}.out.jsonl"
+        assert cli.main(["generate", tiny_base, src, "-o", str(out), "--max-new-tokens", "10", "--batch-size", "3"]) == 0
+        outs[name] = load_jsonl(out)
+    assert [r["prompt"] for r in outs["plain"]] == prompts  # input order kept (batches are sorted by length inside)
+    assert outs["plain"] == outs["question"]
+    for r in outs["plain"]:
+        assert set(r) == {"prompt", "response", "response_tokens", "eos"}
+        assert 1 <= r["response_tokens"] <= 10 and (r["eos"] or r["response_tokens"] == 10)
+    # a chat prompt (messages) is rendered Human/Assistant style for a tokenizer without a chat template
+    chat = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "describe the fox ."}]}])
+    out = tmp_path / "chat.out.jsonl"
+    assert cli.main(["generate", tiny_base, chat, "-o", str(out), "--max-new-tokens", "4"]) == 0
+    assert load_jsonl(out)[0]["prompt"] == "\n\nHuman: describe the fox .\n\nAssistant:"
+
+
+def test_greedy_generation_does_not_depend_on_batching(tiny_base, tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in BuiltinTask(0).eval_prompt_set[:6]])
+    results = []
+    for bs in ("1", "6"):
+        out = tmp_path / f"b{bs}.jsonl"
+        assert cli.main(["generate", tiny_base, src, "-o", str(out), "--max-new-tokens", "12", "--batch-size", bs]) == 0
+        results.append([r["response"] for r in load_jsonl(out)])
+    assert results[0] == results[1]
+
+
+def test_score_formats_and_batch_invariance(tiny_base, tmp_path):
+    """Any causal-LM folder scores (a fresh seeded head); scores do not depend on the batch or the input format."""
+    from rlhf_ds.models.scalar_head import RewardScorer
+
+    prompts = list(BuiltinTask(0).eval_prompt_set[:5])
+    responses = ["the fox is calm .", "it is warm and soft .", "the the", "a cat .", "the river flows slowly ."]
+    pr = write_jsonl(tmp_path / "pr.jsonl", [{"prompt": p, "response": r} for p, r in zip(prompts, responses)])
+    pc = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": p, "completion": r} for p, r in zip(prompts, responses)])
+    scores = {}
+    for name, src, bs in (("pr1", pr, "1"), ("pr5", pr, "5"), ("pc", pc, "2")):
+        out = tmp_path / f"{name}.scores.jsonl"
+        assert cli.main(["score", tiny_base, src, "-o", str(out), "--batch-size", bs]) == 0
+        rows = load_jsonl(out)
+        assert [(r["prompt"], r["response"]) for r in rows] == list(zip(prompts, responses))
+        scores[name] = [r["score"] for r in rows]
+    assert scores["pr1"] == pytest.approx(scores["pr5"], abs=1e-5) == pytest.approx(scores["pc"], abs=1e-5)
+    direct = RewardScorer(tiny_base).score(prompts, responses)
+    assert scores["pr5"] == pytest.approx(direct, abs=1e-5)
+    assert len(set(round(s, 4) for s in scores["pr5"])) > 1  # the scores do depend on the text
+
+
+def test_eval_of_a_policy_against_itself(tiny_base, tmp_path, capsys):
+    """The same model as SFT and PPO policy: identical greedy answers, so every prompt ties and the win rate is 0.5."""
+    out = str(tmp_path / "eval")
+    assert cli.main(["eval", f"output_dir={out}", f"sft_model={tiny_base}", f"ppo_model={tiny_base}",
+                     f"reward_model={tiny_base}", "max_prompts=12", "generation.max_new_tokens=10"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert printed["win_rate_ppo_vs_sft"] == res["win_rate_ppo_vs_sft"] == 0.5
+    assert res["rm_win_rate_ppo_vs_sft"] == 0.5
+    assert res["gold_reward"]["sft"] == res["gold_reward"]["ppo"]
+    assert res["gold_reward"]["best"] > 2.5  # the task's near-optimal responses, as a ceiling
+    samples = load_jsonl(os.path.join(out, "samples.jsonl"))
+    assert len(samples) == 12 and all(s["sft_response"] == s["ppo_response"] for s in samples)
+    task_prompts = [r["prompt"] for r in load_jsonl(os.path.join(out, "data", "eval_prompts.jsonl"))][:12]
+    assert [s["prompt"] for s in samples] == task_prompts
+    assert os.path.isfile(os.path.join(out, "metrics.jsonl")) and os.path.isfile(os.path.join(out, "config.yaml"))
+
+    # one policy alone, custom prompts: no gold reward, no win rate
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello there"}, {"prompt": "human : hi . assistant :"}])
+    out2 = str(tmp_path / "eval2")
+    assert cli.main(["eval", f"output_dir={out2}", f"sft_model={tiny_base}", "ppo_model=null", "reward_model=null",
+                     f"prompts={src}", "generation.max_new_tokens=5"]) == 0
+    res = json.load(open(os.path.join(out2, "results.json")))
+    assert res["n_prompts"] == 2 and res["gold_reward"] is None and res["win_rate_ppo_vs_sft"] is None
+    assert res["rm_score"] is None and set(load_jsonl(os.path.join(out2, "samples.jsonl"))[0]) == {"prompt", "sft_response"}
+
+
+def test_tool_errors_are_reported(tiny_base, tmp_path, capsys):
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}])
+    assert cli.main(["generate", str(tmp_path / "missing"), src, "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "not found" in capsys.readouterr().err
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "no prompt column"}])
+    assert cli.main(["generate", tiny_base, bad, "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "cannot tell the prompt format" in capsys.readouterr().err
+    assert cli.main(["score", tiny_base, src, "-o", str(tmp_path / "s.jsonl")]) == 2  # no responses
+    assert not os.path.exists(tmp_path / "o.jsonl") and not os.path.exists(tmp_path / "s.jsonl")
+    assert cli.main(["eval", "output_dir=x", "sft_model=null", "ppo_model=null"]) == 2
+    assert "eval needs sft_model or ppo_model" in capsys.readouterr().err
+    assert cli.main(["generate", tiny_base, src, "-o", str(tmp_path / "o.jsonl"), "--temperature", "0",
+                     "--do-sample"]) == 2
+
+
+def test_plan_is_wired_lazily(capsys):
+    code = ("import sys; from rlhf_ds import cli; cli.build_parser('sft'); cli.build_parser(None); "
+            "print('rlhf_ds.planner' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(1), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
+    assert cli.main(["plan", "--actor", "125M", "--gpus-per-node", "2", "--gpu-memory-gb", "80", "--json"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert out.strip().startswith("{") and json.loads(out)
+
+
+def test_argv_handling():
+    assert cli._without_launch_options(["sft", "--num-gpus", "2", "train.epochs=2", "--master-port=1", "x=2"]) == [
+        "sft", "train.epochs=2", "x=2"]
+    with pytest.raises(SystemExit):
+        cli.main(["sft", "--num-gpus", "2", "--bogus"])
