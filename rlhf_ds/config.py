@@ -117,7 +117,7 @@ class PretrainConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=64))
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=2e-3, zero_stage=0))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(micro_batch_size=32, epochs=2))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(micro_batch_size=32, epochs=6))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
 
@@ -361,7 +361,7 @@ class RMConfig:
     normalize_on: Literal["chosen", "none"] = "chosen"
     normalize_gain: bool = False
     data: DataConfig = field(default_factory=DataConfig)
-    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=5e-4))
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=1e-3))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, eval_every=100))
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
@@ -401,7 +401,7 @@ class PPOAlgoConfig:
     micro_batch_size: int = 8  # per rank, for scoring and training forward passes
     grad_accum: int = 1
     ppo_epochs: int = 2
-    kl_coef: float = 0.05  # beta; 0 disables the penalty (over-optimisation experiments)
+    kl_coef: float = 0.1  # beta (DeepSpeed-Chat: 0.1); 0 disables the penalty (over-optimisation experiments)
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_controller: Literal["fixed", "adaptive"] = "fixed"
     kl_target: float = 6.0
@@ -423,7 +423,7 @@ class PPOAlgoConfig:
 @dataclass
 class PPOConfig:
     output_dir: str = "runs/ppo"
-    actor: RoleConfig = field(default_factory=lambda: RoleConfig("runs/sft", EngineConfig(lr=2e-5, warmup_ratio=0.0, lr_schedule="constant")))
+    actor: RoleConfig = field(default_factory=lambda: RoleConfig("runs/sft", EngineConfig(lr=5e-5, warmup_ratio=0.0, lr_schedule="constant")))
     critic: RoleConfig = field(default_factory=lambda: RoleConfig(None, EngineConfig(lr=1e-4, warmup_ratio=0.0, lr_schedule="constant")))  # None = reward model
     reference: RoleConfig = field(default_factory=RoleConfig)  # None = the actor's initial weights
     reward: RoleConfig = field(default_factory=lambda: RoleConfig("runs/rm", EngineConfig()))

@@ -40,6 +40,22 @@ def _finetune(model, tokenizer, rows, steps: int, seed: int) -> None:
 
 def build_tiny_models(root: str, steps: int = 150) -> dict[str, str]:
     import torch
+
+    dirs = {name: os.path.join(root, name) for a in ARCHS for name in (a, f"{a}_rm")}
+    if os.path.isfile(os.path.join(root, "done")):
+        return dirs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # other test processes share the cores: more threads is many times slower here
+    try:
+        _build(dirs, steps)
+    finally:
+        torch.set_num_threads(threads)
+    open(os.path.join(root, "done"), "w").close()
+    return dirs
+
+
+def _build(dirs: dict[str, str], steps: int) -> None:
+    import torch
     from transformers import AutoModel
 
     from rlhf_ds.config import ArchConfig
@@ -47,9 +63,6 @@ def build_tiny_models(root: str, steps: int = 150) -> dict[str, str]:
     from rlhf_ds.models.scalar_head import ScalarHeadModel, save_scalar_head_model
     from rlhf_ds.steps.pretrain import build_model, train_tokenizer
 
-    dirs = {name: os.path.join(root, name) for a in ARCHS for name in (a, f"{a}_rm")}
-    if os.path.isfile(os.path.join(root, "done")):
-        return dirs
     task = BuiltinTask(0)
     corpus = task.pretrain_corpus(600)
     rows = task.sft_rows(600)
@@ -66,8 +79,6 @@ def build_tiny_models(root: str, steps: int = 150) -> dict[str, str]:
             head.weight.copy_(torch.randn(1, backbone.config.hidden_size, generator=torch.Generator().manual_seed(i)))
             head.bias.zero_()
         save_scalar_head_model(ScalarHeadModel(backbone, head, offset=RM_OFFSET), tok, dirs[f"{arch}_rm"])
-    open(os.path.join(root, "done"), "w").close()
-    return dirs
 
 
 def tiny_models(tmp_path_factory) -> dict[str, str]:

@@ -82,7 +82,7 @@ def test_eval_prompts_disjoint_from_training_prompts(task, pref_train, written):
     assert train_split and held and not (train_split & held)
     assert 0.1 < len(held) / (len(held) + len(train_split)) < 0.3
     evals = [r["prompt"] for r in map(json.loads, _lines(paths["eval_prompts"]))]
-    assert len(set(evals)) == len(evals) == 128
+    assert len(set(evals)) == len(evals) == 200
     used_in_training = {r["prompt"] for r in task.sft_rows(2000)} | {r["prompt"] for r in pref_train}
     used_in_training |= {r["prompt"] for r in task.ppo_prompts(512)}
     assert used_in_training <= train_split
@@ -245,8 +245,8 @@ def test_bag_of_words_reward_model_nears_the_ceiling(task, pref_train, pref_held
 
 def test_write_files_and_row_counts(written):
     paths, out = written
-    expected = {"pretrain": 4000, "sft_train": 2000, "sft_eval": 200, "pref_train": 3000, "pref_eval": 300,
-                "ppo_prompts": 512, "eval_prompts": 128}
+    expected = {"pretrain": 4000, "sft_train": 2000, "sft_eval": 200, "pref_train": 3000, "pref_eval": 1000,
+                "ppo_prompts": 512, "eval_prompts": 200}
     assert set(expected) <= set(paths)
     assert paths == BuiltinTask.file_paths(str(out))
     for name, n in expected.items():

@@ -27,6 +27,15 @@ def models(tmp_path_factory) -> dict[str, str]:
     return tiny_models(tmp_path_factory)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process model runs share 2 cores with other test processes: one thread (more is many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load(path: str):
     from transformers import AutoModelForCausalLM
 

@@ -7,6 +7,7 @@ Slurm and shellcheck are installed with apt-get when missing (root only); the te
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -436,9 +437,17 @@ def test_slurm_preemption_requeues_and_resumes(slurm, tmp_path, mode):
         assert info.get("Restarts") == "1", f"not requeued: {info}\n{job_log()}"
         for r in (0, 1):
             assert os.path.exists(os.path.join(out, f"preempted.{r}")), f"rank {r} never got SIGUSR1\n{job_log()}"
-        # a requeued job waits out a begin-time delay; let it start now
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, check=True, timeout=10)
-        info = slurm.wait(job, timeout=90)
+        # A requeued job waits out a begin-time delay (~2 min, set once its first run has ended): bring it forward to
+        # a few seconds from now. Not to "now": slurmd refuses a job whose credential it revoked in the same second.
+        def released_or_done(i: dict) -> bool:
+            if i.get("JobState") == "PENDING" and i.get("Reason") == "BeginTime":
+                eligible = datetime.datetime.strptime(i["EligibleTime"], "%Y-%m-%dT%H:%M:%S")
+                if eligible - datetime.datetime.now() > datetime.timedelta(seconds=10):
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=slurm.env,
+                                   timeout=10)
+            return i.get("JobState") in slurm_cluster.TERMINAL_STATES
+
+        info = slurm.wait(job, timeout=90, until=released_or_done)
     except BaseException:
         subprocess.run(["scancel", job], env=slurm.env, timeout=10)
         raise

@@ -82,8 +82,8 @@ def test_zero3_two_ranks_matches_zero0_one_rank(sft_pair):
     assert sorted(z0) == sorted(z3) == list(range(1, SFT_STEPS + 1))
     # fp32 both ways; only the reduction order differs (grad averaging over 2 ranks vs accumulation over 2 micro-steps,
     # reduce-scatter of flat buckets vs per-tensor sums, clipping norms summed over shards). Each adds ~1e-7 relative
-    # per step, so after 5 AdamW steps the losses agree to ~1e-6; 1e-5 relative leaves room yet catches any real
-    # difference (a wrong batch, a missing gradient average or a skipped step changes the loss by >1e-3).
+    # per step (measured: steps 1-5 equal to 7 digits, ~1e-7 apart by step 6); 1e-5 relative leaves room yet catches
+    # any real difference (a wrong batch, a missing gradient average or a skipped step changes the loss by >1e-3).
     for step in range(1, 6):
         assert z3[step] == pytest.approx(z0[step], rel=1e-5, abs=0), f"step {step}: {z3[step]} vs {z0[step]}"
     # the runs must actually be training (otherwise equal losses prove nothing)

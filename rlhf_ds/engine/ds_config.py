@@ -11,6 +11,7 @@ import os
 from typing import Optional
 
 from rlhf_ds.config import EngineConfig
+from rlhf_ds.engine.optimizers import ds_config_overrides
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_templates")
 
@@ -57,12 +58,9 @@ def build_ds_config(
         )
     cfg["bf16"] = {"enabled": engine.precision == "bf16"}
     cfg["fp16"] = {"enabled": engine.precision == "fp16", "initial_scale_power": 12, "loss_scale_window": 100}
-    if engine.offload_optimizer and not inference:
-        # DeepSpeed requires its own CPU optimizer to be allowed alongside a client optimizer for offload.
-        cfg["zero_force_ds_cpu_optimizer"] = False
-    if engine.optimizer == "adamw_8bit" and engine.zero_stage >= 1 and not inference:
-        # ZeRO 1-3 refuse optimizers outside DeepSpeed's tested list (bitsandbytes AdamW8bit) unless allowed.
-        cfg["zero_allow_untested_optimizer"] = True
+    if not inference:
+        # keys DeepSpeed needs to accept our client optimizer (8-bit states under ZeRO, non-DeepSpeed Adam offloaded)
+        cfg.update(ds_config_overrides(engine.optimizer, engine.zero_stage, engine.offload_optimizer))
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise ValueError(f"DeepSpeed template {template_name(engine, inference)} leaves 'auto' for: {leftover}")

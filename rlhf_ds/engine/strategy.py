@@ -18,6 +18,7 @@ from deepspeed.accelerator import get_accelerator
 
 from rlhf_ds.config import EngineConfig
 from rlhf_ds.engine.ds_config import build_ds_config
+from rlhf_ds.engine.optimizers import build_optimizer
 from rlhf_ds.utils import world_size
 
 
@@ -117,8 +118,6 @@ def init_trainable(model: torch.nn.Module, engine: EngineConfig, ds_config: dict
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(inner, "enable_input_require_grads"):
                 inner.enable_input_require_grads()
-    from rlhf_ds.engine.optimizers import build_optimizer
-
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(
         params,
@@ -127,6 +126,7 @@ def init_trainable(model: torch.nn.Module, engine: EngineConfig, ds_config: dict
         weight_decay=engine.weight_decay,
         betas=tuple(engine.adam_betas),
         offload=engine.offload_optimizer,
+        ds_config=ds_config,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(engine, total_steps))
     ds_engine, *_ = deepspeed.initialize(

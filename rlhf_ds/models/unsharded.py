@@ -58,7 +58,7 @@ def copy_into(model: torch.nn.Module, plain: Optional[torch.nn.Module], group_si
     for name, layer in lora.items():
         with gathered(list(layer.parameters())):
             if plain is not None:
-                merged = layer.base_layer.weight.data + layer.get_delta_weight(layer.active_adapter[0])
+                merged = layer.base_layer.weight.data + layer.get_delta_weight(layer.active_adapters[0])
                 targets[_plain_name(f"{name}.base_layer.weight")].copy_(merged)
                 if getattr(layer.base_layer, "bias", None) is not None:
                     targets[_plain_name(f"{name}.base_layer.bias")].copy_(layer.base_layer.bias.data)
