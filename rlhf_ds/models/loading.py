@@ -53,6 +53,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
         raise ModelLoadError(f"{path}: the tokenizer has no EOS token; responses could never end")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = "left"  # decoder-only generation pads prompts on the left (saved with the tokenizer)
     return tok
 
 

@@ -44,7 +44,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._file = open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8")  # a re-run starts afresh
         if tracking.wandb:
             import wandb
 
