@@ -8,6 +8,7 @@ lists where ranks differ); tests/test_hybrid_engine.py asserts on them. Sections
   state        gathered parameters, local shards, optimizer state (fp32 partitions + Adam moments), step count and a
                training forward: bit-identical before and after generation
   trained      after optimizer steps: hybrid greedy vs an unsharded model loaded with the gathered weights
+  flat         the flat shard all-gather the engine uses for plain ZeRO-3 vs DeepSpeed's GatheredParameters: same copy
   group        gather_group_size 1 vs all tensors at once: same generation copy (bitwise) and same tokens
   ragged       different prompts, batch sizes and max_new_tokens per rank, sampling, a training step after each rollout
   ema          ShardedEMA shards vs the EMA computed on gathered weights; training state bit-identical after swapped_in()
@@ -31,8 +32,9 @@ from rlhf_ds.data.features import collate_sft, pad_batch, sft_features  # noqa: 
 from rlhf_ds.data.formats import SFTExample  # noqa: E402
 from rlhf_ds.engine import strategy  # noqa: E402
 from rlhf_ds.engine.ema import ShardedEMA  # noqa: E402
-from rlhf_ds.engine.hybrid import HybridEngine  # noqa: E402
+from rlhf_ds.engine.hybrid import HybridEngine, _shard_layout  # noqa: E402
 from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer  # noqa: E402
+from rlhf_ds.models.unsharded import build_plain, copy_into  # noqa: E402
 
 NEW_TOKENS = 16
 
@@ -105,6 +107,10 @@ def same_state(a: dict, b: dict) -> dict:
     return {k: eq(a[k], b[k]) for k in a} | {"n_moments": sum(len(m) for m in a["moments"]), "n_fp32": len(a["fp32"])}
 
 
+def param_status(actor) -> list[str]:
+    return [p.ds_status.name for p in strategy.unwrap(actor).parameters()]
+
+
 def all_partitioned(actor) -> bool:
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -151,9 +157,11 @@ def main() -> None:
         train_step(actor, b)
     before = snapshot(actor)
     loss_before = train_forward_loss(actor, batches[2])
+    status_before = param_status(actor)
     torch.manual_seed(100 + r)
     hybrid.generate(ids, mask, NEW_TOKENS, do_sample=True, temperature=0.8)
-    res["partitioned_after_generate"] = all_partitioned(actor)
+    res["param_status_before"] = sorted(set(status_before))
+    res["param_status_unchanged"] = status_before == param_status(actor)
     after = snapshot(actor)
     res["state_after_generate"] = same_state(before, after)
     res["train_forward_equal"] = torch.equal(loss_before, train_forward_loss(actor, batches[2]))
@@ -163,6 +171,14 @@ def main() -> None:
     ref_model = plain_from(gpt2, before["full"])
     res["trained_greedy_equal"] = torch.equal(out.sequences, plain_generate(ref_model, ids, mask, tok, do_sample=False))
     res["trained_weights_equal"] = all(torch.equal(t, hybrid._plain.state_dict()[n]) for n, t in before["full"].items())
+
+    # ---- the flat shard all-gather (plain ZeRO-3) vs DeepSpeed's GatheredParameters path (`copy_into`)
+    module = strategy.unwrap(actor)
+    res["flat_gather_used"] = _shard_layout(module) is not None
+    via_ds = build_plain(module, "cpu", torch.float32)
+    copy_into(module, via_ds)
+    res["flat_equals_gathered_parameters"] = all(torch.equal(v, hybrid._plain.state_dict()[k])
+                                                 for k, v in via_ds.state_dict().items())
 
     # ---- gather_group_size 1 vs every tensor in one group
     n_params = len(list(strategy.unwrap(actor).parameters()))
@@ -218,6 +234,7 @@ def main() -> None:
     hybrid = HybridEngine(lora_actor, tok.pad_token_id, tok.eos_token_id)
     fused = hybrid.generate(ids, mask, NEW_TOKENS, do_sample=False).sequences
     res["lora_state_after_generate"] = same_state(before, snapshot(lora_actor))
+    res["lora_flat_gather_used"] = _shard_layout(strategy.unwrap(lora_actor)) is not None
     adapters = {k: v for k, v in before["full"].items() if "lora_" in k}
     ref = apply_lora(plain_from(gpt2), LoraConfig(enabled=True, rank=4, alpha=8.0))
     missing, unexpected = ref.load_state_dict(adapters, strict=False)

@@ -212,12 +212,14 @@ def test_zero3_greedy_equals_unsharded_generation(dist_results):
 def test_zero3_generation_leaves_training_state_bit_identical(dist_results):
     for r in dist_results:
         _state_identical(r["state_after_generate"])
-        assert r["partitioned_after_generate"]  # back in training mode: shards only, nothing left gathered
+        assert r["param_status_unchanged"]  # ZeRO-3 parameter states (gathered or not) as generation found them
         assert r["train_forward_equal"]
 
 
 def test_gather_group_size_one_vs_all(dist_results):
     for r in dist_results:
+        assert r["flat_gather_used"] and not r["lora_flat_gather_used"]  # both sync paths are exercised
+        assert r["flat_equals_gathered_parameters"]
         assert r["group_sizes"][0] == 1 and r["group_sizes"][1] > 1
         assert r["group_copy_equal"] and r["group_tokens_equal"]
 

@@ -63,16 +63,12 @@ def load_jsonl(path: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def run_dir():
-    if os.environ.get("_PIPELINE_RUN"):  # DEV ONLY, remove
-        yield os.environ["_PIPELINE_RUN"]
-        return
     # outside pytest's numbered tmp folders: a concurrent pytest session prunes old ones while this module still runs
     root = tempfile.mkdtemp(prefix="rlhf_ds_pipeline_")
     run = os.path.join(root, "tinyrun")
     run_pipeline([f"output_dir={run}", *TINY, "tracking.wandb=true", "tracking.wandb_tags=[tiny]"])
     yield run
-    if not os.environ.get("_KEEP"):  # DEV ONLY, remove
-        shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 # ---- the full run ------------------------------------------------------------------------------------------------------

@@ -39,11 +39,3 @@ class ShardedEMA:
             with torch.no_grad():
                 for b, p in zip(backup, self.params):
                     _local(p).copy_(b)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        for s, v in zip(self.shadow, state["shadow"]):
-            s.copy_(v)

