@@ -456,7 +456,7 @@ register_step_config("ppo", PPOConfig)
 
 @dataclass
 class EvalConfig:
-    """Final evaluation (`rlhf-ds eval`): greedy responses of the SFT and PPO policies to held-out prompts, scored by
+    """Final evaluation (`rlhf-ds eval`): sampled responses of the SFT and PPO policies to held-out prompts, scored by
     the gold reward (built-in task) and the reward model. Runs in one process with plain transformers."""
 
     output_dir: str = "runs/eval"
@@ -467,7 +467,10 @@ class EvalConfig:
     max_prompts: int = 0  # 0 = all
     max_prompt_tokens: int = 32  # as PPO's data.max_prompt_tokens
     batch_size: int = 32
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(do_sample=False))
+    # the policies as PPO trained them: sampled at T=1, several samples per prompt (greedy decoding of tiny models
+    # degenerates into repetition, which says little about the policy)
+    samples_per_prompt: int = 4
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     device: str = "auto"  # auto = cuda when available, else cpu
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1234
@@ -478,8 +481,8 @@ class EvalConfig:
     def validate(self) -> None:
         if self.sft_model is None and self.ppo_model is None:
             raise ConfigError("eval needs sft_model or ppo_model (or both)")
-        if self.batch_size <= 0 or self.max_prompts < 0:
-            raise ConfigError("eval.batch_size must be > 0 and eval.max_prompts >= 0")
+        if self.batch_size <= 0 or self.max_prompts < 0 or self.samples_per_prompt <= 0:
+            raise ConfigError("eval.batch_size and eval.samples_per_prompt must be > 0 and eval.max_prompts >= 0")
         if self.generation.temperature <= 0 or self.generation.max_new_tokens <= 0:
             raise ConfigError("eval.generation.temperature and max_new_tokens must be > 0")
 
@@ -498,7 +501,7 @@ class PipelineConfig:
 
     output_dir: str = "runs/pipeline"
     num_gpus: int = 2  # local ranks per step (deepspeed launcher); each step is a fresh process group
-    pretrain_num_gpus: int = 1
+    pretrain_num_gpus: int = 2  # data-parallel ZeRO-0 by default
     master_port: Optional[int] = None  # None = a free port per step
     base_model: Optional[str] = None  # an existing causal LM: skips pretrain
     sft_model: Optional[str] = None  # an existing SFT policy: skips sft

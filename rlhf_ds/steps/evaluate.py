@@ -1,8 +1,8 @@
 """Final evaluation (`rlhf-ds eval`) and the plain-transformers tools behind `rlhf-ds generate`, `score` and `chat`.
 
 Evaluation: on held-out prompts (the built-in task's `eval_prompts.jsonl` by default) the SFT and the PPO policy each
-answer (greedy by default, batched, left-padded, one process, no DeepSpeed engine); every response is scored by the
-gold reward (built-in task only) and by the reward model. Reported: mean gold reward and mean RM score of each policy,
+answer (sampled at T=1 by default, several samples per prompt, batched, left-padded, one process, no DeepSpeed
+engine); every response is scored by the gold reward (built-in task only) and by the reward model. Reported: mean gold reward and mean RM score of each policy,
 the win rate of PPO over SFT by gold reward (ties count 0.5) and by RM score, response lengths and EOS rates. Written:
 `<output_dir>/results.json` and `samples.jsonl` (one line per prompt: both responses and their scores).
 """
@@ -166,8 +166,8 @@ def run(cfg: EvalConfig) -> dict:
     for name, path in models.items():
         t0 = time.time()
         model, tokenizer = load_policy(path, device, cfg.precision, cfg.trust_remote_code)
-        if prompts is None:
-            prompts = [render_prompt(tokenizer, ex) for ex in examples]
+        if prompts is None:  # each prompt k times: sample j of both policies is compared with the same seed stream
+            prompts = [render_prompt(tokenizer, ex) for ex in examples] * cfg.samples_per_prompt
         torch.manual_seed(cfg.seed)
         gens[name] = generate(model, tokenizer, prompts, cfg.generation, cfg.batch_size, cfg.max_prompt_tokens)
         del model
@@ -197,7 +197,8 @@ def run(cfg: EvalConfig) -> dict:
         return win_rate([r[key] for r in gens["ppo"]], [r[key] for r in gens["sft"]])
 
     results = {
-        "n_prompts": len(prompts),
+        "n_prompts": len(prompts) // cfg.samples_per_prompt,
+        "samples_per_prompt": cfg.samples_per_prompt,
         "gold_reward": per_policy("gold_reward"),
         "win_rate_ppo_vs_sft": wins("gold_reward"),
         "rm_score": per_policy("rm_score"),
