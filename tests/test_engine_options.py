@@ -66,7 +66,9 @@ def _describe_engine(engine, calls: dict) -> dict:
     return {
         "zero_optimizer": type(zero_opt).__name__,
         "inner_optimizer": f"{type(inner).__module__}.{type(inner).__name__}",
-        "offload_optimizer": bool(engine.zero_offload_optimizer()),
+        # the ZeRO-3 optimizer's own flag, and the device the config asked for ("none" or "cpu")
+        "offload_optimizer": bool(getattr(zero_opt, "offload_optimizer", False)),
+        "offload_device": str(getattr(engine.zero_offload_optimizer(), "device", None)),
         "zero_stage": engine.zero_optimization_stage(),
         "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
         "block_training_calls": calls["training"],
@@ -190,6 +192,7 @@ def test_plain_baseline(runs):
     for probe in run["probes"]:
         assert probe["inner_optimizer"] == "torch.optim.adamw.AdamW"
         assert not probe["offload_optimizer"] and not probe["gradient_checkpointing"]
+        assert probe["offload_device"] in ("none", "OffloadDeviceEnum.none")
         assert probe["block_training_calls"] == STEPS  # one forward per step (grad_accum 1), no recompute
         [state] = probe["states"]  # one flat fp32 partition, fp32 moments of its size
         assert state["tensors"]["exp_avg"] == state["tensors"]["exp_avg_sq"] == \
@@ -235,7 +238,7 @@ def test_offload_optimizer_runs_on_cpu_adam(runs):
     run = runs["offload"]
     check_run(run)
     for probe in run["probes"]:
-        assert probe["offload_optimizer"]
+        assert probe["offload_optimizer"] and probe["offload_device"] in ("cpu", "OffloadDeviceEnum.cpu")
         # DeepSpeed's CPU Adam when its op builds (cached here); the documented fallback is torch AdamW
         assert probe["inner_optimizer"] in ("deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam", "torch.optim.adamw.AdamW")
         [state] = probe["states"]
