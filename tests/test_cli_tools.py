@@ -80,7 +80,8 @@ def test_score_formats_and_batch_invariance(tiny_base, tmp_path):
 
 
 def test_eval_of_a_policy_against_itself(tiny_base, tmp_path, capsys):
-    """The same model as SFT and PPO policy: identical greedy answers, so every prompt ties and the win rate is 0.5."""
+    """The same model as SFT and PPO policy: the j-th sample of both comes from the same seed stream, so the answers are
+    identical, every pair ties and the win rate is 0.5 (4 samples per prompt by default)."""
     out = str(tmp_path / "eval")
     assert cli.main(["eval", f"output_dir={out}", f"sft_model={tiny_base}", f"ppo_model={tiny_base}",
                      f"reward_model={tiny_base}", "max_prompts=12", "generation.max_new_tokens=10"]) == 0
@@ -91,11 +92,13 @@ def test_eval_of_a_policy_against_itself(tiny_base, tmp_path, capsys):
     assert res["gold_reward"]["sft"] == res["gold_reward"]["ppo"]
     samples = load_jsonl(os.path.join(out, "samples.jsonl"))
     task = BuiltinTask(0)  # the ceiling: the task's near-optimal responses
-    assert res["gold_reward"]["best"] == pytest.approx(sum(task.best_gold(s["prompt"]) for s in samples) / 12)
+    assert res["gold_reward"]["best"] == pytest.approx(sum(task.best_gold(s["prompt"]) for s in samples) / 48)
     assert res["gold_reward"]["best"] > res["gold_reward"]["sft"]
-    assert len(samples) == 12 and all(s["sft_response"] == s["ppo_response"] for s in samples)
+    assert res["n_prompts"] == 12 and res["samples_per_prompt"] == 4
+    assert len(samples) == 48 and all(s["sft_response"] == s["ppo_response"] for s in samples)
     task_prompts = [r["prompt"] for r in load_jsonl(os.path.join(out, "data", "eval_prompts.jsonl"))][:12]
-    assert [s["prompt"] for s in samples] == task_prompts
+    assert [s["prompt"] for s in samples] == task_prompts * 4
+    assert len({s["sft_response"] for s in samples}) > 12  # sampled: the 4 answers to a prompt differ
     assert os.path.isfile(os.path.join(out, "metrics.jsonl")) and os.path.isfile(os.path.join(out, "config.yaml"))
 
     # one policy alone, custom prompts: no gold reward, no win rate
