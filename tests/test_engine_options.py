@@ -3,15 +3,15 @@ defaults (torch AdamW, no checkpointing, no offload):
 
 * `engine.optimizer=adamw_8bit`: the optimizer DeepSpeed drives is bitsandbytes' AdamW8bit and its moment states
   are uint8 over this rank's ZeRO-3 partition; the loss moves, the held-out loss drops, the model reloads.
-* `engine.gradient_checkpointing=true`: blocks really run twice per training step (forward + recompute in backward)
+* `engine.gradient_checkpointing=true`: attention really runs twice per training step (forward + recompute in backward)
   and the per-step loss equals the plain run's (checkpointing must not change the math).
 * `engine.offload_optimizer=true`: DeepSpeed runs its CPU Adam on the offloaded partition; the loss stays close to
   the plain run's.
 
 Every run is the real CLI (`rlhf_ds.cli.main`) under the deepspeed launcher; this file doubles as the rank script
-(`python tests/test_engine_options.py sft ...`, see `probe_main`), which only adds observation: it wraps
-`strategy.init_trainable` to keep the engine and count block calls, and after the step writes what it saw to
-`$ENGINE_PROBE_OUT.rank<N>.json`. Nothing is added to the package.
+(`python tests/test_engine_options.py sft ... [:: sft ...]`, see `probe_main`), which only adds observation: it wraps
+`strategy.init_trainable` to keep the engine and count attention calls, and after each step writes what it saw to
+`<output_dir>.probe.rank<N>.json`. Nothing is added to the package.
 """
 from __future__ import annotations
 
@@ -40,14 +40,18 @@ OPTIONS = {
 # ---------------------------------------------------------------------------------------------------------------------
 # The rank script: the real CLI, observed
 # ---------------------------------------------------------------------------------------------------------------------
-def _first_block(model):
-    """The first transformer block of a (GPT-2 or LLaMA) causal LM."""
+def _first_attention(model):
+    """The attention module of the first transformer block of a (GPT-2 or LLaMA) causal LM.
+
+    Counted rather than the block itself: transformers checkpoints a block's `forward`, not its `__call__`, so hooks
+    on the block fire once per step either way; modules called inside the block run again in the recompute."""
     for name in ("transformer.h", "model.layers"):
         node = model
         for part in name.split("."):
             node = getattr(node, part, None)
         if node is not None:
-            return node[0]
+            block = node[0]
+            return getattr(block, "attn", None) or block.self_attn
     raise AssertionError(f"no transformer blocks found in {type(model).__name__}")
 
 
@@ -71,56 +75,80 @@ def _describe_engine(engine, calls: dict) -> dict:
         "offload_device": str(getattr(engine.zero_offload_optimizer(), "device", None)),
         "zero_stage": engine.zero_optimization_stage(),
         "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
-        "block_training_calls": calls["training"],
+        "attention_training_calls": calls["training"],
         "rank_partition_numel": sum(p.ds_tensor.numel() for p in trainable if hasattr(p, "ds_tensor")),
         "full_numel": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
         "states": states,
     }
 
 
+RUN_SEPARATOR = "::"  # several runs in one launch (one process group): `sft a=1 ... :: sft b=2 ...`
+
+
 def probe_main(argv: list[str]) -> int:
+    """Run each `::`-separated CLI command in turn in this rank; after each, write `<output_dir>.probe.rank<N>.json`.
+
+    Several engines in one process is what PPO does anyway; every step re-seeds, reloads its model from disk and
+    builds a fresh engine, so runs do not leak into each other (checked: bit-identical losses to one launch per
+    run)."""
     from rlhf_ds import cli
     from rlhf_ds.engine import strategy
     from rlhf_ds.utils import rank
 
-    seen: dict = {}
-    calls = {"training": 0}
     original = strategy.init_trainable
+    runs, current = [], []
+    for a in argv:
+        if a == RUN_SEPARATOR:
+            runs.append(current)
+            current = []
+        else:
+            current.append(a)
+    runs.append(current)
+    for args in runs:
+        seen: dict = {}
+        calls = {"training": 0}
 
-    def observed_init_trainable(model, *args, **kwargs):
-        def count(module, inputs, output):
-            if module.training:  # training forwards and checkpoint recomputes; evaluation runs in eval mode
-                calls["training"] += 1
+        def observed_init_trainable(model, *a, **kw):
+            def count(module, inputs):
+                if module.training:  # training forwards and checkpoint recomputes; evaluation runs in eval mode
+                    calls["training"] += 1
 
-        _first_block(model).register_forward_hook(count)
-        seen["engine"] = original(model, *args, **kwargs)
-        return seen["engine"]
+            _first_attention(model).register_forward_pre_hook(count)
+            seen["engine"] = original(model, *a, **kw)
+            return seen["engine"]
 
-    strategy.init_trainable = observed_init_trainable
-    code = cli.main(argv)
-    info = _describe_engine(seen["engine"], calls)
-    with open(f"{os.environ['ENGINE_PROBE_OUT']}.rank{rank()}.json", "w", encoding="utf-8") as f:
-        json.dump(info, f, indent=1)
-    return code
+        strategy.init_trainable = observed_init_trainable
+        code = cli.main(args)
+        strategy.init_trainable = original
+        if code:
+            return code
+        out_dir = next(a.split("=", 1)[1] for a in args if a.startswith("output_dir="))
+        with open(f"{out_dir}.probe.rank{rank()}.json", "w", encoding="utf-8") as f:
+            json.dump(_describe_engine(seen["engine"], calls), f, indent=1)
+        del seen["engine"]
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Launching and reading runs
 # ---------------------------------------------------------------------------------------------------------------------
-def launch(args: list[str], out_dir: str, ranks: int = 2, timeout: int = 300) -> list[dict]:
-    """This file as the rank script on `ranks` CPU ranks through the deepspeed launcher; returns each rank's probe."""
-    probe = os.path.join(out_dir + ".probe")
-    env = cli_env(threads=1)
-    env["ENGINE_PROBE_OUT"] = probe
+def launch(runs: dict[str, list[str]], ranks: int = 2, timeout: int = 300) -> dict[str, list[dict]]:
+    """This file as the rank script on `ranks` CPU ranks through the deepspeed launcher, running the CLI commands
+    `{output_dir: args}` one after the other; returns each run's per-rank probes."""
+    argv = []
+    for out_dir, args in runs.items():
+        argv += ([RUN_SEPARATOR] if argv else []) + [*args, f"output_dir={out_dir}"]
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--no_local_rank",
-           "--master_port", str(free_port()), os.path.abspath(__file__), *args, f"output_dir={out_dir}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+           "--master_port", str(free_port()), os.path.abspath(__file__), *argv]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(threads=1), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    probes = []
-    for r in range(ranks):
-        with open(f"{probe}.rank{r}.json", encoding="utf-8") as f:
-            probes.append(json.load(f))
+    probes = {}
+    for out_dir in runs:
+        probes[out_dir] = []
+        for r in range(ranks):
+            with open(f"{out_dir}.probe.rank{r}.json", encoding="utf-8") as f:
+                probes[out_dir].append(json.load(f))
     return probes
 
 
@@ -161,13 +189,13 @@ def heldout_nll(run_dir: str) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tiny_base, tmp_path_factory) -> dict[str, dict]:
+    """The four runs in two launches of two runs each (launcher and import start-up is most of a tiny run's time)."""
     root = tmp_path_factory.mktemp("engine_options")
-    out = {}
-    for name, extra in OPTIONS.items():
-        run_dir = str(root / name)
-        probes = launch(["sft", f"model={tiny_base}", *SFT_ARGS, *extra], run_dir)
-        out[name] = {"dir": run_dir, "probes": probes, "losses": losses(run_dir), "results": results(run_dir)}
-    return out
+    dirs = {name: str(root / name) for name in OPTIONS}
+    probes = {}
+    for pair in (("plain", "checkpointing"), ("adamw_8bit", "offload")):
+        probes.update(launch({dirs[n]: ["sft", f"model={tiny_base}", *SFT_ARGS, *OPTIONS[n]] for n in pair}))
+    return {name: {"dir": d, "probes": probes[d], "losses": losses(d), "results": results(d)} for name, d in dirs.items()}
 
 
 def check_run(run: dict) -> None:
@@ -193,7 +221,7 @@ def test_plain_baseline(runs):
         assert probe["inner_optimizer"] == "torch.optim.adamw.AdamW"
         assert not probe["offload_optimizer"] and not probe["gradient_checkpointing"]
         assert probe["offload_device"] in ("none", "OffloadDeviceEnum.none")
-        assert probe["block_training_calls"] == STEPS  # one forward per step (grad_accum 1), no recompute
+        assert probe["attention_training_calls"] == STEPS  # one forward per step (grad_accum 1), no recompute
         [state] = probe["states"]  # one flat fp32 partition, fp32 moments of its size
         assert state["tensors"]["exp_avg"] == state["tensors"]["exp_avg_sq"] == \
             {"dtype": "torch.float32", "numel": state["param_numel"]}
@@ -225,7 +253,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_math(runs):
     check_run(run)
     for probe in run["probes"]:
         assert probe["gradient_checkpointing"]
-        assert probe["block_training_calls"] == 2 * STEPS  # forward, then recomputed in every backward
+        assert probe["attention_training_calls"] == 2 * STEPS  # forward, then recomputed in every backward
     plain = runs["plain"]["losses"]
     # recomputation repeats the same fp32 ops on the same inputs (no dropout in tiny_base): the gradients, hence the
     # next steps' losses, are the plain run's

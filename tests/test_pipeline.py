@@ -142,7 +142,7 @@ def test_steps_are_wired_and_configs_saved(run_dir):
     # SFT, RM, PPO ran on 2 ranks with ZeRO-3 (every model), pretraining on one
     for step in ("sft", "rm", "ppo"):
         assert sorted(os.listdir(os.path.join(d[step], "logs"))) == ["rank0.log", "rank1.log"], step
-    assert sorted(os.listdir(os.path.join(d["pretrain"], "logs"))) == ["rank0.log"]
+    assert sorted(os.listdir(os.path.join(d["pretrain"], "logs"))) == ["rank0.log", "rank1.log"]
     assert resolved["sft"]["engine"]["zero_stage"] == resolved["rm"]["engine"]["zero_stage"] == 3
     assert {resolved["ppo"][r]["engine"]["zero_stage"] for r in ("actor", "critic", "reference", "reward")} == {3}
 
@@ -150,7 +150,8 @@ def test_steps_are_wired_and_configs_saved(run_dir):
 def test_eval_scores_and_win_rate(run_dir):
     res = load_json(os.path.join(run_dir, "eval", "results.json"))
     samples = load_jsonl(os.path.join(run_dir, "eval", "samples.jsonl"))
-    assert len(samples) == res["n_prompts"] == 32
+    assert res["n_prompts"] == 32 and res["samples_per_prompt"] == 4
+    assert len(samples) == 32 * 4
     task = BuiltinTask(0)
     held_out = set(task.eval_prompt_set)
     assert all(s["prompt"] in held_out for s in samples)
@@ -158,11 +159,11 @@ def test_eval_scores_and_win_rate(run_dir):
         assert s["sft_gold_reward"] == pytest.approx(task.gold_reward(s["prompt"], s["sft_response"]))
         assert s["ppo_gold_reward"] == pytest.approx(task.gold_reward(s["prompt"], s["ppo_response"]))
     for name in ("sft", "ppo"):
-        assert res["gold_reward"][name] == pytest.approx(sum(s[f"{name}_gold_reward"] for s in samples) / 32)
-        assert res["rm_score"][name] == pytest.approx(sum(s[f"{name}_rm_score"] for s in samples) / 32)
+        assert res["gold_reward"][name] == pytest.approx(sum(s[f"{name}_gold_reward"] for s in samples) / len(samples))
+        assert res["rm_score"][name] == pytest.approx(sum(s[f"{name}_rm_score"] for s in samples) / len(samples))
     wins = sum(1.0 if p > q else 0.5 if p == q else 0.0
                for p, q in ((s["ppo_gold_reward"], s["sft_gold_reward"]) for s in samples))
-    assert res["win_rate_ppo_vs_sft"] == pytest.approx(wins / 32)
+    assert res["win_rate_ppo_vs_sft"] == pytest.approx(wins / len(samples))
 
 
 def test_wandb_offline_runs_hold_the_metrics(run_dir):
@@ -211,14 +212,18 @@ def test_report_opens_in_headless_chromium(run_dir):
 
 # ---- generate / score / chat on the produced models ------------------------------------------------------------------
 def test_generate_and_score_match_the_evaluation(run_dir, tmp_path):
-    """Greedy `generate` with eval's settings reproduces eval's PPO responses, and `score` reproduces their RM scores."""
-    prompts = os.path.join(run_dir, "eval", "data", "eval_prompts.jsonl")
-    out = str(tmp_path / "responses.jsonl")
-    assert cli.main(["generate", os.path.join(run_dir, "ppo"), prompts, "-o", out, "--limit", "32",
-                     "--batch-size", "32", "--max-new-tokens", "24", "--max-prompt-tokens", "32"]) == 0
-    assert os.listdir(tmp_path) == ["responses.jsonl"]  # atomic: no temp file left behind
-    rows = load_jsonl(out)
+    """Seeded sampling `generate` with eval's settings (same prompt order, seed and batches) reproduces eval's PPO
+    responses, and `score` reproduces their RM scores."""
     samples = load_jsonl(os.path.join(run_dir, "eval", "samples.jsonl"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": s["prompt"]}) + "\n" for s in samples))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = str(out_dir / "responses.jsonl")
+    assert cli.main(["generate", os.path.join(run_dir, "ppo"), str(prompts), "-o", out, "--do-sample", "--seed", "1234",
+                     "--batch-size", "32", "--max-new-tokens", "24", "--max-prompt-tokens", "32"]) == 0
+    assert os.listdir(out_dir) == ["responses.jsonl"]  # atomic: no temp file left behind
+    rows = load_jsonl(out)
     assert [r["prompt"] for r in rows] == [s["prompt"] for s in samples]
     assert [r["response"] for r in rows] == [s["ppo_response"] for s in samples]
 
@@ -334,7 +339,7 @@ def _fake_model(path) -> str:
 def test_plan_defaults(tmp_path):
     plans, run = _plan(tmp_path)
     assert [p.action for p in plans.values()] == ["run"] * 5
-    assert [plans[s].ranks for s in STEPS] == [1, 2, 2, 2, 1]
+    assert [plans[s].ranks for s in STEPS] == [2, 2, 2, 2, 1]
     assert plans["sft"].cfg.model == f"{run}/pretrain" and plans["rm"].cfg.model == f"{run}/sft"
     assert plans["ppo"].inputs == {"actor": f"{run}/sft", "reward": f"{run}/rm"}
     assert plans["eval"].inputs == {"sft": f"{run}/sft", "ppo": f"{run}/ppo", "reward": f"{run}/rm"}
@@ -345,7 +350,7 @@ def test_plan_defaults(tmp_path):
     assert plans["sft"].cfg.train == SFTConfig().train and plans["sft"].cfg.engine == SFTConfig().engine
     assert plans["ppo"].cfg.ppo == PPOConfig().ppo
     assert plans["eval"].cfg.generation.max_new_tokens == PPOConfig().generation.max_new_tokens
-    assert plans["eval"].cfg.generation.do_sample is False
+    assert plans["eval"].cfg.generation.do_sample is True and plans["eval"].cfg.samples_per_prompt == 4
 
 
 def test_plan_given_models_skip_steps(tmp_path):

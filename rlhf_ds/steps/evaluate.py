@@ -274,9 +274,16 @@ def score_file(model_path: str, input_path: str, output: str, batch_size: int = 
                fmt: str = "auto") -> list[dict]:
     """Prompt/response rows (prompt+response, prompt+completion or chat messages) -> rows with a reward-model "score"."""
     from rlhf_ds.data.features import render_prompt, render_response
-    from rlhf_ds.data.formats import load_sft
+    from rlhf_ds.data.formats import SFTExample, parse_sft
+    from rlhf_ds.data.readers import read_records
 
-    examples, _ = load_sft(input_path, fmt=fmt)
+    records = read_records(input_path)
+    if fmt == "auto" and records and all(isinstance(r.data.get("prompt"), str) and isinstance(r.data.get("response"), str)
+                                         for r in records):
+        # a policy's output (e.g. from `rlhf-ds generate`) may be empty, which SFT data parsing rejects as a bad row
+        examples = [SFTExample(prompt=r.data["prompt"], response=r.data["response"]) for r in records]
+    else:
+        examples, _ = parse_sft(records, fmt=fmt)
     scorer = reward_scorer(model_path, pick_device(device), precision, max_prompt_tokens, max_new_tokens)
     prompts = [render_prompt(scorer.tokenizer, ex) for ex in examples]
     responses = [render_response(scorer.tokenizer, ex) for ex in examples]
