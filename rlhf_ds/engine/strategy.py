@@ -46,6 +46,12 @@ def setup_distributed(timeout_minutes: float = 30.0) -> None:
         )
 
 
+def teardown_distributed() -> None:
+    """Leave the process group explicitly: exiting with live gloo/shm threads can abort the process at shutdown."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     import socket
 
