@@ -66,26 +66,35 @@ def _no_dropout_kwargs(config) -> dict:
     return out
 
 
-def load_causal_lm(
+def load_pretrained(
+    auto_class,
     path: str,
     ds_config: dict,
     precision: str = "fp32",
     disable_dropout: bool = False,
     trust_remote_code: bool = False,
     tokenizer: Optional[PreTrainedTokenizerBase] = None,
-) -> torch.nn.Module:
-    """`AutoModelForCausalLM` from a local folder, partitioned at construction under ZeRO-3 (weights as safetensors)."""
+) -> tuple[torch.nn.Module, str]:
+    """`auto_class.from_pretrained` of a local folder, partitioned at construction under ZeRO-3; returns the model and
+    the resolved folder. Weights load as safetensors where present (torch files only with weights_only)."""
     path = resolve_model_dir(path)
     check_model_dir(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     kwargs = _no_dropout_kwargs(config) if disable_dropout else {}
     with strategy.model_construction(ds_config):
-        model = AutoModelForCausalLM.from_pretrained(
+        model = auto_class.from_pretrained(
             path, dtype=strategy.torch_dtype(precision), trust_remote_code=trust_remote_code, **kwargs
         )
     if tokenizer is not None:
         match_vocab(model, tokenizer, path)
-    return model
+    return model, path
+
+
+def load_causal_lm(path: str, ds_config: dict, precision: str = "fp32", disable_dropout: bool = False,
+                   trust_remote_code: bool = False, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> torch.nn.Module:
+    """A causal LM (policy, reference) from a local folder."""
+    return load_pretrained(AutoModelForCausalLM, path, ds_config, precision, disable_dropout, trust_remote_code,
+                           tokenizer)[0]
 
 
 def match_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str) -> None:

@@ -10,10 +10,10 @@ from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel
+from transformers import AutoModel
 
 from rlhf_ds.engine import strategy
-from rlhf_ds.models.loading import check_model_dir, load_tokenizer, match_vocab, resolve_model_dir, _no_dropout_kwargs
+from rlhf_ds.models.loading import load_pretrained, load_tokenizer
 from rlhf_ds.models.unsharded import copy_into, is_peft
 from rlhf_ds.rl.math import last_token_index
 from rlhf_ds.utils import atomic_directory, barrier, is_rank0
@@ -70,15 +70,8 @@ def load_scalar_head_model(
     Under ZeRO-3 the head is built inside the same `zero.Init` as the backbone, in the same dtype, so the engine sees
     one uniformly partitioned module (a head built outside trips DeepSpeed's mixed-dtype check).
     """
-    path = resolve_model_dir(path)
-    check_model_dir(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    kwargs = _no_dropout_kwargs(config) if disable_dropout else {}
+    backbone, path = load_pretrained(AutoModel, path, ds_config, precision, disable_dropout, trust_remote_code, tokenizer)
     dtype = strategy.torch_dtype(precision)
-    with strategy.model_construction(ds_config):
-        backbone = AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
-    if tokenizer is not None:
-        match_vocab(backbone, tokenizer, path)
     hidden = backbone.config.hidden_size
     with strategy.zero3_init(ds_config):
         head = torch.nn.Linear(hidden, 1, bias=True, dtype=dtype)
