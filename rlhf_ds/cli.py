@@ -139,12 +139,7 @@ def _run_step(args, argv: list[str]) -> int:
     if args.num_gpus and not under_launcher():
         rest = _without_launch_options(argv)
         return relaunch(rest, args.num_gpus, args.master_port)
-    from rlhf_ds.engine.strategy import teardown_distributed
-
-    try:
-        importlib.import_module(TRAINING_STEPS[args.command]).run(cfg)
-    finally:
-        teardown_distributed()
+    importlib.import_module(TRAINING_STEPS[args.command]).run(cfg)
     return 0
 
 

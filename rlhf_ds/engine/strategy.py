@@ -62,12 +62,6 @@ def _release_shm_name() -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
-def teardown_distributed() -> None:
-    """Leave the process group explicitly: exiting with live gloo/shm threads can abort the process at shutdown."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _free_port() -> int:
     import socket
 
