@@ -7,6 +7,7 @@ lets a resumed run continue from a (epoch, step) position.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -32,6 +33,16 @@ def micro_batches(
         yield step, [
             block[(j * world + rank) * micro : (j * world + rank + 1) * micro].tolist() for j in range(accum)
         ]
+
+
+def eval_batches(n_items: int, batch_size: int, world: int, rank: int) -> Iterator[tuple[list[int], bool]]:
+    """This rank's evaluation batches as (indices, counts). Every rank yields the same number of batches, because under
+    ZeRO-3 each forward gathers collectively; a rank out of items gets a stand-in batch [0] with counts=False."""
+    mine = eval_shard(n_items, world, rank)
+    n_batches = math.ceil(math.ceil(n_items / world) / batch_size)
+    for b in range(n_batches):
+        idx = mine[b * batch_size : (b + 1) * batch_size]
+        yield (idx or [0]), bool(idx)
 
 
 def eval_shard(n_items: int, world: int, rank: int) -> list[int]:

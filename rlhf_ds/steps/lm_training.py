@@ -8,7 +8,7 @@ import time
 import torch
 
 from rlhf_ds.config import TrainConfig
-from rlhf_ds.data.batching import eval_shard, micro_batches, steps_per_epoch
+from rlhf_ds.data.batching import eval_batches, micro_batches, steps_per_epoch
 from rlhf_ds.data.features import collate_sft
 from rlhf_ds.engine import strategy
 from rlhf_ds.tracking.metrics import MetricsLogger, progress
@@ -48,15 +48,11 @@ def lm_loss(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate_lm(engine, features: list[dict], pad_id: int, batch_size: int) -> dict:
     """Token-weighted loss over the whole eval set (exact across ranks), and perplexity."""
     engine.eval()
-    mine = eval_shard(len(features), world_size(), rank())
-    # every rank must run the same number of forward passes under ZeRO-3 (each forward gathers collectively)
-    n_batches = math.ceil(math.ceil(len(features) / world_size()) / batch_size)
     total = torch.zeros(2, dtype=torch.float64)
-    for b in range(n_batches):
-        idx = mine[b * batch_size : (b + 1) * batch_size] or [0]  # idle ranks still join the gathers
+    for idx, counts in eval_batches(len(features), batch_size, world_size(), rank()):
         batch = _to_device(collate_sft([features[i] for i in idx], pad_id))
         nll, n = lm_loss(engine, batch)
-        if b * batch_size < len(mine):
+        if counts:
             total += torch.tensor([nll.item(), n.item()], dtype=torch.float64)
     total = strategy.all_reduce_mean(total) * world_size()
     engine.train()

@@ -14,7 +14,7 @@ import time
 import torch
 
 from rlhf_ds.config import RMConfig
-from rlhf_ds.data.batching import eval_shard, micro_batches
+from rlhf_ds.data.batching import eval_batches, micro_batches
 from rlhf_ds.data.features import collate_preferences, preference_features
 from rlhf_ds.data.formats import load_preferences
 from rlhf_ds.engine import strategy
@@ -41,14 +41,10 @@ def pair_scores(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def evaluate_rm(engine, features: list[dict], pad_id: int, batch_size: int) -> dict:
     """Pairwise accuracy, BT loss and mean chosen/rejected scores over the whole eval set (exact across ranks)."""
     engine.eval()
-    mine = eval_shard(len(features), world_size(), rank())
-    n_batches = math.ceil(math.ceil(len(features) / world_size()) / batch_size)  # same count on every rank (ZeRO-3)
     sums = torch.zeros(5, dtype=torch.float64)  # correct, loss, chosen, rejected, n
-    for b in range(n_batches):
-        idx = mine[b * batch_size : (b + 1) * batch_size]
-        batch = collate_preferences([features[i] for i in (idx or [0])], pad_id)
-        chosen, rejected = pair_scores(engine, batch)
-        if idx:
+    for idx, counts in eval_batches(len(features), batch_size, world_size(), rank()):
+        chosen, rejected = pair_scores(engine, collate_preferences([features[i] for i in idx], pad_id))
+        if counts:
             diff = (chosen - rejected).double()
             sums += torch.tensor([(diff > 0).sum().item(), (-torch.nn.functional.logsigmoid(diff)).sum().item(),
                                   chosen.sum().item(), rejected.sum().item(), len(idx)], dtype=torch.float64)
@@ -63,13 +59,10 @@ def evaluate_rm(engine, features: list[dict], pad_id: int, batch_size: int) -> d
 def reference_normalisation(engine, features: list[dict], pad_id: int, batch_size: int, with_gain: bool) -> tuple[float, float]:
     """Offset (mean) and gain (1/std) of the raw scores of the chosen responses of `features`."""
     engine.eval()
-    mine = eval_shard(len(features), world_size(), rank())
-    n_batches = math.ceil(math.ceil(len(features) / world_size()) / batch_size)
     sums = torch.zeros(3, dtype=torch.float64)
-    for b in range(n_batches):
-        idx = mine[b * batch_size : (b + 1) * batch_size]
-        chosen, _ = pair_scores(engine, collate_preferences([features[i] for i in (idx or [0])], pad_id))
-        if idx:
+    for idx, counts in eval_batches(len(features), batch_size, world_size(), rank()):
+        chosen, _ = pair_scores(engine, collate_preferences([features[i] for i in idx], pad_id))
+        if counts:
             c = chosen.double()
             sums += torch.tensor([c.sum().item(), (c * c).sum().item(), len(idx)], dtype=torch.float64)
     s, s2, n = (strategy.all_reduce_mean(sums) * world_size()).tolist()
