@@ -23,5 +23,5 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={"8bit": ["bitsandbytes>=0.43"], "test": ["pytest>=8", "bitsandbytes>=0.43"]},
-    entry_points={"console_scripts": ["rlhf-ds=rlhf_ds.cli:main"]},
+    entry_points={"console_scripts": ["rlhf-ds=rlhf_ds.cli:entry"]},
 )

@@ -37,6 +37,9 @@ def _step_parser(sub, name: str, help_text: str, launcher: bool = True):
     if launcher:
         p.add_argument("--num-gpus", type=int, default=0, help="start N local ranks with the deepspeed launcher")
         p.add_argument("--master-port", type=int, default=None)
+        p.add_argument("--resume", default=None, metavar="auto|never|PATH",
+                       help="continue from the newest complete checkpoint (auto, the default), start afresh (never), "
+                            "or continue from the checkpoint folder PATH (same as checkpoint.resume=...)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by the launcher
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     return p
@@ -129,8 +132,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _run_step(args, argv: list[str]) -> int:
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
-        cfg = load_config(args.command, args.config, args.overrides)
+        cfg = load_config(args.command, args.config, overrides)
     except ConfigError as e:
         print(f"rlhf-ds {args.command}: config error: {e}", file=sys.stderr)
         return 2
@@ -139,7 +143,33 @@ def _run_step(args, argv: list[str]) -> int:
     if args.num_gpus and not under_launcher():
         rest = _without_launch_options(argv)
         return relaunch(rest, args.num_gpus, args.master_port)
-    importlib.import_module(TRAINING_STEPS[args.command]).run(cfg)
+    return run_training_step(args.command, cfg)
+
+
+def run_training_step(step: str, cfg) -> int:
+    """Run a step in this rank; the exit status says how it ended: 0 done, 2 bad input (nothing written but logs),
+    75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue me), 1 failed."""
+    from rlhf_ds.checkpoint import CheckpointError, Preempted, ResumeError
+    from rlhf_ds.data.readers import DataError
+    from rlhf_ds.models.loading import ModelLoadError
+    from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE
+    from rlhf_ds.steps.common import NonFiniteLossError
+    from rlhf_ds.utils import is_rank0
+
+    try:
+        importlib.import_module(TRAINING_STEPS[step]).run(cfg)
+    except (DataError, ModelLoadError, ResumeError, ConfigError) as e:
+        if is_rank0():  # every rank reads the same input and fails the same way: say it once
+            print(f"rlhf-ds {step}: {e}", file=sys.stderr)
+        return 2
+    except Preempted as e:
+        if is_rank0():
+            print(f"rlhf-ds {step}: {e}; exiting with status {PREEMPTED_EXIT_CODE} (run the same command to resume)",
+                  file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    except (NonFiniteLossError, CheckpointError) as e:
+        print(f"rlhf-ds {step}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -173,6 +203,9 @@ def _run_pipeline(args) -> int:
     except ConfigError as e:
         print(f"rlhf-ds pipeline: config error: {e}", file=sys.stderr)
         return 2
+    except pipeline.PipelinePreempted as e:
+        print(f"rlhf-ds pipeline: {e}", file=sys.stderr)
+        return pipeline.PREEMPTED_EXIT_CODE
     except pipeline.PipelineError as e:
         print(f"rlhf-ds pipeline: {e}", file=sys.stderr)
         return 1
@@ -254,5 +287,18 @@ def _run_tool(args) -> int:
     return 0
 
 
+def entry() -> int:
+    """The `rlhf-ds` command and `python -m rlhf_ds.cli`: `main`, then leave the process group before the interpreter
+    exits (exiting with live gloo threads can abort with "terminate called without an active exception")."""
+    try:
+        return main()
+    finally:
+        if "torch.distributed" in sys.modules:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -61,10 +61,28 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run the epochs
     eval_every: int = 50
-    save_every: int = 0  # 0 = only at the end
     log_every: int = 5
     seed: int = 1234
     eval_batch_size: int = 16
+    # a loss that is NaN/inf on any rank: "skip" drops that optimizer step on every rank (at most max_nonfinite_steps
+    # in a run), "stop" ends the run with an error (checkpoints already written stay the last good ones)
+    on_nonfinite_loss: Literal["skip", "stop"] = "skip"
+    max_nonfinite_steps: int = 10
+    # how long a collective may wait for a peer before the job fails (NCCL's watchdog and gloo both use it)
+    collective_timeout_minutes: float = 30.0
+
+
+@dataclass
+class CheckpointConfig:
+    """Full-state checkpoints (engines, optimizers, schedulers, RNGs, data position, metrics) for exact resume."""
+
+    dir: Optional[str] = None  # None = <output_dir>/checkpoints
+    every_steps: int = 0  # 0 = not by step count
+    every_minutes: float = 30.0  # 0 = not by time; a SIGTERM/SIGUSR1 always saves before the job exits
+    keep_last: int = 2
+    # auto = continue from the newest complete checkpoint in `dir` when there is one; never = start afresh (existing
+    # checkpoints in `dir` are removed); or the path of one checkpoint (a step_NNNNNNNN folder)
+    resume: str = "auto"
 
 
 @dataclass
@@ -118,6 +136,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=64))
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=2e-3, zero_stage=0))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(micro_batch_size=32, epochs=6))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
 
@@ -131,6 +150,7 @@ class SFTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=5e-4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
 
@@ -300,6 +320,14 @@ def validate(cfg) -> None:
                 raise ConfigError(f"train.{k} must be > 0, got {getattr(train, k)}")
         if train.max_steps < 0:
             raise ConfigError("train.max_steps must be >= 0")
+        if train.max_nonfinite_steps < 0 or train.collective_timeout_minutes <= 0:
+            raise ConfigError("train.max_nonfinite_steps must be >= 0 and train.collective_timeout_minutes > 0")
+    ckpt = getattr(cfg, "checkpoint", None)
+    if ckpt is not None:
+        if ckpt.every_steps < 0 or ckpt.every_minutes < 0 or ckpt.keep_last < 1:
+            raise ConfigError("checkpoint.every_steps and every_minutes must be >= 0 and checkpoint.keep_last >= 1")
+        if not ckpt.resume:
+            raise ConfigError("checkpoint.resume must be auto, never or the path of a checkpoint")
     data = getattr(cfg, "data", None)
     if data is not None:
         if data.max_prompt_tokens >= data.max_seq_len and not isinstance(cfg, PretrainConfig):
@@ -363,6 +391,7 @@ class RMConfig:
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=1e-3))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, eval_every=100))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
 
@@ -432,7 +461,8 @@ class PPOConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_tokens=32))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(log_every=1, save_every=0))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(log_every=1))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
 

@@ -56,3 +56,34 @@ def tiny_base(tmp_path_factory) -> str:
     run_cli(["pretrain", f"output_dir={out}", *TINY_ARCH, "train.max_steps=60", "train.micro_batch_size=32",
              "engine.zero_stage=0"])
     return out
+
+
+# PPO run used by the resume tests (tests/test_resume.py, and the Slurm requeue test in tests/test_launch.py): every
+# kind of state a checkpoint must carry is on (EMA shards, PPO-ptx, adaptive KL controller, sampling, dropout-free
+# actor), 2 ranks, ZeRO-3 for all four engines.
+PPO_RESUME_STEPS = 6
+PPO_RESUME_ARGS = [f"ppo.steps={PPO_RESUME_STEPS}", "ppo.rollout_batch_size=4", "ppo.micro_batch_size=2",
+                   "ppo.grad_accum=2", "generation.max_new_tokens=12", "ppo.ema_decay=0.8", "ppo.ptx_coef=0.5",
+                   "ppo.kl_controller=adaptive", "ppo.kl_horizon=50", "data.max_seq_len=64", "train.log_every=1",
+                   "checkpoint.every_minutes=0"]
+
+
+def ppo_resume_args(models: dict, out: str, *extra: str) -> list[str]:
+    return ["ppo", f"output_dir={out}", f"actor.model={models['gpt2']}", f"reward.model={models['gpt2_rm']}",
+            *PPO_RESUME_ARGS, *extra]
+
+
+@pytest.fixture(scope="session")
+def ppo_reference(tmp_path_factory) -> str:
+    """The uninterrupted PPO run that interrupted-and-resumed runs must reproduce."""
+    from dist_hybrid_models import tiny_models
+
+    models = tiny_models(tmp_path_factory)
+    out = str(tmp_path_factory.mktemp("ppo_reference") / "run")
+    run_cli(ppo_resume_args(models, out), ranks=2, timeout=400)
+    return out
+
+
+def ppo_metrics_by_step(run_dir: str) -> dict[int, dict]:
+    """The algorithm's per-step figures (timings and throughput excluded: they are wall-clock measurements)."""
+    return {row["step"]: {k: v for k, v in row.items() if k.startswith("ppo/")} for row in read_metrics(run_dir)}

@@ -369,3 +369,58 @@ def test_prompt_messages_must_end_with_user():
     with pytest.raises(DataError, match="last turn must be from the user") as err:
         parse_prompts(records([{"messages": chat}]))
     assert_names(err, "data/train.jsonl", 0, "messages[1].role")
+
+
+# ---- hostile values ----------------------------------------------------------------------
+
+
+def test_huge_text_is_refused_before_tokenizing(monkeypatch):
+    from rlhf_ds.data import formats
+
+    monkeypatch.setattr(formats, "MAX_TEXT_CHARS", 10)
+    good = {"prompt": "p", "response": "r" * 10}
+    with pytest.raises(DataError) as err:
+        parse_sft(records([good, {"prompt": "p", "response": "r" * 11}]))
+    assert_names(err, "data/train.jsonl", 1, "response")
+    assert "text of 11 characters exceeds the 10-character limit" in str(err.value)
+    examples, report = parse_sft(records([good, {"prompt": "x" * 12, "response": "r"}]), on_bad_row="skip")
+    assert examples == [SFTExample("p", "r" * 10)] and report.skipped == {"text too long": 1}
+
+
+def test_huge_text_limit_is_a_million_characters():
+    from rlhf_ds.data.formats import MAX_TEXT_CHARS
+
+    assert MAX_TEXT_CHARS == 1_000_000
+    with pytest.raises(DataError, match="text of 1,000,001 characters exceeds the 1,000,000-character limit") as err:
+        parse_prompts(records([{"messages": [{"role": "user", "content": "a" * 1_000_001}]}]))
+    assert_names(err, "data/train.jsonl", 0, "messages[0].content")
+
+
+@pytest.mark.parametrize("value, shown", [
+    (42, "got int 42"), (["a", "b"], "got list ['a', 'b']"), ({"text": "a"}, "got dict {'text': 'a'}"),
+    (True, "got bool True"), (list(range(1000)), "got list of 1000 items"), ("x" * 100, None),
+])
+def test_wrong_column_type_names_the_type(value, shown):
+    row = {"prompt": "p", "chosen": value, "rejected": "r"}
+    if shown is None:  # a long string is fine
+        assert parse_preferences(records([row]))[0][0].chosen == value
+        return
+    with pytest.raises(DataError) as err:
+        parse_preferences(records([row]))
+    assert_names(err, "data/train.jsonl", 0, "chosen")
+    assert str(err.value).endswith(f"expected text, {shown}")
+
+
+def test_whitespace_only_text_says_so():
+    with pytest.raises(DataError) as err:
+        parse_sft(records([{"prompt": "p", "response": " \n\t "}]))
+    assert str(err.value) == "data/train.jsonl row 0, field 'response': empty text (only whitespace)"
+
+
+def test_csv_ragged_row_counts_fields_and_names_the_line(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text('prompt,response\n"multi\nline",ok\na,b,c\n', encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_records(str(path))
+    assert str(err.value) == (f"{path} row 1: row has a different number of fields than the header: 3 instead of 2 "
+                              "(prompt, response) (line 4); quote fields that contain commas")

@@ -431,23 +431,9 @@ def test_slurm_preemption_requeues_and_resumes(slurm, tmp_path, mode):
             assert time.time() < deadline and info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
                 f"ranks never got ready: {info}\n{job_log()}"
             time.sleep(0.2)
-        subprocess.run(["scancel", "--signal=USR1", job], env=slurm.env, check=True, timeout=10)
-        info = slurm.wait(job, timeout=60, poll=0.5, until=lambda i: i.get("Restarts", "0") != "0"
-                          or i.get("JobState") in slurm_cluster.TERMINAL_STATES)
-        assert info.get("Restarts") == "1", f"not requeued: {info}\n{job_log()}"
+        info = preempt_and_wait_for_requeued_run(slurm, job, job_log)
         for r in (0, 1):
             assert os.path.exists(os.path.join(out, f"preempted.{r}")), f"rank {r} never got SIGUSR1\n{job_log()}"
-        # A requeued job waits out a begin-time delay (~2 min, set once its first run has ended): bring it forward to
-        # a few seconds from now. Not to "now": slurmd refuses a job whose credential it revoked in the same second.
-        def released_or_done(i: dict) -> bool:
-            if i.get("JobState") == "PENDING" and i.get("Reason") == "BeginTime":
-                eligible = datetime.datetime.strptime(i["EligibleTime"], "%Y-%m-%dT%H:%M:%S")
-                if eligible - datetime.datetime.now() > datetime.timedelta(seconds=10):
-                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=slurm.env,
-                                   timeout=10)
-            return i.get("JobState") in slurm_cluster.TERMINAL_STATES
-
-        info = slurm.wait(job, timeout=90, until=released_or_done)
     except BaseException:
         subprocess.run(["scancel", job], env=slurm.env, timeout=10)
         raise
@@ -461,6 +447,64 @@ def test_slurm_preemption_requeues_and_resumes(slurm, tmp_path, mode):
     assert sorted(re.sub(r" master=\S+", "", s) for s in starts) == [
         "start rank=0 world=2 restart=0", "start rank=0 world=2 restart=1",
         "start rank=1 world=2 restart=0", "start rank=1 world=2 restart=1"]
+
+
+def preempt_and_wait_for_requeued_run(slurm, job: str, job_log, timeout: float = 90) -> dict:
+    """`scancel --signal=USR1` (what --signal=USR1@120 does before the time limit), then wait until the script has
+    requeued the job and the requeued run has ended; returns the final job info."""
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm.env, check=True, timeout=10)
+    info = slurm.wait(job, timeout=120, poll=0.5, until=lambda i: i.get("Restarts", "0") != "0"
+                      or i.get("JobState") in slurm_cluster.TERMINAL_STATES)
+    assert info.get("Restarts") == "1", f"not requeued: {info}\n{job_log()}"
+
+    # A requeued job waits out a begin-time delay (~2 min, set once its first run has ended): bring it forward to
+    # a few seconds from now. Not to "now": slurmd refuses a job whose credential it revoked in the same second.
+    def released_or_done(i: dict) -> bool:
+        if i.get("JobState") == "PENDING" and i.get("Reason") == "BeginTime":
+            eligible = datetime.datetime.strptime(i["EligibleTime"], "%Y-%m-%dT%H:%M:%S")
+            if eligible - datetime.datetime.now() > datetime.timedelta(seconds=10):
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], env=slurm.env, timeout=10)
+        return i.get("JobState") in slurm_cluster.TERMINAL_STATES
+
+    return slurm.wait(job, timeout=timeout, until=released_or_done)
+
+
+def test_slurm_preemption_of_real_ppo_resumes_exactly(slurm, ppo_reference, tmp_path_factory, tmp_path):
+    """The whole flow with the real step: PPO on 2 Slurm tasks (ZeRO-3), `scancel --signal=USR1` after step 2; every
+    rank finishes its step, saves, exits 75; the script requeues; the requeued job resumes from the checkpoint and
+    its per-step metrics equal those of the uninterrupted run."""
+    from dist_hybrid_models import tiny_models
+
+    from conftest import ppo_metrics_by_step, ppo_resume_args
+
+    models = tiny_models(tmp_path_factory)
+    out = str(tmp_path / "ppo")
+    job_out = str(tmp_path / "job-%j.out")
+    job = slurm.sbatch(["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=8", f"--output={job_out}",
+                        os.path.join(LAUNCH, "slurm.sbatch"), *ppo_resume_args(models, out)], env=_job_env(), cwd=REPO)
+    log_path = job_out.replace("%j", job)
+
+    def job_log() -> str:
+        return _read(log_path)[-5000:] if os.path.exists(log_path) else "(no job output)"
+
+    try:
+        deadline = time.time() + 240
+        while not (os.path.exists(os.path.join(out, "metrics.jsonl"))
+                   and any(r.get("step", 0) >= 2 and "ppo/kl" in r for r in read_metrics(out))):
+            info = slurm.job_info(job)
+            assert time.time() < deadline and info.get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
+                f"PPO never reached step 2: {info}\n{job_log()}"
+            time.sleep(0.3)
+        info = preempt_and_wait_for_requeued_run(slurm, job, job_log, timeout=300)
+    except BaseException:
+        subprocess.run(["scancel", job], env=slurm.env, timeout=10)
+        raise
+    log = _read(log_path)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), f"{info}\n{log[-5000:]}"
+    assert "stopped by SIGUSR1 after step" in log and "requeueing job" in log
+    assert re.search(r"resuming from checkpoint \S+/checkpoints/step_\d{8}", log), log[-5000:]
+    ref, got = ppo_metrics_by_step(ppo_reference), ppo_metrics_by_step(out)
+    assert got == ref
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -189,6 +189,8 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", pad_to: i
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     if not seqs:
         raise ValueError("cannot pad an empty batch")
+    if pad_id is None:
+        raise ValueError("no pad id: the tokenizer has no PAD token (rlhf_ds.models.loading.load_tokenizer adds one)")
     longest = max(map(len, seqs))
     width = longest if pad_to is None else pad_to
     if width < longest:

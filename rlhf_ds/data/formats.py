@@ -23,6 +23,9 @@ from .readers import DataError, Record, read_records
 
 ROLES = ("system", "user", "assistant")
 ASSISTANT_MARKER = "\n\nAssistant:"
+# Longest text (prompt, response, chat turn ...) accepted, in characters: a longer one is a bad row, refused before it
+# reaches the tokenizer (a multi-megabyte cell is a broken export, and tokenizing it costs minutes and gigabytes).
+MAX_TEXT_CHARS = 1_000_000
 
 
 @dataclass
@@ -128,10 +131,26 @@ class _Row:
 
 def _check_text(value, name: str) -> str:
     if not isinstance(value, str):
-        raise _BadRow("non-string value", name, f"expected text, got {type(value).__name__} {value!r:.60}")
-    if not value.strip():
+        raise _BadRow("non-string value", name, f"expected text, got {type(value).__name__} {_preview(value)}")
+    if len(value) > MAX_TEXT_CHARS:
+        raise _BadRow(
+            "text too long", name,
+            f"text of {len(value):,} characters exceeds the {MAX_TEXT_CHARS:,}-character limit "
+            "(rlhf_ds.data.formats.MAX_TEXT_CHARS); shorten it, or skip such rows with data.on_bad_row=skip",
+        )
+    if not value:
         raise _BadRow("empty text", name, "empty text")
+    if not value.strip():
+        raise _BadRow("empty text", name, "empty text (only whitespace)")
     return value
+
+
+def _preview(value, limit: int = 60) -> str:
+    """A short repr for messages: a huge list or dict is summarised, not rendered in full."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > 8:
+        return f"of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _messages(row: _Row) -> list[dict]:

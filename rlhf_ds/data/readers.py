@@ -148,9 +148,14 @@ def _read_csv(path: Path) -> list[Record]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     records = []
     for row, data in enumerate(reader):
-        width = len(reader.fieldnames or [])
+        header = reader.fieldnames or []
         if None in data or None in data.values():
-            raise DataError(f"row has a different number of fields than the header ({width})", file=str(path), row=row)
+            found = len(header) + len(data[None]) if None in data else sum(v is not None for v in data.values())
+            raise DataError(
+                f"row has a different number of fields than the header: {found} instead of {len(header)} "
+                f"({', '.join(header)}) (line {reader.line_num}); quote fields that contain commas",
+                file=str(path), row=row,
+            )
         records.append(_make_record(str(path), row, data))
     return records
 

@@ -26,6 +26,17 @@ class ShardedEMA:
         for s, p in zip(self.shadow, self.params):
             s.mul_(self.decay).add_(_local(p).float(), alpha=1.0 - self.decay)
 
+    def state_dict(self) -> list[torch.Tensor]:
+        """This rank's shadow shards (for its checkpoint file)."""
+        return self.shadow
+
+    def load_state_dict(self, shards: list[torch.Tensor]) -> None:
+        if [s.shape for s in shards] != [s.shape for s in self.shadow]:
+            raise ValueError("EMA shards in the checkpoint do not match this model's partitioning")
+        with torch.no_grad():
+            for s, loaded in zip(self.shadow, shards):
+                s.copy_(loaded)  # stays on this rank's device (the checkpoint file is read to CPU)
+
     @contextlib.contextmanager
     def swapped_in(self):
         """Inside, the model's own shards hold the EMA weights (for saving); restored exactly on exit."""

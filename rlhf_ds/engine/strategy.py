@@ -6,6 +6,7 @@ Trainers call these few functions and otherwise read as algorithms (`engine(...)
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from datetime import timedelta
@@ -193,6 +194,82 @@ def full_state_dict(module: torch.nn.Module, to_rank0_only: bool = True, group_s
 
 def unwrap(engine_or_module) -> torch.nn.Module:
     return getattr(engine_or_module, "module", engine_or_module)
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks: how ranks agree on a flag any one of them raised (stop signal, bad loss)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = values.detach().to(device(), dtype=torch.float64, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out.to(values.device, values.dtype)
+    return values
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank (small things: a decision, a path)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
+def finite_on_all_ranks(loss: torch.Tensor) -> bool:
+    """False when the loss is NaN/inf on any rank (every rank gets the same answer, so all skip or stop together)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
+    return all_reduce_max(bad).item() == 0.0
+
+
+def discards_nonfinite_steps(engine) -> bool:
+    """Whether DeepSpeed itself drops an optimizer step whose gradients are NaN/inf.
+
+    DeepSpeed 0.19.8: the ZeRO-1/2/3 optimizers, the bf16 optimizer and the fp16 loss scaler check the global gradient
+    norm and skip the update (counted in `skipped_steps`); at ZeRO stage 0 in fp32 the torch optimizer applies it and
+    the weights become NaN (measured).
+    """
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+
+def backward_and_step(engine, loss: torch.Tensor, step_is_finite: bool) -> None:
+    """`engine.backward(loss); engine.step()`, dropping the optimizer update when the step saw a non-finite loss.
+
+    Every rank still runs backward and step, so collectives and DeepSpeed's step counters stay in step across ranks.
+    Where DeepSpeed does not drop such a step itself, the step runs on zeroed gradients and the weights and optimizer
+    state are put back as they were (a copy of them only on this rare path).
+    """
+    engine.backward(loss)
+    if step_is_finite or discards_nonfinite_steps(engine) or not engine.is_gradient_accumulation_boundary():
+        engine.step()
+        return
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    weights = [p.detach().clone() for p in params]
+    optimizer_state = copy.deepcopy(engine.optimizer.state_dict())
+    for p in params:
+        if p.grad is not None:
+            p.grad.zero_()
+    engine.step()
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    engine.optimizer.load_state_dict(optimizer_state)
+
+
+def weights_finite(engine) -> bool:
+    """True when every rank's parameters (its ZeRO-3 shards) are finite."""
+    bad = any(not torch.isfinite(getattr(p, "ds_tensor", p.data)).all() for p in engine.module.parameters())
+    return all_reduce_max(torch.tensor([float(bad)])).item() == 0.0
+
+
+def save_engine(engine, folder: str, tag: str) -> None:
+    """DeepSpeed's own checkpoint of a training engine (module, ZeRO shards of every rank, optimizer, LR scheduler)
+    under `folder/tag`. Collective."""
+    engine.save_checkpoint(folder, tag=tag, save_latest=False)
+
+
+def load_engine(engine, folder: str, tag: str) -> None:
+    path, _ = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:

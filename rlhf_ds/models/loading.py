@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_ds.config import LoraConfig
@@ -14,6 +16,15 @@ from rlhf_ds.models.unsharded import adapter_state_dict, is_peft, save_adapter, 
 from rlhf_ds.utils import atomic_directory, barrier, is_rank0
 
 PAD_TOKEN = "<|pad|>"
+# What `from_pretrained` loads weights from (sharded checkpoints through their index), in its order of preference.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+# Any one of these makes a folder hold a tokenizer (vocab.json needs merges.txt next to it; tiktoken files also count).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer.tiktoken")
+_ADDED = "_rlhf_ds_added_tokens"  # tokenizer attribute: how many tokens load_tokenizer added (the PAD), for match_vocab
+
+log = logging.getLogger("rlhf_ds")
 
 
 class ModelLoadError(ValueError):
@@ -29,32 +40,153 @@ def resolve_model_dir(path: str) -> str:
     return path
 
 
-def check_model_dir(path: str) -> None:
+def _listing(path: str, limit: int = 12) -> str:
+    names = sorted(os.listdir(path))
+    if not names:
+        return " (the folder is empty)"
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return f" (it holds: {', '.join(names[:limit])}{more})"
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_json(file: str) -> dict:
+    try:
+        with open(file, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{file}: not valid JSON ({_one_line(err)})") from None
+    if not isinstance(value, dict):
+        raise ModelLoadError(f"{file}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def check_model_dir(path: str, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> None:
+    """Refuse, before any weight is read, a folder `from_pretrained` cannot load or that does not fit `tokenizer`:
+    no config.json (or an unreadable one), no weights, a missing shard, a truncated or corrupt safetensors file, a
+    tokenizer with ids beyond the model's embedding."""
     if not os.path.isdir(path):
         raise ModelLoadError(f"model folder not found: {path} (rlhf_ds loads only local folders)")
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ModelLoadError(f"{path}: no config.json — not a Hugging Face model folder")
-    weights = [f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")) or f.endswith(".index.json")]
-    if not weights:
-        raise ModelLoadError(f"{path}: no weights (*.safetensors or pytorch_model.bin)")
+        inner = " (nor does its model/ folder)" if os.path.isdir(os.path.join(path, "model")) else ""
+        raise ModelLoadError(f"{path}: no config.json{inner} — not a Hugging Face model folder{_listing(path)}")
+    config = _read_json(os.path.join(path, "config.json"))
+    for file in _weight_files(path):
+        check_safetensors(file)
+    if tokenizer is not None:
+        vocab = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+        if isinstance(vocab, int):
+            check_vocab(tokenizer, vocab, path)
+
+
+def _weight_files(path: str) -> list[str]:
+    """The safetensors files `from_pretrained` will read (shards listed in an index must all exist)."""
+    present = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
+    if not present:
+        raise ModelLoadError(f"{path}: no model weights (one of {', '.join(WEIGHT_FILES)}){_listing(path)}")
+    name = present[0]
+    if not name.endswith(".index.json"):
+        return [os.path.join(path, name)] if name.endswith(".safetensors") else []
+    index = _read_json(os.path.join(path, name))
+    shards = sorted(set((index.get("weight_map") or {}).values()))
+    if not shards:
+        raise ModelLoadError(f"{os.path.join(path, name)}: the index lists no weight files (empty weight_map)")
+    missing = [s for s in shards if not os.path.isfile(os.path.join(path, s))]
+    if missing:
+        raise ModelLoadError(f"{path}: {len(missing)} of the {len(shards)} weight files listed in {name} are missing: "
+                             f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}")
+    return [os.path.join(path, s) for s in shards if s.endswith(".safetensors")]
+
+
+def check_safetensors(file: str) -> None:
+    """Read only the header of a safetensors file and check the tensors it announces fit in the file."""
+    size = os.path.getsize(file)
+
+    def corrupt(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{file}: corrupt or truncated safetensors file: {why}; copy or save the model again")
+
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt(f"only {size} bytes")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, 100_000_000):
+            raise corrupt(f"its header claims {n:,} bytes but the file has {size:,}")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, UnicodeDecodeError, TypeError, KeyError, IndexError, AttributeError):
+            raise corrupt("its header is not a valid safetensors header") from None
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        raise corrupt(f"the tensors need {need:,} bytes but the file has {size:,}")
+
+
+def _has_tokenizer_files(path: str, trust_remote_code: bool) -> bool:
+    names = set(os.listdir(path))
+    if names.intersection(TOKENIZER_FILES) or any(n.endswith(".tiktoken") for n in names):
+        return True
+    return trust_remote_code and "tokenizer_config.json" in names  # custom tokenizer code may bring its own files
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """A tokenizer with a PAD token distinct from EOS.
 
     PAD == EOS makes the EOS look like padding, so it is masked and the policy never learns to stop; a dedicated PAD
-    is added instead (the model's embedding is resized by `load_causal_lm` when needed).
+    is added instead (the model's embedding is resized by `load_causal_lm` when needed), and a warning says so.
     """
     path = resolve_model_dir(path)
     if not os.path.isdir(path):
         raise ModelLoadError(f"tokenizer folder not found: {path}")
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not _has_tokenizer_files(path, trust_remote_code):
+        raise ModelLoadError(
+            f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}){_listing(path)}; "
+            "save the tokenizer next to the model (tokenizer.save_pretrained(folder))"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # transformers, tokenizers and sentencepiece raise many unrelated types here
+        raise ModelLoadError(f"{path}: cannot load the tokenizer: {_one_line(err)}") from err
     if tok.eos_token_id is None:
         raise ModelLoadError(f"{path}: the tokenizer has no EOS token; responses could never end")
+    added = 0
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        why = "has no PAD token" if tok.pad_token_id is None else f"uses its EOS {tok.eos_token!r} as PAD"
+        before = len(tok)
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
+        added = len(tok) - before
+        if tok.pad_token_id == tok.eos_token_id:
+            raise ModelLoadError(f"{path}: the tokenizer's EOS is {PAD_TOKEN!r}; cannot add a distinct PAD token")
+        log.warning(
+            "%s: the tokenizer %s; PAD == EOS would mask the EOS as padding so the model would never learn to stop, "
+            "so a distinct PAD %r (id %d) is used%s", path, why, PAD_TOKEN, tok.pad_token_id,
+            " (a new token: the model's embedding grows by one row)" if added else " (already in the vocabulary)",
+        )
+    setattr(tok, _ADDED, added)
     tok.padding_side = "left"  # decoder-only generation pads prompts on the left (saved with the tokenizer)
     return tok
+
+
+def tokenizer_span(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Rows an embedding needs for every id of `tokenizer` (its size, or its largest id + 1 when ids have gaps)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, n_embed: int, path: str) -> None:
+    """Refuse a tokenizer whose ids do not all have an embedding row, beyond the PAD load_tokenizer added."""
+    span, added = tokenizer_span(tokenizer), getattr(tokenizer, _ADDED, 0)
+    if span <= n_embed + added:
+        return
+    source = getattr(tokenizer, "name_or_path", "") or "?"
+    ours = f", {added} of them the PAD added by rlhf_ds" if added else ""
+    raise ModelLoadError(
+        f"{path}: vocabulary mismatch: the tokenizer ({source}) has {span:,} token ids{ours} but the model's embedding "
+        f"has {n_embed:,} rows (config.json vocab_size), so ids {n_embed:,} and up have no embedding; the tokenizer "
+        "belongs to another model — use the tokenizer saved with this model"
+    )
 
 
 def _no_dropout_kwargs(config) -> dict:
@@ -78,13 +210,24 @@ def load_pretrained(
     """`auto_class.from_pretrained` of a local folder, partitioned at construction under ZeRO-3; returns the model and
     the resolved folder. Weights load as safetensors where present (torch files only with weights_only)."""
     path = resolve_model_dir(path)
-    check_model_dir(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    check_model_dir(path, tokenizer)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        raise ModelLoadError(f"{path}: cannot read config.json: {_one_line(err)}") from err
     kwargs = _no_dropout_kwargs(config) if disable_dropout else {}
-    with strategy.model_construction(ds_config):
-        model = auto_class.from_pretrained(
-            path, dtype=strategy.torch_dtype(precision), trust_remote_code=trust_remote_code, **kwargs
-        )
+    try:
+        with strategy.model_construction(ds_config):
+            model = auto_class.from_pretrained(
+                path, dtype=strategy.torch_dtype(precision), trust_remote_code=trust_remote_code, **kwargs
+            )
+    except (OSError, SafetensorError) as err:
+        raise ModelLoadError(f"{path}: cannot load the weights: {_one_line(err)}") from err
+    except RuntimeError as err:
+        if "mismatch" not in str(err):
+            raise
+        raise ModelLoadError(f"{path}: the weights do not match config.json (tensor shapes differ; the load report "
+                             f"above names them): {_one_line(err)}") from err
     if tokenizer is not None:
         match_vocab(model, tokenizer, path)
     return model, path
@@ -100,13 +243,11 @@ def load_causal_lm(path: str, ds_config: dict, precision: str = "fp32", disable_
 def match_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str) -> None:
     """Grow the embedding for tokens the loader added (PAD); refuse a tokenizer that does not fit the model."""
     n_embed = model.config.vocab_size
-    if len(tokenizer) > n_embed:
-        if len(tokenizer) - n_embed > 8:
-            raise ModelLoadError(
-                f"{path}: tokenizer has {len(tokenizer)} tokens but the model's embedding has {n_embed}; "
-                "they do not belong together"
-            )
-        model.resize_token_embeddings(len(tokenizer))
+    check_vocab(tokenizer, n_embed, path)
+    span = tokenizer_span(tokenizer)
+    if span > n_embed:
+        model.resize_token_embeddings(span)
+        log.info("%s: embedding resized from %d to %d rows for the added PAD token", path, n_embed, span)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model, "generation_config", None) is not None:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from rlhf_ds.engine import strategy
-from rlhf_ds.models.loading import load_pretrained, load_tokenizer
+from rlhf_ds.models.loading import (ModelLoadError, check_safetensors, load_pretrained, load_tokenizer,
+                                     resolve_model_dir)
 from rlhf_ds.models.unsharded import copy_into, is_peft
 from rlhf_ds.rl.math import last_token_index
 from rlhf_ds.utils import atomic_directory, barrier, is_rank0
@@ -70,19 +71,20 @@ def load_scalar_head_model(
     Under ZeRO-3 the head is built inside the same `zero.Init` as the backbone, in the same dtype, so the engine sees
     one uniformly partitioned module (a head built outside trips DeepSpeed's mixed-dtype check).
     """
+    saved_head = read_saved_head(resolve_model_dir(path))  # before the backbone: a broken head fails fast
     backbone, path = load_pretrained(AutoModel, path, ds_config, precision, disable_dropout, trust_remote_code, tokenizer)
     dtype = strategy.torch_dtype(precision)
     hidden = backbone.config.hidden_size
     with strategy.zero3_init(ds_config):
         head = torch.nn.Linear(hidden, 1, bias=True, dtype=dtype)
 
-    meta_path = os.path.join(path, HEAD_META)
     meta = {"offset": 0.0, "gain": 1.0}
-    if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta.update(json.load(f))
-        saved = load_file(os.path.join(path, HEAD_WEIGHTS))
-        init = {"weight": saved["weight"], "bias": saved["bias"]}
+    if saved_head is not None:
+        meta.update(saved_head[0])
+        init = saved_head[1]
+        if tuple(init["weight"].shape) != (1, hidden):
+            raise ModelLoadError(f"{os.path.join(path, HEAD_WEIGHTS)}: head weight of shape {tuple(init['weight'].shape)} "
+                                 f"does not fit the backbone (hidden size {hidden}, expected (1, {hidden}))")
     else:  # seeded so every rank and every ZeRO stage starts from the same head
         g = torch.Generator().manual_seed(head_seed)
         init = {"weight": torch.randn(1, hidden, generator=g) / (hidden + 1) ** 0.5, "bias": torch.zeros(1)}
@@ -91,6 +93,33 @@ def load_scalar_head_model(
             head.weight.copy_(init["weight"].to(dtype))
             head.bias.copy_(init["bias"].to(dtype))
     return ScalarHeadModel(backbone, head, offset=float(meta["offset"]), gain=float(meta["gain"]))
+
+
+def read_saved_head(path: str) -> Optional[tuple[dict, dict]]:
+    """(normalisation, {"weight", "bias"}) of a saved reward model, None for a plain causal-LM folder (a new head).
+
+    A folder holding only one of the two head files, or unreadable ones, is refused rather than given a random head.
+    """
+    meta_path, weights_path = os.path.join(path, HEAD_META), os.path.join(path, HEAD_WEIGHTS)
+    has_meta, has_weights = os.path.isfile(meta_path), os.path.isfile(weights_path)
+    if not has_meta and not has_weights:
+        return None
+    if not (has_meta and has_weights):
+        missing, present = (HEAD_WEIGHTS, HEAD_META) if has_meta else (HEAD_META, HEAD_WEIGHTS)
+        raise ModelLoadError(f"{path}: reward-model folder has {present} but no {missing}; copy the whole folder "
+                             f"again, or delete {present} to start from a new head")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{meta_path}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k, 0.0), (int, float)) for k in ("offset", "gain")):
+        raise ModelLoadError(f"{meta_path}: expected an object with numeric 'offset' and 'gain'")
+    check_safetensors(weights_path)
+    saved = load_file(weights_path)
+    if set(saved) != {"weight", "bias"}:
+        raise ModelLoadError(f"{weights_path}: expected tensors 'weight' and 'bias', found {', '.join(sorted(saved))}")
+    return meta, {"weight": saved["weight"], "bias": saved["bias"]}
 
 
 def save_scalar_head_model(model: ScalarHeadModel, tokenizer, out_dir: str, extra_meta: Optional[dict] = None) -> None:

@@ -36,7 +36,10 @@ def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def build_plain(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
     """An empty-weighted twin of `model`'s base architecture, outside ZeRO (filled by `copy_into`)."""
     base = model.get_base_model() if is_peft(model) else model
-    plain = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
+    # the random init (overwritten at once) must not draw from the global RNG: the sampling stream of the step that
+    # builds the copy would shift, and a resumed run (which builds it at another step) would sample differently
+    with torch.random.fork_rng(devices=[]):
+        plain = AutoModelForCausalLM.from_config(base.config, dtype=dtype)
     plain.generation_config = base.generation_config
     plain.requires_grad_(False)
     return plain.to(device).eval()

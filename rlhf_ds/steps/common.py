@@ -1,11 +1,20 @@
-"""What every step does first: process group, run directory, logging, resolved config, built-in data."""
+"""What every training step shares: process group, run directory, resume, outputs, and the non-finite-loss guard.
+
+A step runs in two phases. `start_step` joins the process group and finds the checkpoint to resume from (checked
+against the config) but writes nothing except logs/. Once data, tokenizer and models are loaded, `StepContext.begin`
+writes config.yaml, opens the metrics and restores the checkpoint. So bad input fails before any output is written.
+"""
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
-from rlhf_ds.config import BuiltinTaskConfig, save_config, to_dict
+import torch
+
+from rlhf_ds.checkpoint import CheckpointManager
+from rlhf_ds.config import BuiltinTaskConfig, TrainConfig, save_config, to_dict
 from rlhf_ds.engine import strategy
 from rlhf_ds.tracking.metrics import MetricsLogger, setup_logging
 from rlhf_ds.utils import barrier, is_rank0, set_seed, world_size
@@ -13,25 +22,76 @@ from rlhf_ds.utils import barrier, is_rank0, set_seed, world_size
 log = logging.getLogger("rlhf_ds")
 
 
+class NonFiniteLossError(RuntimeError):
+    """The run stopped on a NaN/inf loss (or too many of them); checkpoints already written are the last good ones."""
+
+
 @dataclass
 class StepContext:
+    cfg: object
+    step_name: str
     run_dir: str
-    metrics: MetricsLogger
+    checkpoint: CheckpointManager
+    metrics: Optional[MetricsLogger] = None
+    resumed: dict = field(default_factory=dict)
+
+    def begin(self, engines: dict) -> dict:
+        """Inputs are valid and the trained `engines` (name -> DeepSpeed engine) exist: write config.yaml, open the
+        metrics, restore the checkpoint being resumed. Returns its loop state ({} on a fresh start)."""
+        self.checkpoint.engines = engines
+        if is_rank0():
+            os.makedirs(self.run_dir, exist_ok=True)
+            self.checkpoint.prepare_dir()
+            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+        barrier()
+        state = self.checkpoint.load() if self.checkpoint.resume_path else {}
+        self.metrics = MetricsLogger(self.run_dir, self.step_name, self.cfg.tracking, to_dict(self.cfg),
+                                     history=state.get("metrics"), wandb_id=state.get("wandb_id"))
+        self.checkpoint.metrics = self.metrics
+        self.resumed = state
+        return state
 
 
 def start_step(cfg, step_name: str) -> StepContext:
-    """Join the process group, seed, prepare `cfg.output_dir` (config.yaml, logs/, metrics) on rank 0."""
-    strategy.setup_distributed()
-    set_seed(cfg.train.seed if hasattr(cfg, "train") else 0)
-    run_dir = cfg.output_dir
-    if is_rank0():
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    barrier()
-    setup_logging(run_dir)
-    metrics = MetricsLogger(run_dir, step_name, cfg.tracking, to_dict(cfg))
-    log.info("%s: world size %d, device %s, run dir %s", step_name, world_size(), strategy.device(), run_dir)
-    return StepContext(run_dir, metrics)
+    """Join the process group, seed, log to `<output_dir>/logs`, and pick the checkpoint to resume from."""
+    train = getattr(cfg, "train", None)
+    strategy.setup_distributed(train.collective_timeout_minutes if train else 30.0)
+    set_seed(train.seed if train else 0)
+    setup_logging(cfg.output_dir)
+    log.info("%s: world size %d, device %s, run dir %s", step_name, world_size(), strategy.device(), cfg.output_dir)
+    checkpoint = CheckpointManager(cfg, step_name, to_dict(cfg))
+    return StepContext(cfg, step_name, cfg.output_dir, checkpoint)
+
+
+class NonFiniteGuard:
+    """Watches every loss before backward. On a NaN/inf loss on any rank (all ranks agree), `train.on_nonfinite_loss`
+    decides: "stop" raises NonFiniteLossError; "skip" lets backward run on every rank (ZeRO collectives stay matched)
+    but drops that optimizer step, at most `train.max_nonfinite_steps` times in a run."""
+
+    def __init__(self, train: TrainConfig, skipped: int = 0):
+        self.policy, self.limit, self.skipped = train.on_nonfinite_loss, train.max_nonfinite_steps, skipped
+        self._window_finite: dict[int, bool] = {}  # per engine: all losses of the current accumulation window finite
+
+    def backward_and_step(self, engine, loss: torch.Tensor, step: int, what: str) -> None:
+        finite = strategy.finite_on_all_ranks(loss)
+        if not finite and self.policy == "stop":
+            raise NonFiniteLossError(f"step {step}: the {what} loss is {loss.item()} on at least one rank; stopping "
+                                     "(train.on_nonfinite_loss=stop); the last complete checkpoint is kept")
+        window_finite = self._window_finite.get(id(engine), True) and finite
+        boundary = engine.is_gradient_accumulation_boundary()
+        strategy.backward_and_step(engine, loss, window_finite)
+        self._window_finite[id(engine)] = window_finite or boundary
+        if boundary and not window_finite:
+            self.skipped += 1
+            log.warning("step %d: non-finite %s loss; optimizer step skipped on every rank (%d of at most %d)",
+                        step, what, self.skipped, self.limit)
+            if not strategy.weights_finite(engine):
+                raise NonFiniteLossError(f"step {step}: the {what} weights are no longer finite after a skipped step; "
+                                         "stopping; the last complete checkpoint is kept")
+            if self.skipped > self.limit:
+                raise NonFiniteLossError(f"{self.skipped} optimizer steps had non-finite losses, more than "
+                                         f"train.max_nonfinite_steps={self.limit}; stopping; the last complete "
+                                         "checkpoint is kept")
 
 
 def builtin_data(task: BuiltinTaskConfig, run_dir: str) -> dict[str, str]:

@@ -11,7 +11,8 @@ from rlhf_ds.config import TrainConfig
 from rlhf_ds.data.batching import eval_batches, micro_batches, steps_per_epoch
 from rlhf_ds.data.features import collate_sft
 from rlhf_ds.engine import strategy
-from rlhf_ds.tracking.metrics import MetricsLogger, progress
+from rlhf_ds.steps.common import NonFiniteGuard, StepContext
+from rlhf_ds.tracking.metrics import progress
 from rlhf_ds.utils import rank, world_size
 
 log = logging.getLogger("rlhf_ds")
@@ -60,28 +61,25 @@ def evaluate_lm(engine, features: list[dict], pad_id: int, batch_size: int) -> d
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
-def train_lm(
-    engine,
-    train_features: list[dict],
-    eval_features: list[dict],
-    pad_id: int,
-    train: TrainConfig,
-    metrics: MetricsLogger,
-    desc: str,
-) -> dict:
-    """Run the epochs; returns the final figures (eval loss before/after, steps, tokens/s, seconds)."""
+def train_lm(engine, train_features: list[dict], eval_features: list[dict], pad_id: int, train: TrainConfig,
+             ctx: StepContext, desc: str) -> dict:
+    """Run the epochs (from the resumed position, if any); returns the final figures (eval loss before/after, steps,
+    tokens/s, seconds)."""
     total = total_optimizer_steps(len(train_features), train)
-    results = {}
-    if eval_features:
+    per_epoch = steps_per_epoch(len(train_features), train.micro_batch_size, world_size(), train.grad_accum)
+    loop = ctx.resumed.get("loop", {})
+    step, tokens, results = ctx.resumed.get("step", 0), loop.get("tokens", 0), dict(loop.get("results", {}))
+    guard = NonFiniteGuard(train, loop.get("nonfinite_steps", 0))
+    if eval_features and step == 0:
         results["eval_loss_start"] = evaluate_lm(engine, eval_features, pad_id, train.eval_batch_size)["eval_loss"]
-        metrics.log({f"{desc}/eval_loss": results["eval_loss_start"]}, step=0)
+        ctx.metrics.log({f"{desc}/eval_loss": results["eval_loss_start"]}, step=0)
     engine.train()
-    step, tokens, t0 = 0, 0, time.time()
-    bar = progress(total, desc)
-    for epoch in range(train.epochs):
-        for _, micro_indices in micro_batches(
-            len(train_features), train.micro_batch_size, world_size(), rank(), train.grad_accum, train.seed, epoch
-        ):
+    train_loss, t0, tokens0 = float("nan"), time.time(), tokens  # throughput over this process's steps
+    bar = progress(total, desc, initial=step)
+    for epoch in range(step // per_epoch, train.epochs):
+        # a resumed run re-enters its epoch at the step it stopped after: same permutation, same micro-batches
+        for _, micro_indices in micro_batches(len(train_features), train.micro_batch_size, world_size(), rank(),
+                                              train.grad_accum, train.seed, epoch, start_step=step - epoch * per_epoch):
             if step >= total:
                 break
             losses = []
@@ -89,8 +87,7 @@ def train_lm(
                 batch = _to_device(collate_sft([train_features[i] for i in indices], pad_id))
                 nll, n = lm_loss(engine, batch)
                 loss = nll / n.clamp(min=1)
-                engine.backward(loss)
-                engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+                guard.backward_and_step(engine, loss, step + 1, desc)  # the optimizer runs at the accumulation boundary
                 losses.append(loss.item())
                 tokens += int(batch["attention_mask"].sum())
             step += 1
@@ -99,24 +96,26 @@ def train_lm(
             bar.set_postfix(loss=f"{train_loss:.4f}")
             if step % train.log_every == 0 or step == total:
                 elapsed = time.time() - t0
-                metrics.log(
+                ctx.metrics.log(
                     {
                         f"{desc}/loss": train_loss,
                         f"{desc}/lr": engine.get_lr()[0],
                         f"{desc}/epoch": epoch,
-                        f"{desc}/tokens_per_s": tokens * world_size() / max(elapsed, 1e-9),
+                        f"{desc}/tokens_per_s": (tokens - tokens0) * world_size() / max(elapsed, 1e-9),
                     },
                     step=step,
                 )
             if eval_features and train.eval_every and step % train.eval_every == 0 and step < total:
                 ev = evaluate_lm(engine, eval_features, pad_id, train.eval_batch_size)
-                metrics.log({f"{desc}/{k}": v for k, v in ev.items()}, step=step)
+                ctx.metrics.log({f"{desc}/{k}": v for k, v in ev.items()}, step=step)
+            ctx.checkpoint.after_step(step, lambda: {"loop": {"tokens": tokens, "results": results, "epoch": epoch,
+                                                              "nonfinite_steps": guard.skipped}})
     bar.close()
     elapsed = time.time() - t0
-    results.update(steps=step, train_loss=train_loss if step else float("nan"), seconds=elapsed)
-    results["train_tokens_per_s"] = tokens * world_size() / max(elapsed, 1e-9)
+    results.update(steps=step, train_loss=train_loss, seconds=elapsed, nonfinite_steps=guard.skipped)
+    results["train_tokens_per_s"] = (tokens - tokens0) * world_size() / max(elapsed, 1e-9)
     if eval_features:
         ev = evaluate_lm(engine, eval_features, pad_id, train.eval_batch_size)
-        metrics.log({f"{desc}/{k}": v for k, v in ev.items()}, step=step)
+        ctx.metrics.log({f"{desc}/{k}": v for k, v in ev.items()}, step=step)
         results.update(ev)
     return results

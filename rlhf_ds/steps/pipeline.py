@@ -18,13 +18,13 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 from rlhf_ds.config import PIPELINE_STEPS, STEP_CONFIGS, ConfigError, PipelineConfig, save_config, step_list
+from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE, call_forwarding_stop_signals
 from rlhf_ds.utils import atomic_write_json
 
 log = logging.getLogger("rlhf_ds")
@@ -35,6 +35,10 @@ GIVEN_KEYS = {"pretrain": "base_model", "sft": "sft_model", "rm": "reward_model"
 
 class PipelineError(RuntimeError):
     pass
+
+
+class PipelinePreempted(PipelineError):
+    """A step exited with PREEMPTED_EXIT_CODE: its checkpoint is saved and the pipeline can be run again."""
 
 
 @dataclass
@@ -177,7 +181,7 @@ def _run_step(p: StepPlan, run_dir: str, master_port: Optional[int]) -> tuple[in
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.ranks)))
     log.info("pipeline: %s on %d rank(s): %s", p.name, p.ranks, " ".join(cmd))
     t0 = time.time()
-    rc = subprocess.call(cmd, env=env)
+    rc = call_forwarding_stop_signals(cmd, env)
     return rc, time.time() - t0
 
 
@@ -230,7 +234,8 @@ def run(cfg: PipelineConfig, dry_run: bool = False) -> dict:
         atomic_write_json(os.path.join(run_dir, "pipeline.json"), state)
         rc, seconds = _run_step(p, run_dir, cfg.master_port)
         ok = rc == 0 and os.path.isfile(os.path.join(p.output_dir, "results.json"))
-        steps[p.name].update(status="done" if ok else "failed", exit_code=rc, seconds=seconds)
+        status = "done" if ok else "preempted" if rc == PREEMPTED_EXIT_CODE else "failed"
+        steps[p.name].update(status=status, exit_code=rc, seconds=seconds)
         atomic_write_json(os.path.join(run_dir, "pipeline.json"), state)
         if not ok:
             failed = p
@@ -249,6 +254,9 @@ def run(cfg: PipelineConfig, dry_run: bool = False) -> dict:
             if failed is None:
                 raise
             log.warning("pipeline: report failed too: %s", e)
+    if failed is not None and steps[failed.name]["status"] == "preempted":
+        raise PipelinePreempted(f"step '{failed.name}' stopped by a signal after saving a checkpoint; run the same "
+                                "command with resume_completed_steps=true to continue where it stopped")
     if failed is not None:
         raise PipelineError(f"step '{failed.name}' failed (exit {steps[failed.name]['exit_code']}); "
                             f"see {os.path.join(failed.output_dir, 'logs')}")

@@ -23,7 +23,7 @@ from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer, s
 from rlhf_ds.models.scalar_head import load_scalar_head_model, save_scalar_head_model
 from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
-from rlhf_ds.steps.common import builtin_data, start_step
+from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, start_step
 from rlhf_ds.tracking.metrics import progress
 from rlhf_ds.utils import atomic_write_json, is_rank0, rank, world_size
 
@@ -78,25 +78,31 @@ def load_prompt_ids(cfg: PPOConfig, tokenizer, source: str) -> tuple[list[list[i
     return ids, texts
 
 
-def ptx_batches(cfg: PPOConfig, tokenizer, source: str):
-    """An endless seeded stream of packed pretraining blocks for PPO-ptx (rank-local)."""
-    from rlhf_ds.steps.pretrain import pack, read_corpus
+class PtxBatches:
+    """Packed pretraining blocks for PPO-ptx. Batch i of step t on rank r is a function of (seed, rank, t, i) alone, so a
+    resumed run draws the same batches with no sampler state to save."""
 
-    blocks = pack(read_corpus(source), tokenizer, cfg.data.max_seq_len)
-    rng = np.random.default_rng([cfg.train.seed, rank()])
-    while True:
-        idx = rng.choice(len(blocks), size=cfg.ppo.micro_batch_size, replace=False)
-        yield collate_sft([blocks[i] for i in idx], tokenizer.pad_token_id)
+    def __init__(self, cfg: PPOConfig, tokenizer, source: str):
+        from rlhf_ds.steps.pretrain import pack, read_corpus
+
+        self.blocks = pack(read_corpus(source), tokenizer, cfg.data.max_seq_len)
+        self.size, self.seed, self.pad_id = cfg.ppo.micro_batch_size, cfg.train.seed, tokenizer.pad_token_id
+
+    def batch(self, step: int, index: int) -> dict:
+        rng = np.random.default_rng([self.seed, rank(), step, index])
+        idx = rng.choice(len(self.blocks), size=self.size, replace=False)
+        return collate_sft([self.blocks[i] for i in idx], self.pad_id)
 
 
-def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx) -> dict:
+def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: PtxBatches | None, step: int,
+                        guard: NonFiniteGuard) -> dict:
     """`ppo_epochs` passes over the rollout in micro-batches; returns mean losses and PPO diagnostics."""
     p, T = cfg.ppo, (cfg.generation.temperature if cfg.generation.do_sample else 1.0)
     n = exp.sequences.shape[0]
     sums: dict[str, float] = {}
     count = 0
     dev = strategy.device()
-    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + rank())
+    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step * 101 + rank())  # minibatch order per step
     for _ in range(p.ppo_epochs):
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, p.micro_batch_size):
@@ -106,19 +112,17 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx) -> 
             pg_loss, pg = rlm.policy_loss(logp, mb["old_logp"], mb["advantages"], m, p.clip_eps)
             loss = pg_loss
             if ptx is not None:
-                batch = {k: v.to(dev) for k, v in next(ptx).items()}
+                batch = {k: v.to(dev) for k, v in ptx.batch(step, count).items()}
                 logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
                 ptx_loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                                              batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
                 loss = loss + p.ptx_coef * ptx_loss
                 sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + ptx_loss.item()
-            actor.backward(loss)
-            actor.step()
+            guard.backward_and_step(actor, loss, step, "actor")
 
             values = token_values(critic, seq, attn, exp.prompt_len)
             vf_loss, vf_clipfrac = rlm.value_loss(values, mb["old_values"], mb["returns"], m, p.value_clip)
-            critic.backward(p.vf_coef * vf_loss)
-            critic.step()
+            guard.backward_and_step(critic, p.vf_coef * vf_loss, step, "critic")
 
             for k, v in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "clipfrac": float(pg["clipfrac"]),
                          "approx_kl": float(pg["approx_kl"]), "ratio": float(pg["ratio_mean"]),
@@ -160,16 +164,24 @@ def run(cfg: PPOConfig) -> dict:
     kl_ctl = rlm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
     maker = ExperienceMaker(hybrid, actor, critic, reference, reward, tokenizer, reward_tokenizer, p, cfg.generation,
                             cfg.data.max_prompt_tokens, kl_ctl, gold)
-    ptx = ptx_batches(cfg, tokenizer, ptx_src) if p.ptx_coef > 0 else None
+    ptx = PtxBatches(cfg, tokenizer, ptx_src) if p.ptx_coef > 0 else None
     ema = ShardedEMA(strategy.unwrap(actor), p.ema_decay) if p.ema_decay > 0 else None
 
     per_step = p.rollout_batch_size * world_size()
     if len(prompt_ids) < per_step:
         raise ValueError(f"{len(prompt_ids)} prompts cannot fill one rollout of {per_step} ({p.rollout_batch_size} per rank)")
-    history = []
-    bar = progress(p.steps, "ppo")
+
+    ctx.begin({"actor": actor, "critic": critic})
+    done, loop = ctx.resumed.get("step", 0), ctx.resumed.get("loop", {})
+    history = loop.get("history", [])
+    if "kl_controller" in loop:
+        kl_ctl.load_state_dict(loop["kl_controller"])
+    if ema is not None and "ema" in ctx.resumed.get("rank_state", {}):
+        ema.load_state_dict(ctx.resumed["rank_state"]["ema"])
+    guard = NonFiniteGuard(cfg.train, loop.get("nonfinite_steps", 0))
+    bar = progress(p.steps, "ppo", initial=done)
     t_start = time.time()
-    for step in range(1, p.steps + 1):
+    for step in range(done + 1, p.steps + 1):
         # the prompts of this step: a seeded permutation per pass over the data, this rank's slice of it
         per_epoch = len(prompt_ids) // per_step
         epoch, pos = divmod(step - 1, per_epoch)
@@ -179,7 +191,7 @@ def run(cfg: PPOConfig) -> dict:
 
         exp = maker.make([prompt_ids[i] for i in mine], [prompt_texts[i] for i in mine])
         t0 = time.time()
-        train_stats = train_on_experience(exp, actor, critic, cfg, ptx)
+        train_stats = train_on_experience(exp, actor, critic, cfg, ptx, step, guard)
         t_train = time.time() - t0
         if ema is not None:
             ema.update()
@@ -200,8 +212,10 @@ def run(cfg: PPOConfig) -> dict:
             ctx.metrics.log(metrics, step=step)
         bar.update(1)
         bar.set_postfix(reward=f"{s['reward']:.3f}", kl=f"{s['kl']:.3f}")
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < p.steps:
-            save_models(cfg, actor, critic, tokenizer, ema, cfg.output_dir)
+        ctx.checkpoint.after_step(
+            step, lambda: {"loop": {"history": history, "kl_controller": kl_ctl.state_dict(),
+                                    "nonfinite_steps": guard.skipped}},
+            lambda: {"ema": ema.state_dict()} if ema is not None else {})
     bar.close()
 
     save_models(cfg, actor, critic, tokenizer, ema, cfg.output_dir)
@@ -213,7 +227,7 @@ def run(cfg: PPOConfig) -> dict:
     if gold is not None:
         results["gold_reward_first"] = history[0]["ppo/gold_reward"]
         results["gold_reward_last"] = float(np.mean([h["ppo/gold_reward"] for h in window]))
-    results.update(steps=p.steps, seconds=time.time() - t_start,
+    results.update(steps=p.steps, seconds=time.time() - t_start, nonfinite_steps=guard.skipped,
                    **{f"{k}_seconds": float(np.sum([h[f"timing/{k}"] for h in history]))
                       for k in ("generation", "scoring", "training")})
     if is_rank0():

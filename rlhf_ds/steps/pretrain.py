@@ -60,13 +60,17 @@ def read_corpus(source: str) -> list[str]:
     if source.endswith(".txt"):
         with open(source, encoding="utf-8") as f:
             return [line.rstrip("\n") for line in f if line.strip()]
+    from rlhf_ds.data.formats import MAX_TEXT_CHARS
+    from rlhf_ds.data.readers import DataError
+
     texts = []
     for rec in read_records(source):
         text = rec.data.get("text")
         if not isinstance(text, str) or not text.strip():
-            from rlhf_ds.data.readers import DataError
-
-            raise DataError(f"{rec.file} row {rec.row}, field 'text': missing or empty text", rec.file, rec.row, "text")
+            raise DataError("missing or empty text", rec.file, rec.row, "text")
+        if len(text) > MAX_TEXT_CHARS:
+            raise DataError(f"text of {len(text):,} characters exceeds the {MAX_TEXT_CHARS:,}-character limit; split "
+                            "long documents", rec.file, rec.row, "text")
         texts.append(text)
     return texts
 
@@ -84,7 +88,7 @@ def run(cfg: PretrainConfig) -> dict:
     source = cfg.data.train or builtin_data(cfg.task, cfg.output_dir)["pretrain"]
     texts = read_corpus(source)
     init_dir = os.path.join(cfg.output_dir, "init")
-    if is_rank0():
+    if is_rank0() and not (ctx.checkpoint.resume_path and os.path.isdir(init_dir)):  # a resumed run keeps its tokenizer
         tokenizer = train_tokenizer(texts, cfg.arch.vocab_size)
         with atomic_directory(init_dir) as tmp:
             build_model(cfg.arch, tokenizer).save_pretrained(tmp, safe_serialization=True)
@@ -100,7 +104,8 @@ def run(cfg: PretrainConfig) -> dict:
     ds_cfg = strategy.ds_config_for(cfg.engine, cfg.train.micro_batch_size, cfg.train.grad_accum)
     model = load_causal_lm(init_dir, ds_cfg, cfg.engine.precision, tokenizer=tokenizer)
     engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total_optimizer_steps(len(train_blocks), cfg.train))
-    results = train_lm(engine, train_blocks, eval_blocks, tokenizer.pad_token_id, cfg.train, ctx.metrics, "pretrain")
+    ctx.begin({"model": engine})
+    results = train_lm(engine, train_blocks, eval_blocks, tokenizer.pad_token_id, cfg.train, ctx, "pretrain")
     save_causal_lm(strategy.unwrap(engine), tokenizer, os.path.join(cfg.output_dir, "model"))
     results["vocab_size"] = len(tokenizer)
     if is_rank0():

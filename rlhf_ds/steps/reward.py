@@ -14,14 +14,14 @@ import time
 import torch
 
 from rlhf_ds.config import RMConfig
-from rlhf_ds.data.batching import eval_batches, micro_batches
+from rlhf_ds.data.batching import eval_batches, micro_batches, steps_per_epoch
 from rlhf_ds.data.features import collate_preferences, preference_features
 from rlhf_ds.data.formats import load_preferences
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_tokenizer
 from rlhf_ds.models.scalar_head import load_scalar_head_model, save_scalar_head_model
 from rlhf_ds.rl.math import bradley_terry_loss
-from rlhf_ds.steps.common import builtin_data, split_eval, start_step
+from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, split_eval, start_step
 from rlhf_ds.steps.lm_training import total_optimizer_steps
 from rlhf_ds.tracking.metrics import progress
 from rlhf_ds.utils import atomic_write_json, is_rank0, rank, world_size
@@ -100,14 +100,21 @@ def run(cfg: RMConfig) -> dict:
     trainable, total_params = count_parameters(model)
     log.info("rm: %d of %d parameters trainable", trainable, total_params)
     total = total_optimizer_steps(len(train_feats), train)
+    per_epoch = steps_per_epoch(len(train_feats), train.micro_batch_size, world_size(), train.grad_accum)
     engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total)
     pad = tokenizer.pad_token_id
 
-    results = {"eval_accuracy_start": evaluate_rm(engine, eval_feats, pad, train.eval_batch_size)["eval_accuracy"]}
-    step, t0 = 0, time.time()
-    bar = progress(total, "rm")
-    for epoch in range(train.epochs):
-        for _, micro in micro_batches(len(train_feats), train.micro_batch_size, world_size(), rank(), train.grad_accum, train.seed, epoch):
+    ctx.begin({"model": engine})
+    step, loop = ctx.resumed.get("step", 0), ctx.resumed.get("loop", {})
+    results = dict(loop.get("results", {}))
+    if step == 0:
+        results["eval_accuracy_start"] = evaluate_rm(engine, eval_feats, pad, train.eval_batch_size)["eval_accuracy"]
+    guard = NonFiniteGuard(train, loop.get("nonfinite_steps", 0))
+    t0 = time.time()
+    bar = progress(total, "rm", initial=step)
+    for epoch in range(step // per_epoch, train.epochs):
+        for _, micro in micro_batches(len(train_feats), train.micro_batch_size, world_size(), rank(), train.grad_accum,
+                                      train.seed, epoch, start_step=step - epoch * per_epoch):
             if step >= total:
                 break
             stats = torch.zeros(2)
@@ -116,8 +123,7 @@ def run(cfg: RMConfig) -> dict:
                 chosen, rejected = pair_scores(engine, batch)
                 dev = chosen.device
                 loss = bradley_terry_loss(chosen, rejected, batch["margin"].to(dev), batch["weight"].to(dev))
-                engine.backward(loss)
-                engine.step()
+                guard.backward_and_step(engine, loss, step + 1, "reward-model")
                 stats += torch.tensor([loss.item(), (chosen > rejected).float().mean().item()]) / len(micro)
             step += 1
             loss_v, acc_v = strategy.all_reduce_mean(stats).tolist()
@@ -127,10 +133,13 @@ def run(cfg: RMConfig) -> dict:
                 ctx.metrics.log({"rm/loss": loss_v, "rm/accuracy": acc_v, "rm/lr": engine.get_lr()[0], "rm/epoch": epoch}, step=step)
             if train.eval_every and step % train.eval_every == 0 and step < total:
                 ctx.metrics.log({f"rm/{k}": v for k, v in evaluate_rm(engine, eval_feats, pad, train.eval_batch_size).items()}, step=step)
+            ctx.checkpoint.after_step(step, lambda: {"loop": {"results": results, "epoch": epoch,
+                                                              "nonfinite_steps": guard.skipped}})
     bar.close()
     final = evaluate_rm(engine, eval_feats, pad, train.eval_batch_size)
     ctx.metrics.log({f"rm/{k}": v for k, v in final.items()}, step=step)
-    results.update(final, steps=step, seconds=time.time() - t0, trainable_params=trainable, total_params=total_params)
+    results.update(final, steps=step, seconds=time.time() - t0, trainable_params=trainable, total_params=total_params,
+                   nonfinite_steps=guard.skipped)
     if builtin_eval_rows is not None:
         from rlhf_ds.data.builtin_task import BuiltinTask
 

@@ -55,7 +55,8 @@ def run(cfg: SFTConfig) -> dict:
 
     engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total_optimizer_steps(len(train_feats), cfg.train))
     log_partitioning(engine)
-    results = train_lm(engine, train_feats, eval_feats, tokenizer.pad_token_id, cfg.train, ctx.metrics, "sft")
+    ctx.begin({"model": engine})
+    results = train_lm(engine, train_feats, eval_feats, tokenizer.pad_token_id, cfg.train, ctx, "sft")
     results.update(trainable_params=trainable, total_params=total)
     save_causal_lm(strategy.unwrap(engine), tokenizer, os.path.join(cfg.output_dir, "model"))
     if is_rank0():

@@ -12,7 +12,7 @@ import time
 from typing import Optional
 
 from rlhf_ds.config import TrackingConfig
-from rlhf_ds.utils import is_rank0, rank
+from rlhf_ds.utils import atomic_write_text, is_rank0, rank
 
 log = logging.getLogger("rlhf_ds")
 
@@ -35,20 +35,29 @@ def setup_logging(run_dir: str) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, step_name: str, tracking: TrackingConfig, config: Optional[dict] = None):
+    """`history` (the rows of a checkpoint being resumed) replaces what metrics.jsonl held, so rows logged after that
+    checkpoint by the interrupted run are not kept twice; `wandb_id` continues that wandb run."""
+
+    def __init__(self, run_dir: str, step_name: str, tracking: TrackingConfig, config: Optional[dict] = None,
+                 history: Optional[list[dict]] = None, wandb_id: Optional[str] = None):
         self.enabled = is_rank0()
         self.step_name = step_name
-        self.history: list[dict] = []
+        self.history: list[dict] = list(history or [])
+        self.wandb_id = wandb_id
         self._wandb = None
         self._tb = None
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._file = open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8")  # a re-run starts afresh
+        path = os.path.join(run_dir, "metrics.jsonl")
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in self.history))
+        self._file = open(path, "a", encoding="utf-8")
         if tracking.wandb:
             import wandb
 
             self._wandb = wandb.init(
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
                 project=tracking.wandb_project,
                 name=tracking.wandb_run_name or f"{os.path.basename(os.path.abspath(run_dir))}-{step_name}",
                 group=tracking.wandb_group,
@@ -58,6 +67,7 @@ class MetricsLogger:
                 dir=run_dir,
                 reinit="finish_previous",
             )
+            self.wandb_id = self._wandb.id
         if tracking.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -102,8 +112,9 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def progress(total: int, desc: str):
-    """A tqdm bar on rank 0 (disabled elsewhere), ETA included."""
+def progress(total: int, desc: str, initial: int = 0):
+    """A tqdm bar on rank 0 (disabled elsewhere), ETA included; `initial` = steps done before a resume."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not is_rank0(), dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    return tqdm(total=total, desc=desc, initial=initial, disable=not is_rank0(), dynamic_ncols=True, mininterval=1.0,
+                file=sys.stderr)

@@ -1,0 +1,396 @@
+"""Full-state checkpoints, resume, and stopping on a signal (preemption).
+
+A checkpoint holds everything a step needs to continue as if it had never stopped: every trained DeepSpeed engine
+(module, ZeRO shards of every rank, optimizer, LR scheduler), each rank's RNG states and rank-local state (EMA shards),
+and the loop's state (step counters, data position, KL controller, results so far) with the metric history.
+
+Layout under `checkpoint.dir` (default `<output_dir>/checkpoints`), which every rank must see (a shared filesystem
+across nodes, as DeepSpeed's own checkpoints assume):
+
+    step_00000040/           one checkpoint; it gets this name only once complete
+        actor/ critic/ ...   DeepSpeed `save_checkpoint` of each trained engine
+        rank_00000.pt        per rank: RNG states (python, numpy, torch, accelerator) and rank-local state
+        trainer_state.json   the loop's state (step, data position, KL controller, ...)
+        metrics.jsonl        the metric rows logged up to this step
+        config.yaml          the config it was written with
+        COMPLETE             written last: the manifest (every file and its size)
+    latest                   the name of the newest complete checkpoint
+    .tmp-step_00000044/      a save in progress, or one that was interrupted: never read, removed at the next start
+
+A resumed run takes `latest`, else the newest `step_*`, and checks it against its manifest: a checkpoint with no
+COMPLETE marker or a missing or short file is skipped with a message, and the next older one is tried.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import yaml
+
+from rlhf_ds.engine import strategy
+from rlhf_ds.utils import atomic_write_json, atomic_write_text, barrier, is_rank0, rank, world_size
+
+log = logging.getLogger("rlhf_ds")
+
+COMPLETE = "COMPLETE"
+LATEST = "latest"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+# Config keys (dotted, fnmatch patterns) whose change breaks an exact continuation: other models, another data stream
+# or batch shape, another optimizer-state layout. Anything else may change on resume (it is logged).
+FIXED_ON_RESUME = (
+    "model", "arch.*", "*.model", "loss_on_prompt", "data.*", "task.*", "train.seed", "train.micro_batch_size",
+    "train.grad_accum", "*engine.zero_stage", "*engine.precision", "*engine.optimizer", "*engine.offload_optimizer",
+    "*engine.lora.*", "ppo.rollout_batch_size", "ppo.micro_batch_size", "ppo.grad_accum", "ppo.ptx_coef",
+    "ppo.ptx_data", "ppo.ema_decay",
+)
+_NOT_COMPARED = ("output_dir", "checkpoint.*", "tracking.*")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed from (incomplete, another world size, an incompatible config)."""
+
+
+class CheckpointError(RuntimeError):
+    """A save that failed; the previous complete checkpoint is untouched."""
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint was saved because SIGTERM/SIGUSR1 asked the job to stop."""
+
+    def __init__(self, signal_name: str, step: int, path: str):
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint {path}")
+        self.signal_name, self.step, self.path = signal_name, step, path
+
+
+class StopSignal:
+    """SIGTERM and SIGUSR1 (Slurm's preemption and time-limit warnings) only set a flag: the loop finishes its step,
+    all ranks agree to stop, save a checkpoint and exit with status 75 (`engine.launcher.PREEMPTED_EXIT_CODE`)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        for s in self.SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+
+# ---- RNG states: plain types and tensors, so the rank file loads with weights_only=True -------------------------
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if not strategy.on_cpu():
+        from deepspeed.accelerator import get_accelerator
+
+        state["accelerator"] = get_accelerator().get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "accelerator" in state and not strategy.on_cpu():
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().set_rng_state(state["accelerator"])
+
+
+# ---- config comparison -------------------------------------------------------------------------------------------
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(changes that break a resume, other changes), each as 'key: old -> new'."""
+    a, b = _flatten(old), _flatten(new)
+    breaking, other = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) == b.get(key) or any(fnmatch.fnmatchcase(key, p) for p in _NOT_COMPARED):
+            continue
+        line = f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}"
+        (breaking if any(fnmatch.fnmatchcase(key, p) for p in FIXED_ON_RESUME) else other).append(line)
+    return breaking, other
+
+
+# ---- finding a checkpoint ------------------------------------------------------------------------------------------
+def checkpoint_problem(path: str) -> Optional[str]:
+    """Why `path` is not a complete checkpoint (None when it is): no marker, unreadable manifest, missing/short files."""
+    if not os.path.isdir(path):
+        return "not found"
+    marker = os.path.join(path, COMPLETE)
+    if not os.path.isfile(marker):
+        return "incomplete: no COMPLETE marker (its save was interrupted)"
+    try:
+        with open(marker, encoding="utf-8") as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable COMPLETE manifest ({e})"
+    for rel, size in files.items():
+        full = os.path.join(path, rel)
+        if not os.path.isfile(full):
+            return f"missing file {rel}"
+        if os.path.getsize(full) != size:
+            return f"{rel} has {os.path.getsize(full)} bytes, the manifest says {size}"
+    return None
+
+
+def _step_dirs(root: str) -> list[str]:
+    """Complete-looking checkpoint folder names, newest first."""
+    if not os.path.isdir(root):
+        return []
+    return sorted((d for d in os.listdir(root) if _NAME.match(d)), reverse=True)
+
+
+def read_manifest(path: str) -> dict:
+    with open(os.path.join(path, COMPLETE), encoding="utf-8") as f:
+        return json.load(f)
+
+
+class CheckpointManager:
+    """Saves full-state checkpoints when due and restores the newest good one. Every rank calls every method."""
+
+    def __init__(self, cfg, step_name: str, config: dict):
+        self.cfg = cfg.checkpoint
+        self.root = os.path.abspath(cfg.checkpoint.dir or os.path.join(cfg.output_dir, "checkpoints"))
+        self.step_name = step_name
+        self.config = config
+        self.engines: dict = {}
+        self.metrics = None  # set by StepContext.begin: the rows saved with each checkpoint
+        self.stop = StopSignal()
+        self._last_save = time.monotonic()
+        self.broken: list[str] = []  # checkpoints found unusable (rank 0)
+        decision = self._choose() if is_rank0() else None
+        decision = strategy.broadcast_object(decision)
+        if decision["error"]:
+            raise ResumeError(decision["error"])
+        self.resume_path: Optional[str] = decision["path"]
+        self.latest: Optional[str] = decision["path"]
+
+    # ---- which checkpoint (rank 0 decides, every rank follows) ----------------------------------------------------
+    def _choose(self) -> dict:
+        try:
+            return {"path": self._find(), "error": None}
+        except ResumeError as e:
+            return {"path": None, "error": str(e)}
+
+    def _find(self) -> Optional[str]:
+        mode = self.cfg.resume
+        if mode == "never":
+            return None
+        if mode != "auto":
+            path = os.path.abspath(mode)
+            inner = _step_dirs(path) or _step_dirs(os.path.join(path, "checkpoints"))
+            if inner and not os.path.isfile(os.path.join(path, COMPLETE)):
+                raise ResumeError(f"checkpoint.resume={mode} holds checkpoints ({', '.join(inner[:3])}, ...): name one "
+                                  "step_NNNNNNNN folder, or use checkpoint.resume=auto for the newest")
+            problem = checkpoint_problem(path)
+            if problem:
+                raise ResumeError(f"checkpoint.resume={mode}: {problem}")
+            self._check_compatible(path)
+            return path
+        names = _step_dirs(self.root)
+        latest_file = os.path.join(self.root, LATEST)
+        if os.path.isfile(latest_file):
+            with open(latest_file, encoding="utf-8") as f:
+                pointed = f.read().strip()
+            if pointed in names:
+                names.remove(pointed)
+                names.insert(0, pointed)
+        for name in names:
+            path = os.path.join(self.root, name)
+            problem = checkpoint_problem(path)
+            if problem is None:
+                self._check_compatible(path)
+                log.info("resuming from checkpoint %s", path)
+                return path
+            log.warning("checkpoint %s skipped: %s; trying an older one", path, problem)
+            self.broken.append(path)
+        if names:
+            log.warning("no complete checkpoint in %s: starting afresh", self.root)
+        return None
+
+    def _check_compatible(self, path: str) -> None:
+        manifest = read_manifest(path)
+        if manifest.get("step_name") != self.step_name:
+            raise ResumeError(f"{path} is a checkpoint of step '{manifest.get('step_name')}', not '{self.step_name}'")
+        if manifest.get("world_size") != world_size():
+            raise ResumeError(
+                f"{path} was written by {manifest.get('world_size')} ranks and this run has {world_size()}: ZeRO shards, "
+                "data order and RNG streams are per rank; resume with the same number of ranks "
+                "(or checkpoint.resume=never to start afresh)")
+        with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
+            old = yaml.safe_load(f)
+        breaking, other = config_changes(old, self.config)
+        if breaking:
+            raise ResumeError(
+                f"the config differs from the one checkpoint {path} was written with, in ways that break resuming:\n  "
+                + "\n  ".join(breaking)
+                + "\nrestore these settings, or start afresh with checkpoint.resume=never (or another output_dir)")
+        if other:
+            log.warning("resuming with config changes:\n  %s", "\n  ".join(other))
+
+    # ---- start --------------------------------------------------------------------------------------------------------
+    def prepare_dir(self) -> None:
+        """Rank 0: remove interrupted saves and unusable checkpoints; with resume=never also old checkpoints (they would
+        mix with the new run)."""
+        if not is_rank0() or not os.path.isdir(self.root):
+            return
+        for path in self.broken:
+            log.warning("removing the unusable checkpoint %s", path)
+            shutil.rmtree(path, ignore_errors=True)
+        for d in os.listdir(self.root):
+            if d.startswith(".tmp-"):
+                log.warning("removing the interrupted checkpoint save %s", os.path.join(self.root, d))
+                shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
+        if self.cfg.resume == "never" and _step_dirs(self.root):
+            log.warning("checkpoint.resume=never: removing the old checkpoints in %s", self.root)
+            for d in _step_dirs(self.root):
+                shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
+            if os.path.exists(os.path.join(self.root, LATEST)):
+                os.unlink(os.path.join(self.root, LATEST))
+
+    def load(self) -> dict:
+        """Restore the chosen checkpoint into `self.engines` and this rank's RNGs; returns the saved loop state with
+        `rank_state` (this rank's extra state) and `metrics` (the metric rows)."""
+        path = self.resume_path
+        for tag, engine in self.engines.items():
+            strategy.load_engine(engine, path, tag)
+        local = torch.load(os.path.join(path, f"rank_{rank():05d}.pt"), map_location="cpu", weights_only=True)
+        set_rng_state(local["rng"])
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
+            state["metrics"] = [json.loads(line) for line in f if line.strip()]
+        state["rank_state"] = local.get("state", {})
+        log.info("restored checkpoint %s (step %d)", path, state["step"])
+        return state
+
+    # ---- saving ---------------------------------------------------------------------------------------------------------
+    def after_step(self, step: int, loop_state: Callable[[], dict],
+                   rank_state: Optional[Callable[[], dict]] = None) -> None:
+        """Call on every rank after each training step. Saves when due (every N steps, every M minutes, or when any rank
+        got a stop signal; ranks agree through one small all-reduce), then raises Preempted if a signal asked to stop."""
+        elapsed = time.monotonic() - self._last_save
+        flags = torch.tensor([float(self.stop.received is not None),
+                              float(bool(self.cfg.every_minutes) and elapsed >= 60 * self.cfg.every_minutes)])
+        stop, time_due = strategy.all_reduce_max(flags).tolist()
+        step_due = bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
+        if stop or time_due or step_due:
+            self.save(step, loop_state(), rank_state() if rank_state else {})
+        if stop:
+            raise Preempted(self.stop.received or "a signal on another rank", step, self.latest)
+
+    def save(self, step: int, loop_state: dict, rank_state: dict) -> str:
+        """Write checkpoint `step_<step>` under a temp name, then publish it with one rename and update `latest`."""
+        t0 = time.time()
+        name = f"step_{step:08d}"
+        tmp, final = os.path.join(self.root, f".tmp-{name}"), os.path.join(self.root, name)
+        if is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        try:
+            for tag, engine in self.engines.items():
+                strategy.save_engine(engine, tmp, tag)
+            _save_fsynced({"rng": rng_state(), "state": rank_state}, os.path.join(tmp, f"rank_{rank():05d}.pt"))
+        except Exception as e:  # disk full arrives as OSError or as torch's RuntimeError from its file writer
+            raise CheckpointError(
+                f"saving checkpoint {final} failed on rank {rank()}: {e} ({_free_space(self.root)}). The last "
+                f"complete checkpoint "
+                f"({self.latest or 'none'}) is kept; the partial save is removed at the next start") from e
+        barrier()
+        if is_rank0():
+            try:
+                self._publish(tmp, final, step, loop_state)
+            except Exception as e:
+                raise CheckpointError(f"publishing checkpoint {final} failed: {e} ({_free_space(self.root)}). The last "
+                                      "complete checkpoint "
+                                      f"({self.latest or 'none'}) is kept") from e
+        barrier()
+        self.latest = final
+        self._last_save = time.monotonic()
+        log.info("checkpoint %s saved in %.1f s", final, time.time() - t0)
+        return final
+
+    def _publish(self, tmp: str, final: str, step: int, loop_state: dict) -> None:
+        rows = self.metrics.history if self.metrics is not None else []
+        wandb_id = self.metrics.wandb_id if self.metrics is not None else None
+        atomic_write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "step_name": self.step_name,
+                                                                     "world_size": world_size(), "wandb_id": wandb_id,
+                                                                     **loop_state})
+        atomic_write_text(os.path.join(tmp, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(os.path.join(tmp, "config.yaml"), yaml.safe_dump(self.config, sort_keys=False))
+        files = {}
+        for folder, _, names in os.walk(tmp):
+            for n in names:
+                full = os.path.join(folder, n)
+                _fsync(full)  # DeepSpeed's files too: the marker must never land before the data it vouches for
+                files[os.path.relpath(full, tmp)] = os.path.getsize(full)
+        atomic_write_json(os.path.join(tmp, COMPLETE), {"step": step, "step_name": self.step_name,
+                                                        "world_size": world_size(), "time": time.time(), "files": files})
+        if os.path.exists(final):  # the same step saved again (a resumed run stopped at once)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        atomic_write_text(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
+        for old in _step_dirs(self.root)[self.cfg.keep_last:]:
+            shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+
+
+def _free_space(path: str) -> str:
+    """How full the checkpoint filesystem is: torch's writer reports a full disk only as 'unexpected pos'."""
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        return "free space unknown"
+    note = ": the disk is full" if usage.free < 0.01 * usage.total or usage.free < 1 << 20 else ""
+    return f"{usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.1f} MiB on {path}{note}"
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some filesystems do not fsync directories
+        pass
+
+
+def _save_fsynced(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
