@@ -20,6 +20,7 @@ import json
 import sys
 
 from rlhf_ds.config import ConfigError, GenerationConfig, load_config
+from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE
 
 # step name -> module with `run(cfg)`; configs come from rlhf_ds.config
 TRAINING_STEPS = {
@@ -152,7 +153,6 @@ def run_training_step(step: str, cfg) -> int:
     from rlhf_ds.checkpoint import CheckpointError, Preempted, ResumeError
     from rlhf_ds.data.readers import DataError
     from rlhf_ds.models.loading import ModelLoadError
-    from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE
     from rlhf_ds.steps.common import NonFiniteLossError
     from rlhf_ds.utils import is_rank0
 
@@ -205,7 +205,7 @@ def _run_pipeline(args) -> int:
         return 2
     except pipeline.PipelinePreempted as e:
         print(f"rlhf-ds pipeline: {e}", file=sys.stderr)
-        return pipeline.PREEMPTED_EXIT_CODE
+        return PREEMPTED_EXIT_CODE
     except pipeline.PipelineError as e:
         print(f"rlhf-ds pipeline: {e}", file=sys.stderr)
         return 1
@@ -288,16 +288,17 @@ def _run_tool(args) -> int:
 
 
 def entry() -> int:
-    """The `rlhf-ds` command and `python -m rlhf_ds.cli`: `main`, then leave the process group before the interpreter
-    exits (exiting with live gloo threads can abort with "terminate called without an active exception")."""
-    try:
-        return main()
-    finally:
-        if "torch.distributed" in sys.modules:
-            import torch.distributed as dist
+    """The `rlhf-ds` command and `python -m rlhf_ds.cli`. A rank that ran a step to its end (or to a saved
+    preemption) leaves through `strategy.end_rank`; anything else exits the usual way."""
+    code = main()
+    if code in (0, PREEMPTED_EXIT_CODE) and "torch.distributed" in sys.modules:
+        import torch.distributed as dist
 
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+        if dist.is_available() and dist.is_initialized():
+            from rlhf_ds.engine.strategy import end_rank
+
+            end_rank(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -278,9 +278,9 @@ def test_offload_optimizer_runs_on_cpu_adam(runs):
 
 
 if __name__ == "__main__":  # a rank of `launch(...)`
-    import torch.distributed as dist
-
     code = probe_main(sys.argv[1:])
-    if dist.is_initialized():  # as `rlhf_ds.cli.entry` does: no live gloo threads at interpreter exit
-        dist.destroy_process_group()
+    if code == 0:  # as `rlhf_ds.cli.entry` does
+        from rlhf_ds.engine.strategy import end_rank
+
+        end_rank(code)
     sys.exit(code)
