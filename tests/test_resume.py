@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
 from conftest import (PPO_RESUME_STEPS, REPO, cli_env, free_port, ppo_metrics_by_step, ppo_resume_args, read_metrics,
@@ -27,6 +26,7 @@ from conftest import (PPO_RESUME_STEPS, REPO, cli_env, free_port, ppo_metrics_by
 from dist_hybrid_models import tiny_models
 
 from rlhf_ds.checkpoint import checkpoint_problem
+from rlhf_ds.engine.launcher import rank_processes
 
 TIMEOUT = 400
 
@@ -105,25 +105,13 @@ def test_ppo_sigterm_then_resume_matches_uninterrupted_run(models, ppo_reference
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)  # no step logged twice after the resume
 
 
-def _rank_processes(proc: subprocess.Popen) -> dict[int, psutil.Process]:
-    ranks = {}
-    for p in psutil.Process(proc.pid).children(recursive=True):
-        try:
-            env = p.environ()
-        except psutil.Error:
-            continue
-        if "RANK" in env and p.ppid() not in {q.pid for q in ranks.values()}:
-            ranks[int(env["RANK"])] = p
-    return ranks
-
-
 def test_kill9_one_rank_fails_fast_and_restart_resumes_from_last_complete(models, ppo_reference, tmp_path):
     out = str(tmp_path / "ppo")
     args = ppo_resume_args(models, out, "checkpoint.every_steps=1", "checkpoint.keep_last=3",
                            "train.collective_timeout_minutes=1")
     proc = start_cli(args)
     wait_for_step(proc, out, 3)
-    victim = _rank_processes(proc)[1]
+    victim = next(p for p in rank_processes(proc.pid) if p.environ()["RANK"] == "1")
     t0 = time.time()
     victim.send_signal(signal.SIGKILL)
     rc, log = finish(proc, timeout=120)

@@ -43,7 +43,7 @@ def call_forwarding_stop_signals(cmd: list[str], env: dict) -> int:
     proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
 
     def forward(signum, frame):
-        for process in _ranks_under(proc.pid):
+        for process in rank_processes(proc.pid):
             try:
                 process.send_signal(signum)
             except psutil.NoSuchProcess:
@@ -57,7 +57,7 @@ def call_forwarding_stop_signals(cmd: list[str], env: dict) -> int:
             signal.signal(s, handler)
 
 
-def _ranks_under(pid: int) -> list:
+def rank_processes(pid: int) -> list:
     """The rank processes below `pid` (the topmost ones with RANK in their environment; their own helper processes
     inherit it), or `pid` itself when it is the rank."""
     import psutil

@@ -35,9 +35,9 @@ class StepContext:
     metrics: Optional[MetricsLogger] = None
     resumed: dict = field(default_factory=dict)
 
-    def begin(self, engines: dict) -> dict:
+    def begin(self, engines: dict) -> None:
         """Inputs are valid and the trained `engines` (name -> DeepSpeed engine) exist: write config.yaml, open the
-        metrics, restore the checkpoint being resumed. Returns its loop state ({} on a fresh start)."""
+        metrics, restore the checkpoint being resumed into them; its loop state goes to `resumed` ({} when fresh)."""
         self.checkpoint.engines = engines
         if is_rank0():
             os.makedirs(self.run_dir, exist_ok=True)
@@ -49,7 +49,6 @@ class StepContext:
                                      history=state.get("metrics"), wandb_id=state.get("wandb_id"))
         self.checkpoint.metrics = self.metrics
         self.resumed = state
-        return state
 
 
 def start_step(cfg, step_name: str) -> StepContext:

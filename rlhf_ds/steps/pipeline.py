@@ -170,7 +170,7 @@ def _step_command(name: str, config_path: str, ranks: int, port: Optional[int]) 
 def _run_step(p: StepPlan, run_dir: str, master_port: Optional[int]) -> tuple[int, float]:
     """Start one step as a subprocess (under the deepspeed launcher for several ranks); (exit status, seconds)."""
     os.makedirs(p.output_dir, exist_ok=True)
-    for stale in ("results.json", "metrics.jsonl"):  # metrics.jsonl is appended to: a re-run starts it afresh
+    for stale in ("results.json", "metrics.jsonl"):  # a step that fails early must not leave an old run's figures
         path = os.path.join(p.output_dir, stale)
         if os.path.exists(path):
             os.remove(path)
