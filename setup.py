@@ -7,7 +7,9 @@ setup(
     packages=find_packages(include=["rlhf_ds", "rlhf_ds.*"]),
     package_data={"rlhf_ds": ["ds_templates/*.json"]},
     python_requires=">=3.10",
-    # torch is deliberately a loose lower bound: GPU users keep the CUDA build they already have.
+    # Compatible ranges for installing into your own environment; the exact tested versions are requirements/lock.txt
+    # (tests/test_pins.py checks that they satisfy these). torch is deliberately a loose lower bound: GPU users keep
+    # the CUDA build they already have.
     install_requires=[
         "torch>=2.1",
         "deepspeed>=0.14",
@@ -21,7 +23,9 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.7",
         "numpy>=1.24",
+        "psutil>=5.9",
+        "pyarrow>=15",
     ],
-    extras_require={"8bit": ["bitsandbytes>=0.43"], "test": ["pytest>=8", "bitsandbytes>=0.43"]},
+    extras_require={"8bit": ["bitsandbytes>=0.43"], "test": ["pytest>=8", "packaging>=23", "bitsandbytes>=0.43"]},
     entry_points={"console_scripts": ["rlhf-ds=rlhf_ds.cli:entry"]},
 )
