@@ -53,4 +53,6 @@ if [[ ${DRY_RUN:-0} == 1 ]]; then
     echo "OMP_NUM_THREADS=$OMP_NUM_THREADS ${CMD[*]}"
     exit 0
 fi
+# the ranks end with this process (DeepSpeed's runner, once exec'd), not only with the launch.py that starts them
+export RLHF_DS_LAUNCHER_PID=$$
 exec "${CMD[@]}"

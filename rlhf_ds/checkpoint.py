@@ -16,6 +16,7 @@ across nodes, as DeepSpeed's own checkpoints assume):
         COMPLETE             written last: the manifest (every file and its size)
     latest                   the name of the newest complete checkpoint
     .tmp-step_00000044/      a save in progress, or one that was interrupted: never read, removed at the next start
+    .tmp-XXXXXXXX            the same for a `latest` being replaced (a plain file)
 
 A resumed run takes `latest`, else the newest `step_*`, and checks it against its manifest: a checkpoint with no
 COMPLETE marker or a missing or short file is skipped with a message, and the next older one is tried.
@@ -52,7 +53,7 @@ FIXED_ON_RESUME = (
     "model", "arch.*", "*.model", "loss_on_prompt", "data.*", "task.*", "train.seed", "train.micro_batch_size",
     "train.grad_accum", "*engine.zero_stage", "*engine.precision", "*engine.optimizer", "*engine.offload_optimizer",
     "*engine.lora.*", "ppo.rollout_batch_size", "ppo.micro_batch_size", "ppo.grad_accum", "ppo.ptx_coef",
-    "ppo.ptx_data", "ppo.ema_decay",
+    "ppo.ptx_data", "ppo.ema_decay", "dpo.loss", "dpo.length_normalize", "dpo.precompute_reference",
 )
 _NOT_COMPARED = ("output_dir", "checkpoint.*", "tracking.*")
 
@@ -267,8 +268,7 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
         for d in os.listdir(self.root):
             if d.startswith(".tmp-"):
-                log.warning("removing the interrupted checkpoint save %s", os.path.join(self.root, d))
-                shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
+                remove_interrupted_write(os.path.join(self.root, d))
         if self.cfg.resume == "never" and _step_dirs(self.root):
             log.warning("checkpoint.resume=never: removing the old checkpoints in %s", self.root)
             for d in _step_dirs(self.root):
@@ -362,6 +362,20 @@ class CheckpointManager:
         atomic_write_text(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
         for old in _step_dirs(self.root)[self.cfg.keep_last:]:
             shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+
+
+def remove_interrupted_write(path: str) -> None:
+    """Remove what a save cut short left: a `.tmp-step_*` folder, or the `.tmp-*` file of a `latest` being replaced."""
+    is_folder = os.path.isdir(path) and not os.path.islink(path)
+    log.warning("removing the interrupted checkpoint save %s" if is_folder else
+                "removing the temp file of an interrupted write %s", path)
+    try:
+        if is_folder:
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except OSError as e:  # it is never read: a leftover costs disk space only
+        log.warning("could not remove %s: %s", path, e)
 
 
 def _free_space(path: str) -> str:

@@ -1,12 +1,14 @@
 """`rlhf-ds` command line.
 
-    rlhf-ds <step> [--config run.yaml] [key.sub=value ...] [--num-gpus N]      step = pretrain | sft | rm | ppo
+    rlhf-ds <step> [--config run.yaml] [key.sub=value ...] [--num-gpus N]      step = pretrain | sft | rm | ppo | dpo
     rlhf-ds pipeline [--config run.yaml] [key=value ...] [--num-gpus N] [--dry-run]
     rlhf-ds eval [--config eval.yaml] [key=value ...]
     rlhf-ds report <run_dir>
     rlhf-ds generate <model> <prompts> -o <out.jsonl> [sampling options]
     rlhf-ds score <reward_model> <pairs.jsonl> -o <scores.jsonl>
     rlhf-ds chat <model> [--template "human : {input} assistant :"]
+    rlhf-ds rm-report <reward_model> [--pairs pairs.jsonl] [--samples samples.jsonl] -o <dir>
+    rlhf-ds config show <step>                                                  a complete default YAML config
     rlhf-ds plan ...                                                            memory planner (rlhf_ds.planner)
 
 Under the deepspeed launcher (`deepspeed --num_gpus 2 --module rlhf_ds.cli sft ...`) a step runs in every rank;
@@ -19,8 +21,8 @@ import importlib
 import json
 import sys
 
-from rlhf_ds.config import ConfigError, GenerationConfig, load_config
-from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE
+from rlhf_ds.config import STEP_CONFIGS, ConfigError, GenerationConfig, load_config
+from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE, record_exit
 
 # step name -> module with `run(cfg)`; configs come from rlhf_ds.config
 TRAINING_STEPS = {
@@ -28,12 +30,16 @@ TRAINING_STEPS = {
     "sft": "rlhf_ds.steps.sft",
     "rm": "rlhf_ds.steps.reward",
     "ppo": "rlhf_ds.steps.ppo",
+    "dpo": "rlhf_ds.steps.dpo",
 }
 PLAN_HELP = "memory planner: will a job fit, and which settings make it fit"
 
 
 def _step_parser(sub, name: str, help_text: str, launcher: bool = True):
-    p = sub.add_parser(name, help=help_text, description=help_text)
+    from rlhf_ds.config_help import keys_help
+
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=keys_help(name),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config")
     if launcher:
         p.add_argument("--num-gpus", type=int, default=0, help="start N local ranks with the deepspeed launcher")
@@ -58,7 +64,9 @@ def _generation_args(p, max_new_tokens: int, sample_default: bool) -> None:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--max-prompt-tokens", type=int, default=256, help="prompts are left-truncated to this many tokens")
+    g.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="longer prompts are left-truncated (or skipped: --prompt-overflow skip); default: the "
+                        "model's positions less --max-new-tokens")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
 
@@ -78,6 +86,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _step_parser(sub, "sft", "step 1: supervised fine-tuning")
     _step_parser(sub, "rm", "step 2: reward model from pairwise rankings")
     _step_parser(sub, "ppo", "step 3: PPO against the reward model with a KL penalty (four ZeRO engines, hybrid engine)")
+    _step_parser(sub, "dpo", "offline preference optimisation from pairs (DPO, IPO, SimPO): policy + frozen reference")
 
     p = _step_parser(sub, "pipeline", "steps 0-3 and the final evaluation in one run directory, one launcher per step",
                      launcher=False)
@@ -87,6 +96,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     _step_parser(sub, "eval", "final evaluation: SFT vs PPO policy on held-out prompts (gold reward, RM score, win rate)",
                  launcher=False)
+
+    p = sub.add_parser("config", help="config tools: `config show <step>` prints a complete default YAML config")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("step", choices=sorted(STEP_CONFIGS))
 
     p = sub.add_parser("report", help="(re)write summary.json, metrics.jsonl, plots/ and report.html of a pipeline run")
     p.add_argument("run_dir")
@@ -100,6 +113,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="first N prompts only (0 = all)")
     p.add_argument("--format", default="auto", help="prompt format: auto, prompt, question, messages")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--prompt-overflow", choices=["truncate", "skip"], default="truncate",
+                   help="what to do with a prompt over --max-prompt-tokens (either way counted and named by row)")
     _generation_args(p, 64, sample_default=False)
 
     p = sub.add_parser("score", help="reward-model scores of prompt/response pairs, as JSONL")
@@ -111,6 +126,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--format", default="auto", help="input format: auto, prompt_response, prompt_completion, messages")
     p.add_argument("--max-prompt-tokens", type=int, default=256)
     p.add_argument("--max-response-tokens", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+    p = sub.add_parser("rm-report", help="what a reward model rewards: accuracy by margin and by length difference on "
+                       "held-out pairs, the highest-scoring responses among a policy's samples")
+    p.add_argument("model", help="reward model folder (an rm output)")
+    p.add_argument("--pairs", help="held-out preference pairs (any preference format)")
+    p.add_argument("--samples", help="a policy's responses: eval/samples.jsonl, or generate's output")
+    p.add_argument("-o", "--output", required=True, help="folder for rm_report.json and rm_report.html (a pipeline run "
+                   "folder: `rlhf-ds report` then shows it)")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
 
@@ -139,26 +165,30 @@ def _run_step(args, argv: list[str]) -> int:
     except ConfigError as e:
         print(f"rlhf-ds {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    from rlhf_ds.engine.launcher import relaunch, under_launcher
+    from rlhf_ds.engine.launcher import relaunch, under_launcher, watch_launcher
 
     if args.num_gpus and not under_launcher():
         rest = _without_launch_options(argv)
-        return relaunch(rest, args.num_gpus, args.master_port)
+        return relaunch(args.command, cfg.output_dir, rest, args.num_gpus, args.master_port)
+    if under_launcher():
+        watch_launcher()  # a rank never outlives the launcher that started it
     return run_training_step(args.command, cfg)
 
 
 def run_training_step(step: str, cfg) -> int:
-    """Run a step in this rank; the exit status says how it ended: 0 done, 2 bad input (nothing written but logs),
-    75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue me), 1 failed."""
+    """Run a step in this rank; the exit status says how it ended: 0 done, 2 bad input (nothing written but logs) or
+    a run directory another live job writes, 75 stopped by SIGTERM/SIGUSR1 after saving a checkpoint (requeue me),
+    1 failed."""
     from rlhf_ds.checkpoint import CheckpointError, Preempted, ResumeError
     from rlhf_ds.data.readers import DataError
     from rlhf_ds.models.loading import ModelLoadError
+    from rlhf_ds.run_lock import RunDirInUse
     from rlhf_ds.steps.common import NonFiniteLossError
     from rlhf_ds.utils import is_rank0
 
     try:
         importlib.import_module(TRAINING_STEPS[step]).run(cfg)
-    except (DataError, ModelLoadError, ResumeError, ConfigError) as e:
+    except (DataError, ModelLoadError, ResumeError, ConfigError, RunDirInUse) as e:
         if is_rank0():  # every rank reads the same input and fails the same way: say it once
             print(f"rlhf-ds {step}: {e}", file=sys.stderr)
         return 2
@@ -195,6 +225,7 @@ def _run_pipeline(args) -> int:
         overrides.append(f"num_gpus={args.num_gpus}")
     if args.master_port is not None:
         overrides.append(f"master_port={args.master_port}")
+    from rlhf_ds.run_lock import RunDirInUse
     from rlhf_ds.steps import pipeline
 
     try:
@@ -202,6 +233,9 @@ def _run_pipeline(args) -> int:
         result = pipeline.run(cfg, dry_run=args.dry_run)
     except ConfigError as e:
         print(f"rlhf-ds pipeline: config error: {e}", file=sys.stderr)
+        return 2
+    except RunDirInUse as e:
+        print(f"rlhf-ds pipeline: {e}", file=sys.stderr)
         return 2
     except pipeline.PipelinePreempted as e:
         print(f"rlhf-ds pipeline: {e}", file=sys.stderr)
@@ -244,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run_pipeline(args)
     if args.command == "eval":
         return _run_eval(args)
+    if args.command == "config":
+        from rlhf_ds.config_help import default_yaml
+
+        sys.stdout.write(default_yaml(args.step))
+        return 0
     if args.command == "report":
         from rlhf_ds.tracking.report import write_report
 
@@ -268,7 +307,8 @@ def _run_tool(args) -> int:
         if args.command == "generate":
             rows = evaluate.generate_file(
                 args.model, args.prompts, args.output, _generation_config(args), args.batch_size, args.max_prompt_tokens,
-                args.num_samples, args.limit, args.seed, args.device, args.precision, args.format, args.trust_remote_code)
+                args.num_samples, args.limit, args.seed, args.device, args.precision, args.format, args.trust_remote_code,
+                args.prompt_overflow)
             print(f"{len(rows)} responses -> {args.output}", file=sys.stderr)
         elif args.command == "score":
             rows = evaluate.score_file(args.model, args.input, args.output, args.batch_size, not args.raw,
@@ -276,6 +316,12 @@ def _run_tool(args) -> int:
                                        args.format)
             mean = sum(r["score"] for r in rows) / len(rows)
             print(f"{len(rows)} scores -> {args.output} (mean {mean:+.4f})", file=sys.stderr)
+        elif args.command == "rm-report":
+            from rlhf_ds.tracking.rm_report import write_rm_report
+
+            write_rm_report(args.model, args.output, args.pairs, args.samples, args.batch_size, args.device,
+                            args.precision)
+            print(f"{args.output.rstrip('/')}/rm_report.html", file=sys.stderr)
         elif args.command == "chat":
             evaluate.chat_loop(args.model, _generation_config(args), args.template, args.reward_model, args.gold_seed,
                                args.max_prompt_tokens, args.device, args.precision, args.seed)
@@ -291,6 +337,7 @@ def entry() -> int:
     """The `rlhf-ds` command and `python -m rlhf_ds.cli`. A rank that ran a step to its end (or to a saved
     preemption) leaves through `strategy.end_rank`; anything else exits the usual way."""
     code = main()
+    record_exit()  # for the supervisor above the launcher: this process got to return a status
     if code in (0, PREEMPTED_EXIT_CODE) and "torch.distributed" in sys.modules:
         import torch.distributed as dist
 

@@ -27,10 +27,10 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    enabled: bool = False  # train low-rank adapters instead of the full weights
+    rank: int = 8  # adapter rank r
+    alpha: float = 16.0  # adapter scale: updates are multiplied by alpha / r
+    dropout: float = 0.0  # dropout on the adapters' input
     # None = pick per architecture (GPT-2: c_attn/c_proj/c_fc, LLaMA: q/k/v/o/gate/up/down projections)
     target_modules: Optional[list[str]] = None
 
@@ -39,37 +39,53 @@ class LoraConfig:
 class EngineConfig:
     """How one model runs on DeepSpeed. Each PPO role has its own."""
 
-    zero_stage: int = 3
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    gradient_checkpointing: bool = False
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    warmup_ratio: float = 0.05
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    grad_clip: float = 1.0
+    zero_stage: int = 3  # 0 replicated; 1/2 shard optimizer states/gradients; 3 shards parameters too
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of weights and compute
+    offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO-Offload)
+    offload_params: bool = False  # parameters on the CPU between uses (ZeRO-3 only)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw, or adamw_8bit (bitsandbytes 8-bit optimizer states)
+    lr: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's (beta1, beta2)
+    warmup_ratio: float = 0.05  # fraction of the optimizer steps with a linear learning-rate warmup
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"  # learning-rate decay after the warmup
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # ZeRO-3: parameters with fewer elements than this stay whole on every rank instead of being gathered at every
+    # forward (biases, norms, small heads). DeepSpeed's own default is 1e5; 1e4 (DeepSpeed-Chat's) measured the
+    # faster PPO scoring phase here (benchmarks/README.md) and the planner counts the bytes it keeps per rank.
+    zero3_param_persistence_threshold: int = 10000
+    # a JSON file of DeepSpeed keys merged over the generated config (examples in ds_configs/); the merged config is
+    # saved in the run directory. Keys the run config owns (batch sizes, stage, precision, offload, clipping) are
+    # refused there: set them here instead.
+    ds_config: Optional[str] = None
 
 
 @dataclass
-class TrainConfig:
-    micro_batch_size: int = 8  # per rank
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int = 0  # optimizer steps; 0 = run the epochs
-    eval_every: int = 50
-    log_every: int = 5
-    seed: int = 1234
-    eval_batch_size: int = 16
+class LoopConfig:
+    """What every step's loop reads: seed, logging cadence, the non-finite-loss guard, the collective timeout."""
+
+    log_every: int = 5  # metrics every N optimizer steps (PPO: iterations)
+    seed: int = 1234  # seeds initialisation, data order and sampling (per rank)
     # a loss that is NaN/inf on any rank: "skip" drops that optimizer step on every rank (at most max_nonfinite_steps
     # in a run), "stop" ends the run with an error (checkpoints already written stay the last good ones)
     on_nonfinite_loss: Literal["skip", "stop"] = "skip"
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: int = 10  # with on_nonfinite_loss=skip: at most this many skipped steps in a run
     # how long a collective may wait for a peer before the job fails (NCCL's watchdog and gloo both use it)
     collective_timeout_minutes: float = 30.0
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """A supervised loop over a dataset (pretrain, SFT, RM): the loop keys plus batching, epochs and eval cadence."""
+
+    micro_batch_size: int = 8  # per rank
+    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
+    epochs: int = 1  # passes over the training data
+    max_steps: int = 0  # optimizer steps; 0 = run the epochs
+    eval_every: int = 50  # evaluate every N optimizer steps (and at the end)
+    eval_batch_size: int = 16  # per rank, for evaluation
 
 
 @dataclass
@@ -79,38 +95,63 @@ class CheckpointConfig:
     dir: Optional[str] = None  # None = <output_dir>/checkpoints
     every_steps: int = 0  # 0 = not by step count
     every_minutes: float = 30.0  # 0 = not by time; a SIGTERM/SIGUSR1 always saves before the job exits
-    keep_last: int = 2
+    keep_last: int = 2  # complete checkpoints kept; older ones are removed
     # auto = continue from the newest complete checkpoint in `dir` when there is one; never = start afresh (existing
     # checkpoints in `dir` are removed); or the path of one checkpoint (a step_NNNNNNNN folder)
     resume: str = "auto"
 
 
 @dataclass
+class SourceConfig:
+    """One data source of a list in `data.train` / `data.eval`; unset keys take the `data.*` value."""
+
+    path: str = ""  # file, folder (save_to_disk or data files) or hub name
+    format: Optional[str] = None  # None = data.format
+    columns: Optional[dict[str, str]] = None  # None = data.columns
+    template: Optional[str] = None  # None = data.template
+    weight: float = 1.0  # sampling ratio: this source contributes round(weight x its examples) (seeded)
+    limit: int = 0  # read only the first `limit` rows; 0 = all
+
+
+DataSources = Union[str, list[Union[str, SourceConfig]], None]
+
+
+@dataclass
 class DataConfig:
-    train: Optional[str] = None  # file, folder (save_to_disk) or hub name; None = built-in task
-    eval: Optional[str] = None
-    eval_fraction: float = 0.05  # held out from `train` when `eval` is not given
-    format: str = "auto"
+    # a file, folder (save_to_disk) or hub name, or a list of them / of SourceConfig mappings; None = built-in task
+    train: DataSources = None
+    eval: DataSources = None  # held-out data, in the same forms as `train`; None = carved from `train` by eval_split
+    # held out from `train` (seeded) when `eval` is not given: a fraction (0 < x < 1) or a count of examples; 0 = none
+    eval_split: Union[int, float] = 0.05
+    format: str = "auto"  # auto = detected from the columns (per file), or a format name (README: Data formats)
+    # rename columns to the format's names, e.g. {question: prompt}
     columns: dict[str, str] = field(default_factory=dict)
+    # how prompts are rendered, e.g. "Question: {question}\n\nAnswer: " ({prompt} or {question}: the row's prompt);
+    # None = the prompt as it is (docs/data.md)
+    template: Optional[str] = None
+    # plain .txt corpora (pretraining, PPO-ptx): one document per "blank_line"-separated block, or per "line"
+    text_documents: Literal["blank_line", "line"] = "blank_line"
+    # a malformed row: error (exit 2 naming file, row and field) or skip (counted)
     on_bad_row: Literal["error", "skip"] = "error"
-    max_prompt_tokens: int = 64
-    max_seq_len: int = 128
+    max_prompt_tokens: int = 64  # prompt tokens kept (BOS included); longer prompts follow prompt_overflow
+    max_seq_len: int = 128  # prompt + response tokens; a longer response is cut (and loses its EOS)
+    # a prompt over max_prompt_tokens: truncate (keep its end) or drop the example
     prompt_overflow: Literal["truncate", "drop"] = "truncate"
 
 
 @dataclass
 class TrackingConfig:
-    wandb: bool = False
-    wandb_project: str = "rlhf_ds"
-    wandb_run_name: Optional[str] = None
-    wandb_group: Optional[str] = None
-    wandb_tags: list[str] = field(default_factory=list)
-    tensorboard: bool = False
+    wandb: bool = False  # log to Weights & Biases (WANDB_MODE=offline works without a network)
+    wandb_project: str = "rlhf_ds"  # wandb project
+    wandb_run_name: Optional[str] = None  # wandb run name; None = <output_dir name>-<step>
+    wandb_group: Optional[str] = None  # wandb group (the pipeline puts its steps in one)
+    wandb_tags: list[str] = field(default_factory=list)  # wandb tags
+    tensorboard: bool = False  # also write TensorBoard events under <output_dir>/tensorboard
 
 
 @dataclass
 class BuiltinTaskConfig:
-    seed: int = 0
+    seed: int = 0  # seed of the built-in task: its world, data and gold reward
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -120,18 +161,18 @@ class BuiltinTaskConfig:
 class ArchConfig:
     """A small causal LM built from scratch (step 0)."""
 
-    type: Literal["gpt2", "llama"] = "gpt2"
-    n_layers: int = 4
-    hidden: int = 128
-    n_heads: int = 4
+    type: Literal["gpt2", "llama"] = "gpt2"  # architecture family of the new model
+    n_layers: int = 4  # transformer blocks
+    hidden: int = 128  # hidden size
+    n_heads: int = 4  # attention heads
     intermediate: int = 0  # 0 = 4 * hidden
-    max_positions: int = 128
-    vocab_size: int = 512  # tokenizer vocabulary to train
+    max_positions: int = 128  # context length (position embeddings)
+    vocab_size: int = 640  # byte-level BPE vocabulary to train (256 bytes + 3 special tokens + merges)
 
 
 @dataclass
 class PretrainConfig:
-    output_dir: str = "runs/pretrain"
+    output_dir: str = "runs/pretrain"  # run directory: model/, checkpoints/, logs/, metrics.jsonl, results.json
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=64))
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=2e-3, zero_stage=0))
@@ -143,10 +184,10 @@ class PretrainConfig:
 
 @dataclass
 class SFTConfig:
-    output_dir: str = "runs/sft"
+    output_dir: str = "runs/sft"  # run directory: model/, checkpoints/, logs/, metrics.jsonl, results.json
     model: str = "runs/pretrain"  # local from_pretrained folder, or a step run dir holding model/
-    trust_remote_code: bool = False
-    loss_on_prompt: bool = False
+    trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
+    loss_on_prompt: bool = False  # also train on the prompt tokens (default: the response tokens only)
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=5e-4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2))
@@ -238,15 +279,15 @@ def _build(cls: type, raw: dict, prefix: str = ""):
             value = raw[name]
             if dataclasses.is_dataclass(sub_default) and isinstance(value, dict):
                 # merge into the step's own defaults for the section, not the section class's
-                value = _deep_merge(dataclasses.asdict(sub_default), value)
+                value = deep_merge(dataclasses.asdict(sub_default), value)
             kwargs[name] = _coerce(value, hints[name], prefix + name)
     return dataclasses.replace(default, **kwargs)
 
 
-def _deep_merge(base: dict, override: dict) -> dict:
+def deep_merge(base: dict, override: dict) -> dict:
     out = dict(base)
     for k, v in override.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
     return out
 
 
@@ -315,10 +356,11 @@ def validate(cfg) -> None:
         validate_engine(name, eng)
     train = getattr(cfg, "train", None)
     if train is not None:
-        for k in ("micro_batch_size", "grad_accum", "epochs", "log_every", "eval_batch_size"):
+        batching = ("micro_batch_size", "grad_accum", "epochs", "eval_batch_size") if isinstance(train, TrainConfig) else ()
+        for k in ("log_every", *batching):
             if getattr(train, k) <= 0:
                 raise ConfigError(f"train.{k} must be > 0, got {getattr(train, k)}")
-        if train.max_steps < 0:
+        if getattr(train, "max_steps", 0) < 0:
             raise ConfigError("train.max_steps must be >= 0")
         if train.max_nonfinite_steps < 0 or train.collective_timeout_minutes <= 0:
             raise ConfigError("train.max_nonfinite_steps must be >= 0 and train.collective_timeout_minutes > 0")
@@ -335,11 +377,27 @@ def validate(cfg) -> None:
                 f"data.max_prompt_tokens ({data.max_prompt_tokens}) must be < data.max_seq_len ({data.max_seq_len}) "
                 "to leave room for a response"
             )
-        if not 0 <= data.eval_fraction < 1:
-            raise ConfigError("data.eval_fraction must be in [0, 1)")
+        validate_data(data)
+    if isinstance(cfg, PretrainConfig) and cfg.arch.vocab_size < 259:
+        raise ConfigError(f"arch.vocab_size must be >= 259 (256 byte symbols + PAD/BOS/EOS of the byte-level "
+                          f"tokenizer), got {cfg.arch.vocab_size}")
     extra = getattr(cfg, "validate", None)
     if callable(extra):
         extra()
+
+
+def validate_data(data: DataConfig) -> None:
+    split = data.eval_split
+    if split < 0 or (isinstance(split, float) and split >= 1):
+        raise ConfigError(f"data.eval_split must be a fraction in [0, 1) or a count >= 1, got {split}")
+    for key in ("train", "eval"):
+        value = getattr(data, key)
+        if isinstance(value, list):
+            if not value:
+                raise ConfigError(f"data.{key}: an empty list of sources")
+            for i, src in enumerate(value):
+                if isinstance(src, SourceConfig) and (not src.path or src.weight <= 0 or src.limit < 0):
+                    raise ConfigError(f"data.{key}[{i}]: needs a path, weight > 0 and limit >= 0")
 
 
 def validate_engine(name: str, eng: EngineConfig) -> None:
@@ -357,6 +415,21 @@ def validate_engine(name: str, eng: EngineConfig) -> None:
         raise ConfigError(f"{name}.adam_betas must have two values")
     if eng.lora.enabled and eng.lora.rank <= 0:
         raise ConfigError(f"{name}.lora.rank must be > 0")
+    if eng.zero3_param_persistence_threshold < 0:
+        raise ConfigError(f"{name}.zero3_param_persistence_threshold must be >= 0")
+    if eng.ds_config is not None:
+        from rlhf_ds.engine.ds_config import read_user_ds_config  # lazy: it imports torch
+
+        read_user_ds_config(eng.ds_config)
+
+
+def validate_frozen_engine(name: str, eng: EngineConfig) -> None:
+    """An inference-only engine has no optimizer: ZeRO stages 1 and 2 partition optimizer states and gradients only,
+    and DeepSpeed refuses them without an optimizer ('zero stage 2 requires an optimizer')."""
+    validate_engine(name, eng)
+    if eng.zero_stage in (1, 2):
+        raise ConfigError(f"{name}.zero_stage is {eng.zero_stage}, but this model is frozen (no optimizer): use 3 to "
+                          "shard it or 0 to keep a whole copy per rank")
 
 
 def _engines(cfg) -> list[tuple[str, EngineConfig]]:
@@ -381,13 +454,13 @@ def save_config(cfg, path: str) -> None:
 
 @dataclass
 class RMConfig:
-    output_dir: str = "runs/rm"
+    output_dir: str = "runs/rm"  # run directory: model/, checkpoints/, logs/, metrics.jsonl, results.json
     model: str = "runs/sft"  # backbone: any local causal-LM folder (SFT output, a base model, another architecture)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
     # offset (and gain) stored with the model so the mean score of this reference set is 0 (and its std 1 with gain):
     # "chosen" = the chosen responses of the evaluation pairs, "none" = keep raw scores
     normalize_on: Literal["chosen", "none"] = "chosen"
-    normalize_gain: bool = False
+    normalize_gain: bool = False  # also scale the scores to std 1 on the reference set
     data: DataConfig = field(default_factory=DataConfig)
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=1e-3))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, eval_every=100))
@@ -403,21 +476,22 @@ register_step_config("rm", RMConfig)
 class RoleConfig:
     """One of PPO's four models: where it loads from and how its DeepSpeed engine runs."""
 
-    model: Optional[str] = None
+    model: Optional[str] = None  # model folder or step run dir; None = the role's default
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 24
-    do_sample: bool = True
+    max_new_tokens: int = 24  # response tokens at most
+    do_sample: bool = True  # sample (else greedy decoding)
     temperature: float = 1.0  # every later log-prob evaluation divides logits by the same T
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = 0  # sample among the k most likely tokens (0 = off)
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens with this mass (1 = off)
 
 
 @dataclass
 class HybridConfig:
+    # portable (hook-free copy synced from the shards, any device) or DeepSpeed's CUDA engine
     backend: Literal["portable", "deepspeed"] = "portable"
     gather_group_size: int = 32  # parameter tensors gathered at once when syncing the generation copy
     keep_copy: bool = True  # keep the unsharded generation copy between rollouts (else free it each time)
@@ -428,40 +502,48 @@ class PPOAlgoConfig:
     steps: int = 60  # PPO iterations (rollout + update)
     rollout_batch_size: int = 16  # prompts per rank per iteration
     micro_batch_size: int = 8  # per rank, for scoring and training forward passes
-    grad_accum: int = 1
-    ppo_epochs: int = 2
+    grad_accum: int = 1  # micro-batches per optimizer step (per rank)
+    ppo_epochs: int = 2  # passes over each rollout batch
     kl_coef: float = 0.1  # beta (DeepSpeed-Chat: 0.1); 0 disables the penalty (over-optimisation experiments)
+    # per-token KL: k1 log-ratio, k2 squared log-ratio / 2, k3 ratio - 1 - log-ratio
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    kl_controller: Literal["fixed", "adaptive"] = "fixed"
-    kl_target: float = 6.0
-    kl_horizon: int = 10000
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
+    kl_controller: Literal["fixed", "adaptive"] = "fixed"  # fixed beta, or adaptive (moves beta towards kl_target)
+    kl_target: float = 6.0  # adaptive controller: target KL per sequence (nats)
+    kl_horizon: int = 10000  # adaptive controller: horizon in samples
+    gamma: float = 1.0  # discount per token
+    lam: float = 0.95  # GAE lambda
+    clip_eps: float = 0.2  # PPO clip range of the probability ratio
     value_clip: Optional[float] = 0.2  # null disables value clipping
-    vf_coef: float = 1.0
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
+    vf_coef: float = 1.0  # weight of the value loss
+    whiten_rewards: bool = False  # normalise the rewards within the batch before GAE
+    whiten_advantages: bool = True  # normalise the advantages (mean 0, std 1) within the batch
     score_clip: Optional[float] = None  # clip the RM score to +-score_clip
     missing_eos_penalty: Optional[float] = -1.0  # added to the score of responses with no EOS; null disables
     ptx_coef: float = 0.0  # PPO-ptx: InstructGPT used 27.8 (with its own loss scales)
     ptx_data: Optional[str] = None  # text corpus for ptx; None = the built-in task's pretraining corpus
     ema_decay: float = 0.0  # > 0 keeps an EMA copy of the actor (saved as ema/), e.g. 0.992
+    # collapse warning: the fraction of distinct responses in a rollout below `collapse_distinct_below`, or of distinct
+    # word bigrams below `collapse_distinct2_below`, for `collapse_patience` steps in a row (patience 0 disables it)
+    collapse_distinct_below: float = 0.3
+    collapse_distinct2_below: float = 0.3  # the same warning for the fraction of distinct word bigrams
+    collapse_patience: int = 5  # steps in a row below a threshold before the warning before the warning
+    # held-out prompts (data.eval or data.eval_split) are evaluated at the end and every `eval_every` steps (0 = end only)
+    eval_every: int = 0
 
 
 @dataclass
 class PPOConfig:
-    output_dir: str = "runs/ppo"
+    output_dir: str = "runs/ppo"  # run directory: model/, critic/, checkpoints/, logs/, metrics.jsonl, results.json
     actor: RoleConfig = field(default_factory=lambda: RoleConfig("runs/sft", EngineConfig(lr=5e-5, warmup_ratio=0.0, lr_schedule="constant")))
     critic: RoleConfig = field(default_factory=lambda: RoleConfig(None, EngineConfig(lr=1e-4, warmup_ratio=0.0, lr_schedule="constant")))  # None = reward model
     reference: RoleConfig = field(default_factory=RoleConfig)  # None = the actor's initial weights
     reward: RoleConfig = field(default_factory=lambda: RoleConfig("runs/rm", EngineConfig()))
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_tokens=32))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(log_every=1))
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_tokens=32, eval_split=0))
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(log_every=1))  # batching is in `ppo`
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
@@ -477,11 +559,76 @@ class PPOConfig:
             raise ConfigError("generation.temperature must be > 0")
         if not 0 <= p.ema_decay < 1:
             raise ConfigError("ppo.ema_decay must be in [0, 1)")
-        for role in ("actor", "critic", "reference", "reward"):
+        if not (0 <= p.collapse_distinct_below <= 1 and 0 <= p.collapse_distinct2_below <= 1):
+            raise ConfigError("ppo.collapse_distinct_below and ppo.collapse_distinct2_below must be in [0, 1]")
+        if p.collapse_patience < 0 or p.eval_every < 0:
+            raise ConfigError("ppo.collapse_patience and ppo.eval_every must be >= 0")
+        for role in ("actor", "critic"):
             validate_engine(f"{role}.engine", getattr(self, role).engine)
+        for role in ("reference", "reward"):
+            validate_frozen_engine(f"{role}.engine", getattr(self, role).engine)
 
 
 register_step_config("ppo", PPOConfig)
+
+
+@dataclass
+class DPOAlgoConfig:
+    """Offline preference optimisation (`rlhf-ds dpo`); the losses are in rlhf_ds/rl/preference.py."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"  # sigmoid (DPO), ipo or simpo (no reference model)
+    beta: float = 0.1  # sigmoid/ipo: strength of the implicit KL to the reference; simpo: reward scale (paper: 2-10)
+    label_smoothing: float = 0.0  # conservative DPO: the probability that a preference label is flipped (< 0.5)
+    simpo_gamma: float = 0.5  # SimPO target reward margin (gamma; gamma / beta is the margin in log-prob units)
+    sft_coef: float = 0.0  # RPO-style: + sft_coef * per-token NLL of the chosen responses
+    # average the log-probs over response tokens instead of summing them; None = per loss: simpo and ipo average,
+    # sigmoid sums (SimPO is defined on averages)
+    length_normalize: Optional[bool] = None
+    # score every pair with the reference once before training, cache the log-probs on disk (keyed by a fingerprint
+    # of the data and the reference) and free the reference: it is not in memory while the policy trains
+    precompute_reference: bool = False
+    reference_cache: Optional[str] = None  # None = <output_dir>/reference_logps.safetensors
+
+    def averages(self) -> bool:
+        return self.loss in ("simpo", "ipo") if self.length_normalize is None else self.length_normalize
+
+
+@dataclass
+class DPOConfig:
+    output_dir: str = "runs/dpo"  # run directory: config.yaml, metrics.jsonl, results.json, model/, checkpoints/
+    model: str = "runs/sft"  # the policy's starting point (the SFT output)
+    # the frozen reference: model None = the policy's starting weights; with engine.lora on (and no precomputation)
+    # that is the policy itself with its adapters switched off, so no second copy is loaded
+    reference: RoleConfig = field(default_factory=RoleConfig)
+    trust_remote_code: bool = False  # allow model code from the model folders (transformers' trust_remote_code)
+    dpo: DPOAlgoConfig = field(default_factory=DPOAlgoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lr=1e-4, warmup_ratio=0.1))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, eval_every=100))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+
+    def validate(self) -> None:
+        d = self.dpo
+        if d.beta <= 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {d.beta}")
+        if not 0 <= d.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+        if d.label_smoothing and d.loss == "ipo":
+            raise ConfigError("dpo.label_smoothing applies to the sigmoid and simpo losses, not ipo")
+        if d.sft_coef < 0:
+            raise ConfigError(f"dpo.sft_coef must be >= 0, got {d.sft_coef}")
+        if d.loss == "simpo" and d.length_normalize is False:
+            raise ConfigError("dpo.loss=simpo is defined on length-normalised log-probs: leave dpo.length_normalize "
+                              "unset (or true)")
+        if d.loss == "simpo" and (self.reference.model or d.precompute_reference):
+            raise ConfigError("dpo.loss=simpo uses no reference model: unset reference.model and "
+                              "dpo.precompute_reference")
+        validate_engine("reference.engine", self.reference.engine)
+
+
+register_step_config("dpo", DPOConfig)
 
 
 @dataclass
@@ -489,28 +636,30 @@ class EvalConfig:
     """Final evaluation (`rlhf-ds eval`): sampled responses of the SFT and PPO policies to held-out prompts, scored by
     the gold reward (built-in task) and the reward model. Runs in one process with plain transformers."""
 
-    output_dir: str = "runs/eval"
+    output_dir: str = "runs/eval"  # run directory: results.json, samples.jsonl, metrics.jsonl
     sft_model: Optional[str] = "runs/sft"  # None = evaluate the PPO policy alone
     ppo_model: Optional[str] = "runs/ppo"  # None = evaluate the SFT policy alone
+    dpo_model: Optional[str] = None  # a DPO policy to evaluate side by side with the others (e.g. runs/dpo)
     reward_model: Optional[str] = "runs/rm"  # None = no RM scores
     prompts: Optional[str] = None  # prompts file; None = the built-in task's held-out eval_prompts.jsonl
+    template: Optional[str] = None  # prompt template, as the data.template the policies were trained with
     max_prompts: int = 0  # 0 = all
     max_prompt_tokens: int = 32  # as PPO's data.max_prompt_tokens
-    batch_size: int = 32
+    batch_size: int = 32  # prompts per generation batch
     # the policies as PPO trained them: sampled at T=1, several samples per prompt (greedy decoding of tiny models
     # degenerates into repetition, which says little about the policy)
     samples_per_prompt: int = 4
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     device: str = "auto"  # auto = cuda when available, else cpu
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = 1234
-    trust_remote_code: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # dtype of the evaluated models
+    seed: int = 1234  # seeds the sampling (the same stream for every policy)
+    trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
 
     def validate(self) -> None:
-        if self.sft_model is None and self.ppo_model is None:
-            raise ConfigError("eval needs sft_model or ppo_model (or both)")
+        if self.sft_model is None and self.ppo_model is None and self.dpo_model is None:
+            raise ConfigError("eval needs sft_model, ppo_model or dpo_model (or several)")
         if self.batch_size <= 0 or self.max_prompts < 0 or self.samples_per_prompt <= 0:
             raise ConfigError("eval.batch_size and eval.samples_per_prompt must be > 0 and eval.max_prompts >= 0")
         if self.generation.temperature <= 0 or self.generation.max_new_tokens <= 0:
@@ -519,7 +668,10 @@ class EvalConfig:
 
 register_step_config("eval", EvalConfig)
 
-PIPELINE_STEPS = ("pretrain", "sft", "rm", "ppo", "eval")
+PIPELINE_STEPS = ("pretrain", "sft", "rm", "ppo", "dpo", "eval")  # every step a pipeline can run, in order
+# the steps of each `algorithm`: the RLHF branch (reward model + PPO), the offline branch (DPO), or both from one SFT model
+ALGORITHM_STEPS = {"ppo": ("pretrain", "sft", "rm", "ppo", "eval"), "dpo": ("pretrain", "sft", "dpo", "eval"),
+                   "both": PIPELINE_STEPS}
 
 
 @dataclass
@@ -529,7 +681,8 @@ class PipelineConfig:
     The step sections are the steps' own configs with their own defaults; the pipeline sets their `output_dir`, the
     model paths that link one step to the next, `task` and `tracking` (shared by all steps, one wandb group)."""
 
-    output_dir: str = "runs/pipeline"
+    output_dir: str = "runs/pipeline"  # run directory: one folder per step, summary.json, metrics.jsonl, report.html
+    algorithm: Literal["ppo", "dpo", "both"] = "ppo"  # which branch(es) run after SFT (ALGORITHM_STEPS)
     num_gpus: int = 2  # local ranks per step (deepspeed launcher); each step is a fresh process group
     pretrain_num_gpus: int = 2  # data-parallel ZeRO-0 by default
     master_port: Optional[int] = None  # None = a free port per step
@@ -546,6 +699,7 @@ class PipelineConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
@@ -557,6 +711,10 @@ class PipelineConfig:
                     raise ConfigError(f"{key}: unknown step '{name}' (steps: {', '.join(PIPELINE_STEPS)})")
         if self.only is not None and not self.only:
             raise ConfigError("only: name at least one step")
+        outside = [s for s in self.only or [] if s not in ALGORITHM_STEPS[self.algorithm]]
+        if outside:
+            raise ConfigError(f"only: step '{outside[0]}' is not part of algorithm={self.algorithm} "
+                              f"(its steps: {', '.join(ALGORITHM_STEPS[self.algorithm])})")
         if self.num_gpus <= 0 or self.pretrain_num_gpus <= 0:
             raise ConfigError("num_gpus and pretrain_num_gpus must be > 0")
         for name in PIPELINE_STEPS:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from rlhf_ds.config import EngineConfig
+
 GB = 1e9
 GIB = float(2**30)
 
@@ -422,13 +424,14 @@ class Workload:
 
 @dataclass(frozen=True)
 class DeepSpeedKnobs:
-    """DeepSpeed settings that size buffers (defaults = DeepSpeed's own, v0.19)."""
+    """DeepSpeed settings that size buffers (defaults = DeepSpeed's own, v0.19, except where rlhf_ds sets its own)."""
 
     reduce_bucket_size: int = int(5e8)  # elements
     allgather_bucket_size: int = int(5e8)  # elements (ZeRO-1/2 all-gather is in place: no buffer)
     prefetch_bucket_size: int = int(5e7)  # elements, ZeRO-3 stage3_prefetch_bucket_size
     max_live_parameters: int = int(1e9)  # elements, ZeRO-3 stage3_max_live_parameters
-    param_persistence_threshold: int = int(1e5)  # elements, ZeRO-3 stage3_param_persistence_threshold
+    # elements, ZeRO-3 stage3_param_persistence_threshold: rlhf_ds's engine.zero3_param_persistence_threshold
+    param_persistence_threshold: int = EngineConfig.zero3_param_persistence_threshold
     sub_group_size: int = int(1e9)  # elements, ZeRO-3 optimizer step granularity
     overlap_comm: Optional[bool] = None  # None: DeepSpeed default (True only for ZeRO-3)
     contiguous_gradients: bool = True
@@ -1168,6 +1171,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--prompt-len", type=int, default=256)
     a("--response-len", type=int, default=256)
     a("--generation-batch", type=int, default=None, help="generation batch per GPU (default: --micro-batch)")
+    a("--param-persistence-threshold", type=int, default=DeepSpeedKnobs.param_persistence_threshold,
+      help="ZeRO-3 parameters with fewer elements stay whole on every rank (engine.zero3_param_persistence_threshold)")
     a("--recommend", action="store_true", help="search for the cheapest settings that fit")
     a("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -1193,14 +1198,15 @@ def run_plan_cli(args: argparse.Namespace) -> int:
                       cpu_memory_gb=args.cpu_memory_gb)
         wl = Workload(micro_batch=args.micro_batch, prompt_len=args.prompt_len, response_len=args.response_len,
                       generation_batch=args.generation_batch)
+        knobs = DeepSpeedKnobs(param_persistence_threshold=args.param_persistence_threshold)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"rlhf-ds plan: error: {e}", file=sys.stderr)
         return 2
     if args.recommend:
-        rec = recommend(models, hw, wl, lora_rank=args.lora_rank or 16)
+        rec = recommend(models, hw, wl, knobs, lora_rank=args.lora_rank or 16)
         print(json.dumps(rec.to_dict(), indent=2) if args.json else rec.table())
         return 0 if rec.fits else 1
-    plan = plan_job(models, hw, wl)
+    plan = plan_job(models, hw, wl, knobs)
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
     return 0 if plan.fits else 1
 

@@ -142,3 +142,43 @@ def test_argv_handling():
         "sft", "train.epochs=2", "x=2"]
     with pytest.raises(SystemExit):
         cli.main(["sft", "--num-gpus", "2", "--bogus"])
+
+
+def test_generate_truncates_or_skips_overlong_prompts_and_names_the_rows(tiny_base, tmp_path, capsys):
+    """One over-long prompt no longer aborts the file; the default limit comes from the model's positions."""
+    task = BuiltinTask(0)
+    short = list(task.eval_prompt_set[:3])
+    long = "human : " + " ".join(["describe the red fox ."] * 60) + " assistant :"
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": short[0]}, {"prompt": long}, {"prompt": short[1]},
+                                             {"prompt": short[2]}])
+    positions = 96  # tiny_base's arch.max_positions
+    out = tmp_path / "t.jsonl"
+    assert cli.main(["generate", tiny_base, src, "-o", str(out), "--max-new-tokens", "16"]) == 0
+    err = capsys.readouterr().err
+    assert f"1 of 4 prompts in {src} are longer than {positions - 16} tokens and were left-truncated to fit: row 2" in err
+    rows = load_jsonl(out)
+    assert [r["prompt"] for r in rows] == [short[0], long, *short[1:]]
+    out = tmp_path / "s.jsonl"
+    assert cli.main(["generate", tiny_base, src, "-o", str(out), "--max-new-tokens", "16", "--max-prompt-tokens", "40",
+                     "--prompt-overflow", "skip"]) == 0
+    assert f"1 of 4 prompts in {src} are longer than 40 tokens and were skipped: row 2" in capsys.readouterr().err
+    assert [r["prompt"] for r in load_jsonl(out)] == [short[0], *short[1:]]
+    # a limit that leaves no room to generate: exit 2, the flag spelled as the user typed it, nothing written
+    out = tmp_path / "none.jsonl"
+    assert cli.main(["generate", tiny_base, src, "-o", str(out), "--max-prompt-tokens", "200"]) == 2
+    assert f"--max-prompt-tokens 200 leaves no room to generate within the model's {positions} positions" in \
+        capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_score_keeps_every_input_column(tiny_base, tmp_path):
+    task = BuiltinTask(0)
+    rows = [{"id": f"q{i}", "prompt": p, "response": "it is a good fox .", "reference": "gold", "meta": {"k": i}}
+            for i, p in enumerate(task.eval_prompt_set[:3])]
+    out = tmp_path / "scores.jsonl"
+    assert cli.main(["score", tiny_base, write_jsonl(tmp_path / "in.jsonl", rows), "-o", str(out)]) == 0
+    got = load_jsonl(out)
+    assert len(got) == 3
+    for row, scored in zip(rows, got):
+        assert {k: scored[k] for k in row} == row
+        assert isinstance(scored["score"], float)

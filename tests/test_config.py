@@ -70,7 +70,7 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'arch'"):
         load_config("sft", None, ["arch.n_layers=2"])  # a pretrain-only section
     with pytest.raises(ConfigError, match="unknown step"):
-        load_config("dpo")
+        load_config("kto")  # not a step (dpo is one now)
 
 
 @pytest.mark.parametrize("override,match", [
@@ -96,9 +96,9 @@ def test_override_into_a_value_is_refused():
 
 
 def test_int_to_float_is_the_only_silent_conversion():
-    cfg = load_config("sft", None, ["engine.lr=1", "data.eval_fraction=0"])
+    cfg = load_config("sft", None, ["engine.lr=1", "engine.warmup_ratio=0"])
     assert cfg.engine.lr == 1.0 and isinstance(cfg.engine.lr, float)
-    assert isinstance(cfg.data.eval_fraction, float)
+    assert isinstance(cfg.engine.warmup_ratio, float)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -113,7 +113,10 @@ def test_int_to_float_is_the_only_silent_conversion():
     (["train.max_steps=-1"], r"max_steps"),
     (["engine.lora.enabled=true", "engine.lora.rank=0"], r"lora\.rank must be > 0"),
     (["engine.adam_betas=[0.9]"], r"adam_betas must have two values"),
-    (["data.eval_fraction=1.0"], r"eval_fraction"),
+    (["data.eval_split=1.0"], r"eval_split must be a fraction in \[0, 1\) or a count"),
+    (["data.eval_split=-3"], r"eval_split"),
+    (["data.train=[]"], r"data\.train: an empty list of sources"),
+    (["data.train=[{path: a.jsonl, weight: 0}]"], r"data\.train\[0\]: needs a path, weight > 0"),
 ])
 def test_impossible_combinations_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -185,7 +188,7 @@ def test_ds_config_from_templates(stage, precision):
     assert list(_autos(ds)) == []
     if stage == 3:
         assert ds["zero_optimization"]["offload_param"] == {"device": "none"}
-        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0  # every parameter partitioned
+        assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == eng.zero3_param_persistence_threshold == 10000
     else:
         assert "offload_param" not in ds["zero_optimization"]
     if stage >= 1:
@@ -229,3 +232,33 @@ def test_ds_config_template_with_unknown_auto_is_refused(tmp_path):
     (tmp_path / "zero0.json").write_text('{"train_batch_size": "auto", "optimizer": {"params": {"lr": "auto"}}}')
     with pytest.raises(ValueError, match=r"optimizer\.params\.lr"):
         build_ds_config(EngineConfig(zero_stage=0), 1, 1, 1, template_dir=str(tmp_path))
+
+
+def test_data_sources_a_string_a_list_or_mappings_and_eval_split_a_fraction_or_a_count():
+    from rlhf_ds.config import SourceConfig
+
+    assert load_config("rm", None, ["data.train=hh.jsonl"]).data.train == "hh.jsonl"
+    cfg = load_config("rm", None, ["data.train=[hh.jsonl, {path: se.jsonl, format: stack_exchange, weight: 0.5, "
+                                   "limit: 100, template: 'Question: {question}'}]", "data.eval_split=200"])
+    assert cfg.data.train == ["hh.jsonl", SourceConfig("se.jsonl", "stack_exchange", None, "Question: {question}", 0.5, 100)]
+    assert cfg.data.eval_split == 200 and isinstance(cfg.data.eval_split, int)
+    assert load_config("sft", None, ["data.eval_split=0.1"]).data.eval_split == 0.1
+
+
+def test_pretrain_vocabulary_holds_the_byte_alphabet():
+    with pytest.raises(ConfigError, match=r"arch\.vocab_size must be >= 259 \(256 byte symbols"):
+        load_config("pretrain", None, ["arch.vocab_size=258"])
+    assert load_config("pretrain", None, ["arch.vocab_size=259"]).arch.vocab_size == 259
+
+
+def test_eval_split_a_fraction_or_a_count_seeded():
+    from rlhf_ds.data.readers import DataError
+    from rlhf_ds.steps.common import eval_count, split_eval
+
+    assert (eval_count(100, 0.05), eval_count(100, 7), eval_count(100, 0), eval_count(10, 0.01)) == (5, 7, 0, 1)
+    train, held = split_eval(list(range(20)), None, 4, seed=1)
+    assert len(held) == 4 and sorted(train + held) == list(range(20))
+    assert split_eval(list(range(20)), None, 4, seed=1) == (train, held) != split_eval(list(range(20)), None, 4, seed=2)
+    assert split_eval([1, 2], [9], 0.5, seed=1) == ([1, 2], [9])  # a given eval set wins
+    with pytest.raises(DataError, match=r"data.eval_split=5 holds out 5 of only 5 training examples"):
+        split_eval(list(range(5)), None, 5, seed=1)

@@ -202,3 +202,41 @@ def test_collate_preferences_stacks_chosen_then_rejected():
     assert batch["attention_mask"].sum(1).tolist() == [2, 4, 3, 2]
     assert batch["margin"].tolist() == [1.0, 0.0] and batch["weight"].tolist() == [0.5, 1.0]
     assert batch["prompt_lens"].tolist() == [1, 1]
+
+
+# ---- the tokenizer step 0 trains -----------------------------------------------------------------------------------
+
+
+ROUND_TRIP = [
+    "\n\nHuman: describe the fox\n\nAssistant: it runs .",
+    "tabs\tand\t\ttabs, runs of   spaces,  trailing space ",
+    "  leading spaces and\r\nwindows line ends\n",
+    "non-ASCII: café, naïve, Größe, 漢字, emoji 🙂, ﬁ ligature, ½",
+    "",
+]
+
+
+def test_trained_tokenizer_is_byte_level_and_round_trips(tmp_path):
+    """Every text decodes back to itself after saving and loading (no unknown token exists, no normalisation, no
+    space clean-up), and "Assistant:" after a newline is the same tokens as at the start of a text."""
+    from rlhf_ds.models.loading import load_tokenizer
+    from rlhf_ds.steps.pretrain import train_tokenizer
+
+    corpus = ["human : describe the red fox . assistant : the fox is calm .", "the cat sleeps .\n\nthe dog runs ."] * 20
+    train_tokenizer(corpus, 300).save_pretrained(str(tmp_path))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.unk_token is None
+    for text in ROUND_TRIP:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text, (text, tok.convert_ids_to_tokens(ids))
+    assert tok.decode(tok(ROUND_TRIP[0])["input_ids"], skip_special_tokens=True) == ROUND_TRIP[0]
+    marker = tok("Assistant:", add_special_tokens=False)["input_ids"]
+    after_newline = tok("\n\nAssistant:", add_special_tokens=False)["input_ids"]
+    assert after_newline[-len(marker):] == marker
+
+
+def test_an_empty_answer_still_ends_with_eos(tok):
+    pairs = [PreferenceExample(prompt="Human : hi", chosen=" fine thanks", rejected="")]
+    feats, _ = preference_features(pairs, tok, max_prompt_tokens=8, max_seq_len=16)
+    prompt = feats[0]["chosen_ids"][: feats[0]["prompt_len"]]
+    assert feats[0]["rejected_ids"] == prompt + [tok.eos_token_id]

@@ -1,6 +1,7 @@
 """Readers and format parsing: every supported layout, detection, remapping and error messages."""
 
 import json
+import re
 
 import pytest
 
@@ -256,7 +257,7 @@ def test_plain_dicts_are_accepted():
 
 BAD_ROWS = [
     ({"prompt": "p", "chosen": "c"}, "rejected", "missing field"),
-    ({"prompt": "p", "chosen": "   ", "rejected": "r"}, "chosen", "empty text"),
+    ({"prompt": "   ", "chosen": "c", "rejected": "r"}, "prompt", "empty text"),
     ({"prompt": 3, "chosen": "c", "rejected": "r"}, "prompt", "non-string value"),
     ({"prompt": "p", "chosen": "same", "rejected": "same"}, "rejected", "chosen identical to rejected"),
     ({"prompt": "p", "chosen": "c", "rejected": "r", "margin": "big"}, "margin", "invalid margin"),
@@ -273,8 +274,8 @@ def test_bad_row_error_names_file_row_field(row, field, reason):
 
 def test_bad_row_message_format():
     with pytest.raises(DataError) as err:
-        parse_preferences(records([{"prompt": "p", "chosen": "", "rejected": "r"}]))
-    assert str(err.value) == "data/train.jsonl row 0, field 'chosen': empty text"
+        parse_preferences(records([{"prompt": "", "chosen": "c", "rejected": "r"}]))
+    assert str(err.value) == "data/train.jsonl row 0, field 'prompt': empty text"
 
 
 def test_missing_field_lists_present_columns():
@@ -284,7 +285,7 @@ def test_missing_field_lists_present_columns():
 
 def test_skip_mode_counts_each_reason():
     good = {"prompt": "p", "chosen": "c", "rejected": "r"}
-    rows = [good] + [row for row, _, _ in BAD_ROWS] + [dict(good, chosen="")]
+    rows = [good] + [row for row, _, _ in BAD_ROWS] + [dict(good, chosen="", rejected=" ")]
     examples, report = parse_preferences(records(rows), on_bad_row="skip")
     assert len(examples) == 1 and report.total == 7 and report.kept == 1
     assert report.skipped == {
@@ -424,3 +425,140 @@ def test_csv_ragged_row_counts_fields_and_names_the_line(tmp_path):
         read_records(str(path))
     assert str(err.value) == (f"{path} row 1: row has a different number of fields than the header: 3 instead of 2 "
                               "(prompt, response) (line 4); quote fields that contain commas")
+
+
+# ---- empty answers in preference pairs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("row, fmt", [
+    ({"prompt": "p", "chosen": "a fine answer", "rejected": ""}, "prompt_chosen_rejected"),
+    ({"prompt": "p", "chosen": "", "rejected": "a rude answer"}, "prompt_chosen_rejected"),
+    ({"question": "p", "response_j": "a fine answer", "response_k": ""}, "stack_exchange"),
+    ({"chosen": "\n\nHuman: p\n\nAssistant: a fine answer", "rejected": "\n\nHuman: p\n\nAssistant:"}, "dialogue"),
+    ({"prompt": "p", "responses": ["a fine answer", "", "meh"]}, "ranked"),
+])
+def test_an_empty_answer_is_a_real_answer(row, fmt):
+    examples, report = parse_preferences(records([row]))
+    assert report.fmt == fmt and report.kept == 1
+    assert any(ex.chosen == "" or ex.rejected == "" for ex in examples)
+
+
+@pytest.mark.parametrize("row, field, detail", [
+    ({"prompt": "p", "chosen": "", "rejected": "  "}, "rejected", "both 'chosen' and 'rejected' are empty"),
+    ({"prompt": "", "chosen": "c", "rejected": ""}, "prompt", "empty text"),
+    ({"prompt": "p", "responses": ["", "x", ""]}, "responses[2]", "both 'responses[0]' and 'responses[2]' are empty"),
+])
+def test_empty_prompt_or_both_answers_empty_stay_errors(row, field, detail):
+    with pytest.raises(DataError) as err:
+        parse_preferences(records([row]))
+    assert str(err.value) == f"data/train.jsonl row 0, field '{field}': {detail}"
+
+
+def test_empty_sft_target_stays_an_error():
+    with pytest.raises(DataError, match="field 'response': empty text"):
+        parse_sft(records([{"prompt": "p", "response": ""}]))
+
+
+# ---- several sources, templates, weights ------------------------------------------------------------------------
+
+HH = [{"chosen": f"\n\nHuman: q{i}?\n\nAssistant: good {i}", "rejected": f"\n\nHuman: q{i}?\n\nAssistant: bad {i}"}
+      for i in range(4)]
+SE = [{"question": f"how {i}?", "response_j": f"like this {i}", "response_k": f"no {i}"} for i in range(6)]
+STACK_TEMPLATE = "Question: {question}\n\nAnswer: "
+
+
+def test_a_folder_mixing_formats_detects_the_format_per_file(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_jsonl(folder / "hh.jsonl", HH)
+    write_jsonl(folder / "stack.jsonl", SE)
+    examples, report = load_preferences(str(folder))
+    assert report.fmt == "dialogue, stack_exchange" and report.kept == 10 and len(examples) == 10
+    assert examples[0].prompt == "\n\nHuman: q0?\n\nAssistant:" and examples[4].prompt == "how 0?"
+
+
+def test_a_list_of_sources_each_with_its_format_columns_template_limit_and_weight(tmp_path, caplog):
+    from rlhf_ds.config import SourceConfig
+
+    hh = write_jsonl(tmp_path / "hh.jsonl", HH)
+    renamed = write_jsonl(tmp_path / "se.jsonl", [{"q": r["question"], "good": r["response_j"], "bad": r["response_k"]}
+                                                  for r in SE])
+    se = SourceConfig(str(renamed), format="stack_exchange", template=STACK_TEMPLATE, limit=4, weight=0.5,
+                      columns={"question": "q", "response_j": "good", "response_k": "bad"})
+    with caplog.at_level("INFO", logger="rlhf_ds"):
+        examples, report = load_preferences([str(hh), se], seed=3)
+    assert len(examples) == 4 + 2  # all 4 HH rows; half of the first 4 stack-exchange rows
+    assert report.fmt == "dialogue, stack_exchange" and report.total == 8 and report.kept == 8
+    assert [ex.prompt for ex in examples[:4]] == [r["chosen"].split(" good")[0] for r in HH]
+    stack = examples[4:]
+    assert all(ex.prompt.startswith("Question: how ") and ex.prompt.endswith("?\n\nAnswer: ") for ex in stack)
+    assert len({ex.group for ex in examples}) == 6  # rows of different sources never share a group
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("source ")]
+    assert lines[0].startswith(f"source 1 of 2, {hh}: format 'dialogue': 4 rows, kept 4; weight 1 -> 4 examples")
+    assert lines[1].startswith(f"source 2 of 2, {renamed}: format 'stack_exchange': 4 rows, kept 4; weight 0.5 -> 2")
+
+
+def test_source_weights_resample_with_a_seed():
+    from rlhf_ds.data.formats import resample
+
+    items = list(range(10))
+    half = resample(items, 0.5, seed=1)
+    assert len(half) == 5 and set(half) < set(items) and half == resample(items, 0.5, seed=1)
+    assert half != resample(items, 0.5, seed=2)
+    more = resample(items, 2.3, seed=1)
+    assert len(more) == 23 and all(more.count(i) >= 2 for i in items)
+    assert resample(items, 1.0, seed=1) is items
+
+
+def test_a_template_renders_prompts_of_every_prompt_format(tmp_path):
+    se = write_jsonl(tmp_path / "se.jsonl", SE[:1])
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "how 0?", "response": "x"}])
+    expected = "Question: how 0?\n\nAnswer: "
+    assert load_preferences(str(se), template=STACK_TEMPLATE)[0][0].prompt == expected
+    assert load_sft(str(plain), template="Question: {prompt}\n\nAnswer: ")[0][0].prompt == expected
+    assert load_prompts(str(plain), template=STACK_TEMPLATE)[0][0].prompt == expected
+    assert load_prompts(str(plain), template="{{literal}} {prompt}")[0][0].prompt == "{literal} how 0?"
+
+
+@pytest.mark.parametrize("template, detail", [
+    ("Q: {query}", "unknown: 'query'"),
+    ("no placeholder", "must contain {prompt}"),
+    ("Q: {prompt", "invalid template"),
+])
+def test_a_bad_template_is_refused_naming_the_source(tmp_path, template, detail):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(DataError, match=re.escape(detail)) as err:
+        load_prompts(str(path), template=template)
+    assert err.value.file == str(path) and err.value.field == "template"
+
+
+def test_a_template_is_refused_for_chat_rows(tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match="chat \\(messages\\) rows are rendered with the tokenizer's chat template"):
+        load_prompts(str(path), template="Q: {prompt}")
+
+
+# ---- plain-text corpora -----------------------------------------------------------------------------------------
+
+
+def test_text_corpus_one_document_per_blank_line_block_or_per_line(tmp_path):
+    from rlhf_ds.steps.pretrain import read_corpus
+
+    path = tmp_path / "corpus.txt"
+    path.write_bytes("first doc line one\nline two\n\n\n  \nsecond: tab\there\r\n\nthird é\n".encode("utf-8"))
+    assert read_corpus(str(path)) == ["first doc line one\nline two", "second: tab\there", "third é"]
+    assert read_corpus(str(path), "line") == ["first doc line one", "line two", "second: tab\there", "third é"]
+
+
+def test_text_corpus_errors_name_file_and_line(tmp_path):
+    from rlhf_ds.steps.pretrain import read_corpus
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\n\nstill fine\nbroken \xff byte\n")
+    with pytest.raises(DataError) as err:
+        read_corpus(str(bad))
+    assert str(err.value) == f"{bad} row 3: line 4: text is not valid UTF-8 (byte 0xff); re-save the file as UTF-8"
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"\n  \n")
+    with pytest.raises(DataError, match=re.escape(f"{empty}: no text found (the file is empty)")):
+        read_corpus(str(empty))

@@ -43,7 +43,8 @@ def train(step: str, tmp_path, data: str, model: str, *extra: str):
 
 def assert_refused(proc, step: str, message: str, out: str | None = None, output_file: str | None = None) -> None:
     """The run stopped with `message` (validation), exit status 2 and `rlhf-ds <step>: ...` (CLI contract), and
-    wrote nothing but logs/ (ordering contract)."""
+    wrote nothing but logs/ and the run-directory lock `.lock`, both taken before any input is read (ordering
+    contract; rlhf_ds/run_lock.py)."""
     err = proc.stderr
     assert message in err, f"expected {message!r} in stderr (exit {proc.returncode}):\n{err[-4000:]}"
     assert proc.returncode == 2, f"exit status {proc.returncode}, expected 2:\n{err[-3000:]}"
@@ -51,7 +52,7 @@ def assert_refused(proc, step: str, message: str, out: str | None = None, output
     assert lines and message in lines[-1], f"no 'rlhf-ds {step}: ...{message}' line in stderr:\n{err[-3000:]}"
     assert "Traceback" not in err, err[-3000:]
     if out is not None and os.path.exists(out):
-        left = sorted(set(os.listdir(out)) - {"logs"})
+        left = sorted(set(os.listdir(out)) - {"logs", ".lock"})
         assert not left, f"partial output left in {out}: {left}"
     if output_file is not None:
         folder = os.path.dirname(output_file)
@@ -303,3 +304,41 @@ def test_weight_file_checks_without_loading(tiny_base, tmp_path):
             f.write(content)
         with pytest.raises(ModelLoadError, match=f"{weights}: corrupt or truncated safetensors file: {why}"):
             check_model_dir(model)
+
+
+# ---- pretraining corpora --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"a fine document\n\nanother one\nwith \xe9 latin-1\n", "row 3: line 4: text is not valid UTF-8 (byte 0xe9)"),
+    (b"", ": no text found (the file is empty)"),
+])
+def test_bad_text_corpus_refused_before_anything_is_written(tmp_path, content, message):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(content)
+    out = str(tmp_path / "out")
+    proc = run_cli(["pretrain", f"output_dir={out}", f"data.train={corpus}", "train.max_steps=1"], check=False)
+    assert_refused(proc, "pretrain", f"{corpus}{'' if message.startswith(':') else ' '}{message}", out)
+
+
+# ---- several sources in one run -------------------------------------------------------------------------------------
+
+
+def test_reward_model_on_an_hh_file_plus_a_stack_exchange_file(tiny_base, tmp_path):
+    """A list in data.train: each source with its own format (detected), template and limit; one log line per source
+    with its kept/skipped counts; a held-out count carved from the mix (data.eval_split=4)."""
+    hh = write_jsonl(tmp_path / "hh.jsonl", [
+        {"chosen": f"\n\nHuman: describe the {s} .\n\nAssistant: the {s} is nice .",
+         "rejected": f"\n\nHuman: describe the {s} .\n\nAssistant:"} for s in SUBJECTS])  # an empty rejected answer
+    stack = write_jsonl(tmp_path / "stack.jsonl", [
+        {"question": f"what is the {s} ?", "response_j": f"the {s} is calm .", "response_k": f"{s} {s}"}
+        for s in SUBJECTS] + [{"question": "", "response_j": "x", "response_k": "y"}])
+    sources = f'[{hh}, {{path: {stack}, template: "Question: {{question}}\\n\\nAnswer:"}}]'  # YAML: \n is a newline
+    out = str(tmp_path / "out")
+    proc = run_cli(["rm", f"output_dir={out}", f"model={tiny_base}", f"data.train={sources}", "data.eval_split=4",
+                    "data.on_bad_row=skip", *SHORT])
+    assert f"source 1 of 2, {hh}: format 'dialogue': 8 rows, kept 8; weight 1 -> 8 examples" in proc.stderr
+    assert (f"source 2 of 2, {stack}: format 'stack_exchange': 9 rows, kept 8, skipped 1 (empty text: 1); "
+            "weight 1 -> 8 examples") in proc.stderr
+    with open(os.path.join(out, "model", "scalar_head.json"), encoding="utf-8") as f:
+        assert json.load(f)["prompt_templates"] == [None, "Question: {question}\n\nAnswer:"]  # for PPO to check

@@ -9,6 +9,7 @@ import ast
 import os
 import re
 import sys
+import sysconfig
 from importlib import metadata
 
 from packaging.requirements import Requirement
@@ -52,8 +53,15 @@ def same_release(pinned: str, installed: str) -> bool:
         "+" not in pinned or Version(installed) == Version(pinned))
 
 
+def site_distributions() -> dict[str, metadata.Distribution]:
+    """What pip freeze sees: the distributions in this environment's site-packages (not copies vendored inside other
+    packages, such as setuptools/_vendor, which land on sys.path once setuptools is imported)."""
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {canonicalize_name(d.metadata["Name"]): d for d in metadata.distributions(path=paths)}
+
+
 def installed_versions() -> dict[str, str]:
-    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    return {name: d.version for name, d in site_distributions().items()}
 
 
 def test_lock_pins_the_core_stack():
@@ -104,13 +112,13 @@ def test_lock_is_closed_under_dependencies():
     wanted = [Requirement(f"{name}=={version}") for name, version in pins.items()]
     wanted += [r for extra in ("", "test") for r in setup_requirements()[extra]]
     problems: set[str] = set()
+    installed = site_distributions()
     for req in wanted:
-        try:
-            requires = metadata.requires(req.name) or []
-        except metadata.PackageNotFoundError:
+        dist = installed.get(canonicalize_name(req.name))
+        if dist is None:
             problems.add(f"{req.name} is pinned but not installed here")
             continue
-        for dep in map(Requirement, requires):
+        for dep in map(Requirement, dist.requires or []):
             if dep.marker is not None and not dep.marker.evaluate(env):
                 continue
             name = canonicalize_name(dep.name)

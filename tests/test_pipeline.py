@@ -32,8 +32,8 @@ TINY = ["pretrain.arch.n_layers=2", "pretrain.arch.hidden=64", "pretrain.arch.n_
 REQUIRED = ["sft.eval_loss", "rm.eval_accuracy", "rm.bayes_ceiling", "ppo.reward_mean", "ppo.kl",
             "eval.gold_reward.sft", "eval.gold_reward.ppo", "eval.win_rate_ppo_vs_sft",
             *[f"timing.{s}_seconds" for s in STEPS]]
-PLOTS = ["lm_loss", "rm_loss", "rm_accuracy", "ppo_reward", "ppo_kl", "ppo_beta", "gold_reward", "response_length",
-         "eval_gold", "time_split"]
+PLOTS = ["lm_loss", "rm_loss", "rm_accuracy", "ppo_reward", "ppo_kl", "ppo_beta", "ppo_diversity", "gold_reward",
+         "response_length", "eval_gold", "time_split"]
 
 
 def pipeline_env() -> dict:

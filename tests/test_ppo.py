@@ -111,3 +111,45 @@ def test_ema_model_saved_and_differs(gpt2_actor, models):
         # w1 can lie outside [w0, w2] elementwise; the EMA stays within their hull widened by the step sizes
         spread = (final[k] - start[k]).abs().max()
         assert ((ema[k] >= lo - spread) & (ema[k] <= hi + spread)).all()
+
+
+def test_rollout_diversity_and_reward_length_correlation_are_logged(gpt2_actor, llama_actor):
+    for run_dir in (gpt2_actor, llama_actor):
+        for row in by_step(run_dir).values():
+            assert 0 < row["ppo/distinct_fraction"] <= 1 and 0 <= row["ppo/distinct_2"] <= 1
+            assert -1 <= row["ppo/reward_length_corr"] <= 1
+        with open(os.path.join(run_dir, "results.json"), encoding="utf-8") as f:
+            assert json.load(f)["collapse_warning_steps"] == []  # sampled answers of a fresh policy: no collapse
+
+
+def test_held_out_prompts_are_evaluated_and_a_collapsed_rollout_is_warned_about(models, tmp_path):
+    """Greedy one-token answers: every prompt gets the policy's single most likely first word, a rollout collapsed by
+    construction (and with no word bigram at all); each figure's warning fires once, when it has stayed below its
+    threshold for `patience` steps. data.eval_split=8 holds 8 prompts out (4 per rank), evaluated at the end and written for `rlhf-ds eval`.
+    The reward model says it was trained on templated prompts, and PPO's are not: a warning names both."""
+    import shutil
+
+    reward = str(tmp_path / "rm")
+    shutil.copytree(models["gpt2_rm"], reward)
+    with open(os.path.join(reward, "scalar_head.json"), encoding="utf-8") as f:
+        meta = json.load(f)
+    with open(os.path.join(reward, "scalar_head.json"), "w", encoding="utf-8") as f:
+        json.dump({**meta, "prompt_templates": ["Question: {question}\n\nAnswer: "]}, f)
+    out = str(tmp_path / "collapsed")
+    proc = run_cli(["ppo", f"output_dir={out}", f"actor.model={models['gpt2']}", f"reward.model={reward}",
+                    *COMMON, "ppo.steps=2", "generation.do_sample=false", "generation.max_new_tokens=1",
+                    "ppo.collapse_patience=2", "data.eval_split=8"], ranks=2, timeout=TIMEOUT)
+    steps = by_step(out)
+    assert all(row["ppo/distinct_fraction"] < 0.3 for row in steps.values()), [r["ppo/distinct_fraction"] for r in steps.values()]
+    assert (f"the reward model {reward} was trained on prompts rendered with templates ['Question: {{question}}\\n\\n"
+            "Answer: '], but PPO renders its prompts with [None]") in proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "the rollouts are collapsing" in line]
+    assert len(warnings) == 2 and all("step 2: the rollouts are collapsing: only " in w for w in warnings)
+    assert "% of the responses were distinct in each of the last 2 steps (below 0.3)" in warnings[0]
+    assert "only 0% of the word bigrams were distinct" in warnings[1]
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        assert json.load(f)["collapse_warning_steps"] == [2]
+    assert "ppo/eval_reward" in steps[2] and "ppo/eval_reward" not in steps[1]
+    assert math.isfinite(steps[2]["ppo/eval_reward"]) and 0 < steps[2]["ppo/eval_distinct_fraction"] <= 1
+    with open(os.path.join(out, "eval_prompts.jsonl"), encoding="utf-8") as f:
+        assert len(f.readlines()) == 8

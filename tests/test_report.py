@@ -161,3 +161,32 @@ def test_wandb_offline_reader(tmp_path, monkeypatch):
     bad.write_bytes(b"not a wandb log")
     with pytest.raises(ValueError):
         read_offline_run(str(bad))
+
+
+def test_collapse_banner_diversity_plot_and_reward_model_section(fake_run):
+    from rlhf_ds.tracking.rm_report import margin_table, top_responses
+
+    page = report.render_html(fake_run, report.collect_summary(fake_run), [], [])
+    assert "PPO rollouts collapsed" not in page and "Not computed: run <code>rlhf-ds rm-report" in page
+
+    with open(os.path.join(fake_run, "ppo", "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    _write(f"{fake_run}/ppo/results.json", {**results, "distinct_fraction": 0.1, "reward_length_corr": 0.6,
+                                            "collapse_distinct_below": 0.3, "collapse_distinct2_below": 0.3,
+                                            "collapse_warning_steps": [5]})
+    _write(f"{fake_run}/ppo/metrics.jsonl", _metrics("ppo", {"ppo/reward": lambda s: s / 10,
+                                                            "ppo/distinct_fraction": lambda s: 1 / s,
+                                                            "ppo/distinct_2": lambda s: 0.5 / s,
+                                                            "ppo/reward_length_corr": lambda s: s / 10}, range(1, 9)))
+    _write(f"{fake_run}/rm_report.json", {"reward_model": "rm", "samples": {"policies": {"ppo": {
+        "n": 3, "distinct": 2, "top": top_responses(["it is nice .", "it is nice .", "a fox"], [2.0, 2.0, 1.0])}}},
+        "pairs": {"source": "pairs.jsonl", "n": 2, "accuracy": 0.5, "by_margin": margin_table([1.0, 0.0], [0.0, 0.1]),
+                  "by_length_difference": [], "longer_preferred": {"n": 0, "labels": None, "reward_model": None}}})
+    report.write_report(fake_run)
+    assert os.path.getsize(os.path.join(fake_run, "plots", "ppo_diversity.png")) > 5000
+    page = open(os.path.join(fake_run, "report.html"), encoding="utf-8").read()
+    assert "PPO rollouts collapsed: the fraction of distinct responses or of distinct bigrams" in page
+    assert "(warned at steps 5)" in page
+    assert "Distinct responses (last 10%)" in page and "10%" in page
+    assert "Highest-scoring responses of the PPO policy (2 distinct of 3 samples)" in page
+    assert "it is nice ." in page and "Accuracy by the RM's margin" in page

@@ -103,6 +103,11 @@ def test_ppo_sigterm_then_resume_matches_uninterrupted_run(models, ppo_reference
     assert_same_run(ppo_reference, out)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)  # no step logged twice after the resume
+    # results.json covers the whole run, not just the resumed part: its seconds hold every step's phases
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        results = json.load(f)
+    phases = sum(results[f"{k}_seconds"] for k in ("generation", "scoring", "training"))
+    assert results["seconds"] >= phases, results
 
 
 def test_kill9_one_rank_fails_fast_and_restart_resumes_from_last_complete(models, ppo_reference, tmp_path):

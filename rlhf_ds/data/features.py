@@ -212,13 +212,18 @@ def collate_sft(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def collate_preferences(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """One [2B, T] batch, chosen rows first then rejected, so a single forward scores both."""
+    """One [2B, T] batch, chosen rows first then rejected, so a single forward scores both. Features that carry
+    precomputed reference log-probs (`ref_chosen`, `ref_rejected`: DPO) add them as `ref_logps` [2B], in row order."""
     seqs = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
     input_ids, attention_mask = pad_batch(seqs, pad_id)
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "margin": torch.tensor([f["margin"] for f in features], dtype=torch.float),
         "weight": torch.tensor([f["weight"] for f in features], dtype=torch.float),
         "prompt_lens": torch.tensor([f["prompt_len"] for f in features], dtype=torch.long),
     }
+    if "ref_chosen" in features[0]:
+        batch["ref_logps"] = torch.tensor([f["ref_chosen"] for f in features] + [f["ref_rejected"] for f in features],
+                                          dtype=torch.float64)
+    return batch

@@ -10,16 +10,24 @@ Preference formats: ranked (prompt + responses, best first), stack_exchange
                     (question/response_j/response_k, j preferred), prompt_chosen_rejected,
                     dialogue (chosen/rejected full "\\n\\nHuman: ... \\n\\nAssistant: ..." texts)
 Prompt formats:     messages (last turn from the user), prompt, question
+
+With ``fmt="auto"`` each file is detected on its own (a folder may mix formats). ``load_*`` take one source or a list
+(paths or ``SourceConfig``: own format, columns, prompt template, weight, row limit) and render plain prompts with the
+template (``{prompt}``/``{question}``), the same way for SFT, RM, PPO and evaluation (docs/data.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import string
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from .readers import DataError, Record, read_records
+
+log = logging.getLogger("rlhf_ds")
 
 ROLES = ("system", "user", "assistant")
 ASSISTANT_MARKER = "\n\nAssistant:"
@@ -101,8 +109,8 @@ class _Row:
             raise _BadRow("missing field", name, f"missing field (columns present: {present})")
         return self.data[name]
 
-    def text(self, key: str) -> str:
-        return _check_text(self.raw(key), self.name(key))
+    def text(self, key: str, allow_empty: bool = False) -> str:
+        return _check_text(self.raw(key), self.name(key), allow_empty)
 
     def items(self, key: str) -> list:
         """A list field; CSV users may store it as a JSON string."""
@@ -129,7 +137,9 @@ class _Row:
         return margin
 
 
-def _check_text(value, name: str) -> str:
+def _check_text(value, name: str, allow_empty: bool = False) -> str:
+    """A text field; ``allow_empty`` for a preference response (an empty answer is a real answer, and still gets its
+    EOS), never for a prompt, an SFT target or a chat turn."""
     if not isinstance(value, str):
         raise _BadRow("non-string value", name, f"expected text, got {type(value).__name__} {_preview(value)}")
     if len(value) > MAX_TEXT_CHARS:
@@ -138,6 +148,8 @@ def _check_text(value, name: str) -> str:
             f"text of {len(value):,} characters exceeds the {MAX_TEXT_CHARS:,}-character limit "
             "(rlhf_ds.data.formats.MAX_TEXT_CHARS); shorten it, or skip such rows with data.on_bad_row=skip",
         )
+    if allow_empty:
+        return value
     if not value:
         raise _BadRow("empty text", name, "empty text")
     if not value.strip():
@@ -205,10 +217,17 @@ SFT_FORMATS: dict[str, tuple[tuple[str, ...], Callable]] = {
 
 
 def _pair(row: _Row, group: int, prompt: str, chosen_key: str, rejected_key: str) -> PreferenceExample:
-    chosen, rejected = row.text(chosen_key), row.text(rejected_key)
-    if chosen == rejected:
-        raise _BadRow("chosen identical to rejected", row.name(rejected_key), f"identical to {row.name(chosen_key)!r}")
+    chosen, rejected = row.text(chosen_key, allow_empty=True), row.text(rejected_key, allow_empty=True)
+    _check_distinct(chosen, rejected, row.name(chosen_key), row.name(rejected_key))
     return PreferenceExample(prompt, chosen, rejected, margin=row.margin(), group=group)
+
+
+def _check_distinct(chosen: str, rejected: str, chosen_name: str, rejected_name: str) -> None:
+    """A pair needs two different answers; one of them may be empty, not both."""
+    if not chosen.strip() and not rejected.strip():
+        raise _BadRow("empty text", rejected_name, f"both {chosen_name!r} and {rejected_name!r} are empty")
+    if chosen == rejected:
+        raise _BadRow("chosen identical to rejected", rejected_name, f"identical to {chosen_name!r}")
 
 
 def _pref_prompt_chosen_rejected(row: _Row, group: int) -> list[PreferenceExample]:
@@ -228,8 +247,7 @@ def _pref_dialogue(row: _Row, group: int) -> list[PreferenceExample]:
         raise _BadRow("no common prompt", row.name("rejected"), f"chosen and rejected share no prefix ending in {ASSISTANT_MARKER!r}")
     cut += len(ASSISTANT_MARKER)
     pair.prompt, pair.chosen, pair.rejected = pair.chosen[:cut], pair.chosen[cut:], pair.rejected[cut:]
-    _check_text(pair.chosen, row.name("chosen"))
-    _check_text(pair.rejected, row.name("rejected"))
+    _check_distinct(pair.chosen, pair.rejected, row.name("chosen"), row.name("rejected"))
     return [pair]
 
 
@@ -241,13 +259,12 @@ def _common_prefix(a: str, b: str) -> str:
 def _pref_ranked(row: _Row, group: int) -> list[PreferenceExample]:
     """Best-first list -> every (better, worse) pair, weighted so the prompt counts once."""
     prompt, name = row.text("prompt"), row.name("responses")
-    responses = [_check_text(r, f"{name}[{i}]") for i, r in enumerate(row.items("responses"))]
+    responses = [_check_text(r, f"{name}[{i}]", allow_empty=True) for i, r in enumerate(row.items("responses"))]
     if len(responses) < 2:
         raise _BadRow("too few responses", name, f"need at least 2 ranked responses, got {len(responses)}")
     pairs = [(i, j) for i in range(len(responses)) for j in range(i + 1, len(responses))]
     for i, j in pairs:
-        if responses[i] == responses[j]:
-            raise _BadRow("chosen identical to rejected", f"{name}[{j}]", f"identical to {name}[{i}]")
+        _check_distinct(responses[i], responses[j], f"{name}[{i}]", f"{name}[{j}]")
     margin, weight = row.margin(), 1.0 / len(pairs)
     return [PreferenceExample(prompt, responses[i], responses[j], margin, weight, group) for i, j in pairs]
 
@@ -310,13 +327,15 @@ def _parse(records, fmt: str, columns: dict | None, on_bad_row: str, formats: di
     if fmt != "auto" and fmt not in formats:
         raise ValueError(f"unknown {kind} format {fmt!r}; choose 'auto' or one of {', '.join(formats)}")
     records, columns = _as_records(records), dict(columns or {})
-    if records and fmt == "auto":
-        fmt = _detect(records, formats, columns, kind)
-    report, examples = ParseReport(fmt=fmt, total=len(records)), []
-    parse_row = formats[fmt][1] if records else None
+    by_file: dict[str, list[Record]] = {}
+    for record in records:
+        by_file.setdefault(record.file, []).append(record)
+    # each file of a source (a folder may mix formats) has its own format
+    fmts = {file: fmt if fmt != "auto" else _detect(rows, formats, columns, kind) for file, rows in by_file.items()}
+    report, examples = ParseReport(fmt=", ".join(dict.fromkeys(fmts.values())) or fmt, total=len(records)), []
     for group, record in enumerate(records):
         try:
-            examples.extend(parse_row(_Row(record.data, columns), group))
+            examples.extend(formats[fmts[record.file]][1](_Row(record.data, columns), group))
         except _BadRow as bad:
             if on_bad_row == "error":
                 raise DataError(bad.detail, record.file, record.row, bad.field) from None
@@ -341,23 +360,114 @@ def parse_prompts(records, fmt: str = "auto", columns: dict | None = None, on_ba
     return _parse(records, fmt, columns, on_bad_row, PROMPT_FORMATS, "prompt")
 
 
-def _load(parse: Callable, source: str, split: str, kw: dict):
-    records = read_records(source, split=split)
-    if not records:
-        raise DataError("no rows found", file=str(source))
-    return parse(records, **kw)
+def _load(parse: Callable, source, split: str, kw: dict):
+    """Read and parse one source or a list of them (paths or SourceConfig), each with its own format, columns,
+    template, weight and row limit (unset ones from `kw`); one log line per source when there are several."""
+    from rlhf_ds.config import SourceConfig
+
+    template, seed = kw.pop("template", None), kw.pop("seed", 0)
+    sources = [s if isinstance(s, SourceConfig) else SourceConfig(path=str(s))
+               for s in (source if isinstance(source, list) else [source])]
+    examples, reports = [], []
+    for i, src in enumerate(sources):
+        records = read_records(src.path, split=split)
+        records = records[: src.limit] if src.limit else records
+        if not records:
+            raise DataError("no rows found", file=str(src.path))
+        options = {**kw, **({"fmt": src.format} if src.format else {}),
+                   **({"columns": src.columns} if src.columns is not None else {})}
+        got, report = parse(records, **options)
+        got = apply_template(got, src.template if src.template is not None else template, src.path)
+        for ex in got:
+            if isinstance(ex, PreferenceExample):
+                ex.group += sum(r.total for r in reports)  # rows of different sources are different groups
+        got = resample(got, src.weight, seed + i)
+        if len(sources) > 1:
+            log.info("source %d of %d, %s: %s; weight %g -> %d examples", i + 1, len(sources), src.path,
+                     report.summary(), src.weight, len(got))
+        examples += got
+        reports.append(report)
+    return examples, _combine(reports)
 
 
-def load_sft(source: str, split: str = "train", **kw) -> tuple[list[SFTExample], ParseReport]:
-    """read_records + parse_sft; ``kw`` goes to parse_sft."""
+def _combine(reports: list[ParseReport]) -> ParseReport:
+    total = ParseReport(fmt=", ".join(dict.fromkeys(f for r in reports for f in r.fmt.split(", "))))
+    for r in reports:
+        total.total, total.kept = total.total + r.total, total.kept + r.kept
+        for reason, count in r.skipped.items():
+            total.skipped[reason] = total.skipped.get(reason, 0) + count
+    return total
+
+
+def resample(examples: list, weight: float, seed: int) -> list:
+    """A source's share of the mix: round(weight x n) examples, every example floor(weight) times plus a seeded sample
+    (without replacement) for the fraction; weight 1 keeps the examples as they are."""
+    if weight == 1 or not examples:
+        return examples
+    import numpy as np
+
+    whole, n_extra = int(weight), round((weight - int(weight)) * len(examples))
+    extra = np.random.default_rng(seed).permutation(len(examples))[:n_extra]
+    return examples * whole + [examples[i] for i in sorted(extra)]
+
+
+# ---- prompt templates --------------------------------------------------------------------------------------------
+
+
+TEMPLATE_FIELDS = ("prompt", "question")
+
+
+def check_template(template: str, where: str) -> None:
+    """A template names the prompt as {prompt} (or {question}); literal braces are written {{ and }}."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise DataError(f"invalid template {template!r}: {err} (write literal braces as {{{{ and }}}})", file=where,
+                        field="template") from None
+    bad = [n for n in names if n not in TEMPLATE_FIELDS]
+    if bad or not names:
+        raise DataError(f"template {template!r} must contain {{prompt}} (or {{question}}) and no other field"
+                        + (f"; unknown: {', '.join(map(repr, bad))}" if bad else ""), file=where, field="template")
+
+
+def source_templates(source, template: str | None) -> list[str | None]:
+    """The distinct prompt templates the sources of `source` (one, a list, or None = the built-in task) are rendered
+    with, `template` standing in for sources that set none; None is the prompt as it is."""
+    from rlhf_ds.config import SourceConfig
+
+    sources = source if isinstance(source, list) else [source]
+    used = {s.template if isinstance(s, SourceConfig) and s.template is not None else template for s in sources}
+    return sorted(used, key=lambda t: (t is not None, t or ""))
+
+
+def render_template(template: str | None, prompt: str) -> str:
+    """The prompt text a model sees: `template` with {prompt}/{question} replaced, or the prompt itself."""
+    return prompt if template is None else template.format(**{name: prompt for name in TEMPLATE_FIELDS})
+
+
+def apply_template(examples: list, template: str | None, where: str) -> list:
+    """Render every plain prompt of `examples` with `template` (chats are rendered by the chat template instead)."""
+    if template is None:
+        return examples
+    check_template(template, str(where))
+    if any(getattr(ex, "messages", None) is not None for ex in examples):
+        raise DataError("a template renders plain prompts; chat (messages) rows are rendered with the tokenizer's "
+                        "chat template, so leave the template unset for them", file=str(where), field="template")
+    for ex in examples:
+        ex.prompt = render_template(template, ex.prompt)
+    return examples
+
+
+def load_sft(source, split: str = "train", **kw) -> tuple[list[SFTExample], ParseReport]:
+    """read_records + parse_sft for one source or a list; ``kw``: parse_sft's, plus ``template`` and ``seed``."""
     return _load(parse_sft, source, split, kw)
 
 
-def load_preferences(source: str, split: str = "train", **kw) -> tuple[list[PreferenceExample], ParseReport]:
-    """read_records + parse_preferences; ``kw`` goes to parse_preferences."""
+def load_preferences(source, split: str = "train", **kw) -> tuple[list[PreferenceExample], ParseReport]:
+    """read_records + parse_preferences for one source or a list; ``kw``: parse_preferences's, plus ``template``, ``seed``."""
     return _load(parse_preferences, source, split, kw)
 
 
-def load_prompts(source: str, split: str = "train", **kw) -> tuple[list[PromptExample], ParseReport]:
-    """read_records + parse_prompts; ``kw`` goes to parse_prompts."""
+def load_prompts(source, split: str = "train", **kw) -> tuple[list[PromptExample], ParseReport]:
+    """read_records + parse_prompts for one source or a list; ``kw``: parse_prompts's, plus ``template`` and ``seed``."""
     return _load(parse_prompts, source, split, kw)

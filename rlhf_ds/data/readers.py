@@ -87,6 +87,33 @@ def _read_text(path: Path) -> str:
     return text[1:] if text.startswith("\ufeff") else text
 
 
+def read_text_documents(source: str, per_line: bool = False) -> list[Record]:
+    """A plain-text corpus: one document per block of lines separated by a blank line, or per line with ``per_line``;
+    each Record is ``{"text": ...}`` with the 0-based index of the document's first line as its row. Bytes that are
+    not UTF-8 are refused with their line."""
+    path = Path(os.path.expanduser(str(source)))
+    if not path.is_file():
+        raise DataError(f"file not found (working directory: {os.getcwd()})", file=str(source))
+    records, block, first = [], [], 0
+    for row, line in enumerate(_read_text(path).split("\n")):
+        try:
+            _check_utf8(str(path), row, None, line)
+        except DataError as err:
+            raise DataError(f"line {row + 1}: {err.detail}", err.file, row) from None
+        line = line.rstrip("\r")
+        if not per_line and line.strip():
+            first = row if not block else first
+            block.append(line)
+        elif per_line and line.strip():
+            records.append(Record(str(path), row, {"text": line}))
+        elif block:
+            records.append(Record(str(path), first, {"text": "\n".join(block)}))
+            block = []
+    if block:
+        records.append(Record(str(path), first, {"text": "\n".join(block)}))
+    return records
+
+
 def _read_jsonl(path: Path) -> list[Record]:
     return _parse_lines(str(path), _read_text(path))
 

@@ -1,7 +1,9 @@
-"""DeepSpeed JSON from the `ds_configs/` templates, filled from the run config (the one source of truth).
+"""DeepSpeed JSON: the package's templates (`rlhf_ds/ds_templates/`), filled from the run config (the one source of
+truth), then a user's `engine.ds_config` file merged over it.
 
-Templates hold what rarely changes (bucket sizes, ZeRO-3 knobs); batch sizes, precision, stage, offload and clipping
-always come from `EngineConfig`/`TrainConfig`, so they cannot disagree with what the trainer does.
+Templates hold what rarely changes (bucket sizes, ZeRO-3 knobs); batch sizes, precision, stage, offload, clipping and
+the persistence threshold always come from `EngineConfig`/`TrainConfig`, so they cannot disagree with what the trainer
+does, and a user's file may not set them (examples of such files: `ds_configs/`).
 """
 from __future__ import annotations
 
@@ -10,10 +12,21 @@ import json
 import os
 from typing import Optional
 
-from rlhf_ds.config import EngineConfig
+from rlhf_ds.config import ConfigError, EngineConfig, deep_merge
 from rlhf_ds.engine.optimizers import ds_config_overrides
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ds_templates")
+
+# DeepSpeed keys (dotted) filled from the run config -> the key that sets them; a user's ds_config file may not set them
+_BATCH = "the step's micro_batch_size / grad_accum"
+OWNED_KEYS = {
+    "train_micro_batch_size_per_gpu": _BATCH, "train_batch_size": _BATCH, "gradient_accumulation_steps": _BATCH,
+    "gradient_clipping": "engine.grad_clip", "bf16": "engine.precision", "fp16": "engine.precision",
+    "optimizer": "engine.optimizer", "scheduler": "engine.lr_schedule", "zero_optimization.stage": "engine.zero_stage",
+    "zero_optimization.offload_param": "engine.offload_params",
+    "zero_optimization.offload_optimizer": "engine.offload_optimizer",
+    "zero_optimization.stage3_param_persistence_threshold": "engine.zero3_param_persistence_threshold",
+}
 
 
 def template_name(engine: EngineConfig, inference: bool) -> str:
@@ -52,6 +65,7 @@ def build_ds_config(
     zero["stage"] = engine.zero_stage
     if engine.zero_stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True} if engine.offload_params else {"device": "none"}
+        zero["stage3_param_persistence_threshold"] = engine.zero3_param_persistence_threshold
     if not inference and engine.zero_stage >= 1:
         zero["offload_optimizer"] = (
             {"device": "cpu", "pin_memory": True} if engine.offload_optimizer else {"device": "none"}
@@ -61,6 +75,8 @@ def build_ds_config(
     if not inference:
         # keys DeepSpeed needs to accept our client optimizer (8-bit states under ZeRO, non-DeepSpeed Adam offloaded)
         cfg.update(ds_config_overrides(engine.optimizer, engine.zero_stage, engine.offload_optimizer))
+    if engine.ds_config:
+        cfg = deep_merge(cfg, read_user_ds_config(engine.ds_config))
     leftover = [k for k, v in _walk(cfg) if v == "auto"]
     if leftover:
         raise ValueError(f"DeepSpeed template {template_name(engine, inference)} leaves 'auto' for: {leftover}")
@@ -73,3 +89,27 @@ def _walk(d: dict, prefix: str = ""):
             yield from _walk(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}", v
+
+
+def read_user_ds_config(path: str) -> dict:
+    """A user's DeepSpeed keys (`engine.ds_config`), checked: a JSON object that sets none of OWNED_KEYS."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            user = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"engine.ds_config {path}: not a readable JSON file: {e}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"engine.ds_config {path}: the top level must be a JSON object of DeepSpeed keys")
+    owned = [f"{k} (set {owner})" for k, owner in OWNED_KEYS.items() if _has(user, k)]
+    if owned:
+        raise ConfigError(f"engine.ds_config {path} sets keys the run config owns: {'; '.join(owned)}")
+    return user
+
+
+def _has(tree: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+

@@ -1,13 +1,41 @@
-"""Running a step under the `deepspeed` launcher from a plain `rlhf-ds ...` call (local ranks on this node)."""
+"""Running a step under the `deepspeed` launcher, and making sure its ranks never outlive the processes above them.
+
+Supervisor side (`rlhf-ds <step> --num-gpus N`, each step of `rlhf-ds pipeline`, and `python -m rlhf_ds.engine.launcher`
+in launch/slurm.sbatch): `supervise` starts DeepSpeed's runner (or a single step process), passes SIGTERM/SIGUSR1 on
+to the ranks, and turns what comes back into an exit status that never hides a death by signal. DeepSpeed's runner
+exits 0 when its `deepspeed.launcher.launch` child dies of a signal (it passes on positive statuses only), so a rank
+records in a folder of the supervisor's that it returned from its step, and a launcher that reports success while a
+rank never got that far is a failure.
+
+Rank side: `watch_launcher` ends a rank at once (status 1, no checkpoint written) when the process that started it
+dies, or any launcher process above it up to `$RLHF_DS_LAUNCHER_PID` (which the supervisor and the launch/ scripts
+set): on Linux through a parent-death signal, everywhere through a watchdog thread polling the chain.
+"""
 from __future__ import annotations
 
+import argparse
+import ctypes
+import logging
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
+from typing import NamedTuple, Optional
 
+from rlhf_ds import run_lock
+
+log = logging.getLogger("rlhf_ds")
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped by a signal, checkpoint saved, run me again" (launch/slurm.sbatch)
+LAUNCHER_GONE_EXIT_CODE = 1  # a rank whose launcher died: an ordinary failure to whatever launcher is left
+LAUNCHER_PID_ENV = "RLHF_DS_LAUNCHER_PID"  # the outermost launcher process of this node's ranks
+EXIT_RECORDS_ENV = "RLHF_DS_EXIT_RECORDS"  # the supervisor's folder where each rank notes that it returned
+WATCH_INTERVAL_S = 0.5
+PARENT_DEATH_SIGNAL = signal.SIGHUP  # only acted on once the launcher is really gone (see watch_launcher)
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_MAX_SIGNAL = 64
 
 
 def under_launcher() -> bool:
@@ -23,24 +51,83 @@ def deepspeed_command(step_argv: list[str], num_gpus: int, master_port: int | No
     return cmd + ["--module", "rlhf_ds.cli", *step_argv]
 
 
-def relaunch(step_argv: list[str], num_gpus: int, master_port: int | None = None) -> int:
-    """Run `rlhf_ds.cli <step_argv>` on `num_gpus` local ranks; returns the launcher's exit status."""
+def relaunch(step: str, run_dir: str, step_argv: list[str], num_gpus: int, master_port: int | None = None) -> int:
+    """`rlhf-ds <step> --num-gpus N`: run `rlhf_ds.cli <step_argv>` on `num_gpus` local ranks; returns the exit
+    status. A run directory another job holds is refused at once, before N ranks start only to find the same (rank 0
+    takes the lock)."""
+    in_use = run_lock.holder(run_dir)
+    if in_use:
+        print(f"rlhf-ds {step}: {in_use}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     # one thread per rank unless told otherwise: CPU ranks must not oversubscribe cores
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_gpus)))
-    return call_forwarding_stop_signals(deepspeed_command(step_argv, num_gpus, master_port), env)
+    result = supervise(deepspeed_command(step_argv, num_gpus, master_port), env, num_gpus)
+    if result.problem:
+        print(f"rlhf-ds {step}: {result.problem}; exit status {result.status}", file=sys.stderr)
+    return result.status
 
 
-def call_forwarding_stop_signals(cmd: list[str], env: dict) -> int:
-    """Run `cmd` (a launcher, or one rank) and pass SIGTERM/SIGUSR1 sent to this process on to the ranks under it.
+# ---- supervisor side ---------------------------------------------------------------------------------------------
+class LaunchResult(NamedTuple):
+    status: int  # the exit status to report: the launcher's own, 128+N for a death by signal N, 1 for a hidden death
+    problem: Optional[str]  # what that status means when the ranks did not say it themselves (None: they did)
+
+
+def supervise(cmd: list[str], env: dict, ranks: int, launcher: bool = True) -> LaunchResult:
+    """Run `cmd`, a launcher starting `ranks` ranks of `rlhf_ds.cli` on this node (`launcher=False`: the one step
+    process itself), to its end."""
+    with tempfile.TemporaryDirectory(prefix="rlhf_ds-exits-") as records:
+        rc = call_forwarding_stop_signals(cmd, {**env, LAUNCHER_PID_ENV: str(os.getpid()), EXIT_RECORDS_ENV: records},
+                                          launcher)
+        return launch_result(rc, _program(cmd), ranks - len(os.listdir(records)))
+
+
+def launch_result(rc: int, program: str, unfinished: int) -> LaunchResult:
+    """The status of a launch whose launcher `program` returned `rc`, `unfinished` of its ranks never returning."""
+    if rc < 0:  # the launcher itself died of a signal
+        return LaunchResult(128 - rc, f"{program} was killed by {signal_name(-rc)}")
+    if rc > 256 - _MAX_SIGNAL:  # DeepSpeed's launch.py exits with sys.exit(-N) for a rank that died of signal N
+        return LaunchResult(128 + 256 - rc, f"a rank was killed by {signal_name(256 - rc)} ({program} exited {rc})")
+    if rc == 0 and unfinished > 0:
+        return LaunchResult(1, f"{program} exited 0 but {unfinished} rank(s) never returned from the step: the "
+                               "deepspeed.launcher.launch process that ran them was killed (DeepSpeed's runner reports "
+                               "a launcher killed by a signal as success)")
+    return LaunchResult(rc, None)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _program(cmd: list[str]) -> str:
+    """`deepspeed`, `deepspeed.launcher.launch`, `rlhf_ds.cli`: what to call a command (line) in messages."""
+    args = [a for a in cmd[1:] if a != "-u"] if os.path.basename(cmd[0]).startswith("python") else []
+    if args[:1] == ["-m"] and len(args) > 1:
+        return args[1]
+    if args and not args[0].startswith("-"):  # a script: `python .../bin/deepspeed`
+        return os.path.basename(args[0])
+    return os.path.basename(cmd[0])
+
+
+def call_forwarding_stop_signals(cmd: list[str], env: dict, launcher: bool = True) -> int:
+    """Run `cmd` (a launcher, or with `launcher=False` one rank) and pass SIGTERM/SIGUSR1 sent to this process on to
+    the ranks under it.
 
     The ranks then finish their step, save a checkpoint and exit 75, which the launcher passes back. The signal goes
     to the ranks only: DeepSpeed's launcher answers SIGTERM by terminating its ranks and exiting 1, and it is started
-    with SIGUSR1 ignored so that a group-wide SIGUSR1 (Slurm's `--signal`) cannot kill it either.
+    with SIGUSR1 (a launcher: also SIGTERM) ignored so that a group-wide signal (Slurm's `--signal`, a process-group
+    kill) cannot kill it either; a rank installs its own handlers. `cmd` is started to die with this process (SIGKILL
+    as its parent-death signal).
     """
     import psutil
 
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    supervisor = os.getpid()
+    ignored = (signal.SIGUSR1, signal.SIGTERM) if launcher else (signal.SIGUSR1,)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=lambda: _prepare_child(supervisor, ignored))
 
     def forward(signum, frame):
         for process in rank_processes(proc.pid):
@@ -55,6 +142,15 @@ def call_forwarding_stop_signals(cmd: list[str], env: dict) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _prepare_child(supervisor: int, ignored: tuple) -> None:
+    """In the child between fork and exec (Popen is called from the main thread, which lives as long as the
+    supervisor: a parent-death signal fires when the forking thread ends)."""
+    for s in ignored:
+        signal.signal(s, signal.SIG_IGN)
+    if _set_parent_death_signal(signal.SIGKILL) and os.getppid() != supervisor:
+        os._exit(LAUNCHER_GONE_EXIT_CODE)  # the supervisor died before the signal was armed
 
 
 def rank_processes(pid: int) -> list:
@@ -75,3 +171,133 @@ def rank_processes(pid: int) -> list:
         return [p for p in found if p.ppid() not in pids] or [top]
     except psutil.NoSuchProcess:
         return []
+
+
+# ---- rank side -----------------------------------------------------------------------------------------------------
+def record_exit() -> None:
+    """Note in the supervisor's folder that this rank returned from its step (nothing to do without a supervisor)."""
+    folder = os.environ.get(EXIT_RECORDS_ENV)
+    if not folder:
+        return
+    try:
+        open(os.path.join(folder, f"rank{os.environ.get('RANK', '0')}"), "w").close()
+    except OSError as e:  # the supervisor will call this launch unfinished
+        print(f"rlhf-ds: could not record this rank's exit in {folder}: {e}", file=sys.stderr)
+
+
+def watch_launcher(interval: float = WATCH_INTERVAL_S) -> None:
+    """End this rank at once when the process that started it, or a launcher process above it up to
+    `$RLHF_DS_LAUNCHER_PID`, dies. Call it from the main thread, early.
+
+    The rank exits with status 1 without saving: a checkpoint being written is left as its temp folder, which is never
+    read and is removed at the next start, so the newest complete checkpoint stays the one to resume from. On Linux the
+    kernel signals the parent's death (PR_SET_PDEATHSIG); that signal also comes when merely the parent's forking
+    thread ends, and it cannot be delivered while the main thread is inside a long C call, so it only wakes the watchdog
+    thread, which checks the chain itself, at the latest every `interval` seconds.
+    """
+    parent = os.getppid()
+    wake = threading.Event()
+    signal.signal(PARENT_DEATH_SIGNAL, lambda signum, frame: wake.set())
+    _set_parent_death_signal(PARENT_DEATH_SIGNAL)
+    chain = launcher_chain()  # after arming the signal: a death from now on is seen by one or the other
+    gone = launcher_gone(parent, chain)
+    if gone:
+        _stop_rank(gone)
+    threading.Thread(target=_watch, args=(parent, chain, wake, interval), name="rlhf_ds-launcher-watch",
+                     daemon=True).start()
+
+
+def launcher_chain() -> list:
+    """(pid, name, psutil.Process) of this rank's parent and each ancestor up to `$RLHF_DS_LAUNCHER_PID`; an empty
+    list when that process is no ancestor of this rank any more (it died before the watch started)."""
+    import psutil
+
+    ancestors = psutil.Process().parents()
+    top = os.environ.get(LAUNCHER_PID_ENV)
+    if top:
+        pids = [p.pid for p in ancestors]
+        if int(top) not in pids:
+            return []
+        ancestors = ancestors[:pids.index(int(top)) + 1]
+    else:
+        ancestors = ancestors[:1]
+    return [(p.pid, _process_name(p), p) for p in ancestors]
+
+
+def launcher_gone(parent: int, chain: list) -> Optional[str]:
+    """Why this rank has no launcher any more, or None while it has."""
+    if not chain:
+        return f"its launcher (pid {os.environ.get(LAUNCHER_PID_ENV)}, ${LAUNCHER_PID_ENV}) is gone"
+    if os.getppid() != parent:
+        return f"the process that started it ({chain[0][1]}, pid {parent}) is gone"
+    for pid, name, process in chain:
+        if not _alive(process):
+            return f"its launcher process {name} (pid {pid}) is gone"
+    return None
+
+
+def _watch(parent: int, chain: list, wake: threading.Event, interval: float) -> None:
+    while True:
+        wake.wait(interval)
+        wake.clear()
+        gone = launcher_gone(parent, chain)
+        if gone:
+            _stop_rank(gone)
+
+
+def _stop_rank(reason: str) -> None:
+    try:  # to the rank's log file and the console; the console may be a pipe nobody reads any more
+        log.error("rank %s: %s; stopping now, without saving (the newest complete checkpoint stays the one to resume "
+                  "from)", os.environ.get("RANK", "0"), reason)
+    finally:
+        os._exit(LAUNCHER_GONE_EXIT_CODE)
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:  # a dead process nobody reaped (PID 1 of some containers never does) is a zombie, not alive
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _process_name(process) -> str:
+    import psutil
+
+    try:
+        return _program(process.cmdline())
+    except (psutil.Error, IndexError):  # gone, not ours, or no command line (a kernel thread)
+        return "?"
+
+
+def _set_parent_death_signal(signum: int) -> bool:
+    """Ask the kernel to send `signum` to this process when its parent dies; False where the OS has no such request."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    return True
+
+
+# ---- `python -m rlhf_ds.engine.launcher --ranks N -- <launcher command>` (launch/slurm.sbatch) -------------------
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rlhf_ds.engine.launcher",
+                                description="run a deepspeed launcher command as `rlhf-ds --num-gpus` does: stop "
+                                            "signals passed on to the ranks, an exit status that never hides a death "
+                                            "by signal, and ranks that end with it")
+    p.add_argument("--ranks", type=int, required=True, help="ranks the command starts on this node")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- the launcher command")
+    args = p.parse_args(argv)
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not cmd:
+        p.error("no launcher command given")
+    result = supervise(cmd, dict(os.environ), args.ranks)
+    if result.problem:
+        print(f"rlhf_ds.engine.launcher: {result.problem}; exit status {result.status}", file=sys.stderr)
+    return result.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

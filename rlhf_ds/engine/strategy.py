@@ -98,8 +98,15 @@ def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def ds_config_for(engine: EngineConfig, micro_batch_size: int, grad_accum: int = 1, inference: bool = False) -> dict:
-    return build_ds_config(engine, micro_batch_size, grad_accum, world_size(), inference=inference)
+# role -> the DeepSpeed config its engine was built with, in this step; StepContext.begin saves them in the run dir
+built_ds_configs: dict[str, dict] = {}
+
+
+def ds_config_for(engine: EngineConfig, micro_batch_size: int, grad_accum: int = 1, inference: bool = False,
+                  role: str = "model") -> dict:
+    cfg = build_ds_config(engine, micro_batch_size, grad_accum, world_size(), inference=inference)
+    built_ds_configs[role] = cfg
+    return cfg
 
 
 @contextlib.contextmanager

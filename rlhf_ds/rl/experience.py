@@ -15,6 +15,7 @@ from rlhf_ds.engine import strategy
 from rlhf_ds.engine.hybrid import HybridEngine, response_mask
 from rlhf_ds.models.scalar_head import position_ids
 from rlhf_ds.rl import math as rlm
+from rlhf_ds.tracking.rollout_stats import rollout_stats
 
 
 @dataclass
@@ -152,6 +153,7 @@ class ExperienceMaker:
             "time_weight_sync": out.sync_seconds,
             "gen_tokens": float(m.sum().item()),
         }
+        stats.update(rollout_stats(response_texts, raw_scores.tolist(), m.sum(1).tolist()))
         if self.gold_reward is not None:
             stats["gold_reward"] = sum(self.gold_reward(p, r) for p, r in zip(prompt_texts, response_texts)) / len(prompt_texts)
         return Experience(seq, attn, P, m, old_logp, ref_logp, values, advantages, returns, stats,

@@ -206,11 +206,15 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin=
     diff = r_chosen - r_rejected
     if margin is not None:
         diff = diff - margin
-    losses = -F.logsigmoid(diff)
+    return weighted_mean(-F.logsigmoid(diff), weights)
+
+
+def weighted_mean(values: torch.Tensor, weights=None) -> torch.Tensor:
+    """Mean of per-example `values`, weighted (weights normalised by their sum) when `weights` is given."""
     if weights is None:
-        return losses.mean()
-    weights = weights.to(losses.dtype)
-    return (losses * weights).sum() / weights.sum()
+        return values.mean()
+    weights = weights.to(values.dtype)
+    return (values * weights).sum() / weights.sum()
 
 
 # --------------------------------------------------------------------------- KL coefficient controllers

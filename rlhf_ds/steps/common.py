@@ -13,11 +13,12 @@ from typing import Optional
 
 import torch
 
+from rlhf_ds import run_lock
 from rlhf_ds.checkpoint import CheckpointManager
 from rlhf_ds.config import BuiltinTaskConfig, TrainConfig, save_config, to_dict
 from rlhf_ds.engine import strategy
 from rlhf_ds.tracking.metrics import MetricsLogger, setup_logging
-from rlhf_ds.utils import barrier, is_rank0, set_seed, world_size
+from rlhf_ds.utils import atomic_write_json, barrier, is_rank0, set_seed, world_size
 
 log = logging.getLogger("rlhf_ds")
 
@@ -43,6 +44,7 @@ class StepContext:
             os.makedirs(self.run_dir, exist_ok=True)
             self.checkpoint.prepare_dir()
             save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+            atomic_write_json(os.path.join(self.run_dir, "ds_config.json"), strategy.built_ds_configs)
         barrier()
         state = self.checkpoint.load() if self.checkpoint.resume_path else {}
         self.metrics = MetricsLogger(self.run_dir, self.step_name, self.cfg.tracking, to_dict(self.cfg),
@@ -51,10 +53,22 @@ class StepContext:
         self.resumed = state
 
 
+    def finish(self, results: dict) -> dict:
+        """The step is done: results.json (rank 0), the summary on rank 0's console and in wandb, metrics closed."""
+        if is_rank0():
+            atomic_write_json(os.path.join(self.run_dir, "results.json"), results)
+        self.metrics.summary(results)
+        self.metrics.close()
+        return results
+
+
 def start_step(cfg, step_name: str) -> StepContext:
-    """Join the process group, seed, log to `<output_dir>/logs`, and pick the checkpoint to resume from."""
+    """Join the process group, take the run directory (one job at a time), seed, log to `<output_dir>/logs`, and pick
+    the checkpoint to resume from."""
     train = getattr(cfg, "train", None)
     strategy.setup_distributed(train.collective_timeout_minutes if train else 30.0)
+    run_lock.hold_for_job(cfg.output_dir)  # before anything is written there, logs included
+    strategy.built_ds_configs.clear()
     set_seed(train.seed if train else 0)
     setup_logging(cfg.output_dir)
     log.info("%s: world size %d, device %s, run dir %s", step_name, world_size(), strategy.device(), cfg.output_dir)
@@ -104,12 +118,50 @@ def builtin_data(task: BuiltinTaskConfig, run_dir: str) -> dict[str, str]:
     return BuiltinTask.file_paths(out)
 
 
-def split_eval(train: list, eval_: list | None, fraction: float, seed: int) -> tuple[list, list]:
-    """Use the given eval set, or hold out a seeded `fraction` of the training examples."""
-    if eval_ is not None or fraction == 0:
+def preference_data(cfg, tokenizer, step_name: str) -> tuple[list[dict], list[dict], bool]:
+    """The (training, held-out) preference features of a pairwise step (reward model, DPO) from `data.train` /
+    `data.eval`, or the built-in task's pairs, and whether they are the built-in ones. Held-out pairs are split off
+    the training pairs when no eval set is given (`data.eval_split`)."""
+    from rlhf_ds.data.features import preference_features
+    from rlhf_ds.data.formats import load_preferences
+
+    data, seed = cfg.data, cfg.train.seed
+    train_src, eval_src = data.train, data.eval
+    if train_src is None:
+        files = builtin_data(cfg.task, cfg.output_dir)
+        train_src, eval_src = files["pref_train"], files["pref_eval"]
+
+    def featurize(source):
+        examples, report = load_preferences(source, fmt=data.format, columns=data.columns, on_bad_row=data.on_bad_row,
+                                            template=data.template, seed=seed)
+        feats, lengths = preference_features(examples, tokenizer, data.max_prompt_tokens, data.max_seq_len,
+                                             data.prompt_overflow)
+        log.info("%s data %s: %s; %s", step_name, source, report.summary(), lengths.summary())
+        return feats
+
+    train_feats = featurize(train_src)
+    eval_feats = featurize(eval_src) if eval_src else None
+    return (*split_eval(train_feats, eval_feats, data.eval_split, seed), data.train is None)
+
+
+def eval_count(n_train: int, split: int | float) -> int:
+    """How many of `n_train` examples `data.eval_split` holds out: a count, or a fraction (at least one)."""
+    from rlhf_ds.data.readers import DataError
+
+    n_eval = split if isinstance(split, int) else max(1, int(n_train * split)) if split else 0
+    if n_eval and n_eval >= n_train:
+        raise DataError(f"data.eval_split={split} holds out {n_eval} of only {n_train} training examples; "
+                        "lower it or give data.eval")
+    return n_eval
+
+
+def split_eval(train: list, eval_: list | None, split: int | float, seed: int) -> tuple[list, list]:
+    """Use the given eval set, or hold out a seeded `split` of the training examples (`data.eval_split`: a fraction
+    below 1, or a count)."""
+    if eval_ is not None or split == 0:
         return train, eval_ or []
     import numpy as np
 
+    n_eval = eval_count(len(train), split)
     order = np.random.default_rng(seed).permutation(len(train))
-    n_eval = max(1, int(len(train) * fraction))
     return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]

@@ -1,9 +1,10 @@
 """Final evaluation (`rlhf-ds eval`) and the plain-transformers tools behind `rlhf-ds generate`, `score` and `chat`.
 
-Evaluation: on held-out prompts (the built-in task's `eval_prompts.jsonl` by default) the SFT and the PPO policy each
-answer (sampled at T=1 by default, several samples per prompt, batched, left-padded, one process, no DeepSpeed
+Evaluation: on held-out prompts (the built-in task's `eval_prompts.jsonl` by default) the SFT and the PPO policy (and
+the DPO policy, when given) each answer (sampled at T=1 by default, several samples per prompt, batched, left-padded, one process, no DeepSpeed
 engine); every response is scored by the gold reward (built-in task only) and by the reward model. Reported: mean gold reward and mean RM score of each policy,
-the win rate of PPO over SFT by gold reward (ties count 0.5) and by RM score, response lengths and EOS rates. Written:
+the win rates of PPO (and DPO) over SFT, and of DPO over PPO, by gold reward (ties count 0.5) and by RM score,
+response lengths and EOS rates. Written:
 `<output_dir>/results.json` and `samples.jsonl` (one line per prompt: both responses and their scores).
 """
 from __future__ import annotations
@@ -17,12 +18,12 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from rlhf_ds.config import EvalConfig, GenerationConfig, save_config, to_dict
+from rlhf_ds.config import ConfigError, EvalConfig, GenerationConfig, save_config, to_dict
 from rlhf_ds.utils import atomic_write_json, atomic_write_text, is_rank0
 
 log = logging.getLogger("rlhf_ds")
 
-POLICIES = ("sft", "ppo")
+POLICIES = ("sft", "ppo", "dpo")
 
 
 # ---- loading and generation -------------------------------------------------------------------------------------------
@@ -48,6 +49,36 @@ def max_positions(config) -> Optional[int]:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def prompt_budget(model, max_new_tokens: int, max_prompt_tokens: Optional[int] = None) -> int:
+    """Prompt tokens a tool may give `model`: the asked limit (--max-prompt-tokens), else the model's positions less
+    the --max-new-tokens to generate; refused when no token of prompt or response would fit."""
+    positions = max_positions(model.config)
+    budget = max_prompt_tokens or (positions - max_new_tokens if positions else 256)
+    if positions is not None and budget >= positions:
+        raise ConfigError(f"--max-prompt-tokens {budget} leaves no room to generate within the model's {positions} "
+                          "positions")
+    if budget < 2:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt within the model's "
+                          f"{positions} positions")
+    return budget
+
+
+def fit_prompts(prompts: list[str], tokenizer, budget: int, overflow: str, what: str = "prompts") -> list[int]:
+    """Indices of the prompts to keep: all of them with overflow="truncate" (left-truncated later, as in training),
+    the ones within `budget` tokens with "skip". Says on stderr how many were long and which rows (1-based)."""
+    from rlhf_ds.data.features import prompt_features
+    from rlhf_ds.data.formats import PromptExample
+
+    whole, _ = prompt_features([PromptExample(prompt=p) for p in prompts], tokenizer, 1 << 30)
+    long = [i for i, ids in enumerate(whole) if len(ids) > budget]
+    if long:
+        shown = ", ".join(str(i + 1) for i in long[:10]) + (f" and {len(long) - 10} more" if len(long) > 10 else "")
+        done = "left-truncated to fit" if overflow == "truncate" else "skipped"
+        print(f"{len(long)} of {len(prompts)} {what} are longer than {budget} tokens and were {done}: row {shown}",
+              file=sys.stderr)
+    return list(range(len(prompts))) if overflow == "truncate" else sorted(set(range(len(prompts))) - set(long))
 
 
 @torch.no_grad()
@@ -154,7 +185,7 @@ def run(cfg: EvalConfig) -> dict:
         task = BuiltinTask(cfg.task.seed)
         gold_fn, best_fn = task.gold_reward, task.best_gold
         source = _builtin_prompts(cfg, out_dir)
-    examples, report = load_prompts(source)
+    examples, report = load_prompts(source, template=cfg.template)
     if cfg.max_prompts:
         examples = examples[: cfg.max_prompts]
     log.info("eval prompts %s: %s; evaluating %d", source, report.summary(), len(examples))
@@ -191,10 +222,10 @@ def run(cfg: EvalConfig) -> dict:
         values = {name: _mean(r[key] for r in rows if key in r) for name, rows in gens.items()}
         return values if any(v is not None for v in values.values()) else None
 
-    def wins(key: str) -> Optional[float]:
-        if not {"sft", "ppo"} <= set(gens) or key not in gens["sft"][0]:
+    def wins(key: str, a: str = "ppo", b: str = "sft") -> Optional[float]:
+        if not {a, b} <= set(gens) or key not in gens[b][0]:
             return None
-        return win_rate([r[key] for r in gens["ppo"]], [r[key] for r in gens["sft"]])
+        return win_rate([r[key] for r in gens[a]], [r[key] for r in gens[b]])
 
     results = {
         "n_prompts": len(prompts) // cfg.samples_per_prompt,
@@ -209,6 +240,10 @@ def run(cfg: EvalConfig) -> dict:
         "models": {**{name: path for name, path in models.items()}, "reward": cfg.reward_model},
         "greedy": not cfg.generation.do_sample,
     }
+    if "dpo" in gens:  # the offline branch, side by side with SFT (and PPO when both ran)
+        for key, prefix in (("gold_reward", "win_rate"), ("rm_score", "rm_win_rate")):
+            results[f"{prefix}_dpo_vs_sft"] = wins(key, "dpo", "sft")
+            results[f"{prefix}_dpo_vs_ppo"] = wins(key, "dpo", "ppo")
     if best_fn is not None and results["gold_reward"] is not None:
         results["gold_reward"]["best"] = _mean(best_fn(p) for p in prompts)
     results["seconds"] = time.time() - t_start
@@ -246,10 +281,11 @@ def flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict:
 
 # ---- rlhf-ds generate / score / chat ----------------------------------------------------------------------------------
 def generate_file(model_path: str, prompts_path: str, output: str, gen: GenerationConfig, batch_size: int = 16,
-                  max_prompt_tokens: int = 256, num_samples: int = 1, limit: int = 0, seed: int = 1234,
+                  max_prompt_tokens: Optional[int] = None, num_samples: int = 1, limit: int = 0, seed: int = 1234,
                   device: str = "auto", precision: str = "fp32", fmt: str = "auto",
-                  trust_remote_code: bool = False) -> list[dict]:
-    """Prompts file (any prompt format the data readers accept) -> responses JSONL, written atomically."""
+                  trust_remote_code: bool = False, prompt_overflow: str = "truncate") -> list[dict]:
+    """Prompts file (any prompt format the data readers accept) -> responses JSONL, written atomically. Prompts longer
+    than the budget (`prompt_budget`) are left-truncated or skipped (`prompt_overflow`), counted and named by row."""
     from rlhf_ds.data.features import render_prompt
     from rlhf_ds.data.formats import load_prompts
 
@@ -257,11 +293,13 @@ def generate_file(model_path: str, prompts_path: str, output: str, gen: Generati
     if limit:
         examples = examples[:limit]
     model, tokenizer = load_policy(model_path, pick_device(device), precision, trust_remote_code)
+    budget = prompt_budget(model, gen.max_new_tokens, max_prompt_tokens)
     prompts = [render_prompt(tokenizer, ex) for ex in examples]
+    prompts = [prompts[i] for i in fit_prompts(prompts, tokenizer, budget, prompt_overflow, f"prompts in {prompts_path}")]
     torch.manual_seed(seed)
     rows = []
     for k in range(num_samples):
-        for p, g in zip(prompts, generate(model, tokenizer, prompts, gen, batch_size, max_prompt_tokens)):
+        for p, g in zip(prompts, generate(model, tokenizer, prompts, gen, batch_size, budget)):
             rows.append({"prompt": p, **g, **({"sample": k} if num_samples > 1 else {})})
     if num_samples > 1:
         rows.sort(key=lambda r: (prompts.index(r["prompt"]), r["sample"]))
@@ -288,13 +326,15 @@ def score_file(model_path: str, input_path: str, output: str, batch_size: int = 
     prompts = [render_prompt(scorer.tokenizer, ex) for ex in examples]
     responses = [render_response(scorer.tokenizer, ex) for ex in examples]
     scores = scorer.score(prompts, responses, batch_size=batch_size, normalised=normalised)
-    rows = [{"prompt": p, "response": r, "score": float(s)} for p, r, s in zip(prompts, responses, scores)]
+    # each input row comes back whole (ids, references, metadata), with the texts that were scored and the score
+    rows = [{**record.data, "prompt": p, "response": r, "score": float(s)}
+            for record, p, r, s in zip(records, prompts, responses, scores)]
     atomic_write_text(output, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
 def chat_loop(model_path: str, gen: GenerationConfig, template: Optional[str] = None, reward_model: Optional[str] = None,
-              gold_seed: Optional[int] = None, max_prompt_tokens: int = 256, device: str = "auto",
+              gold_seed: Optional[int] = None, max_prompt_tokens: Optional[int] = None, device: str = "auto",
               precision: str = "fp32", seed: int = 1234, stdin=None, stdout=None) -> int:
     """Read one message per line, print the model's reply (and its RM / gold score when asked). Ends at EOF or /quit.
 
@@ -305,6 +345,7 @@ def chat_loop(model_path: str, gen: GenerationConfig, template: Optional[str] = 
     stdout = stdout or sys.stdout
     dev = pick_device(device)
     model, tokenizer = load_policy(model_path, dev, precision)
+    max_prompt_tokens = prompt_budget(model, gen.max_new_tokens, max_prompt_tokens)
     scorer = reward_scorer(reward_model, dev, precision, max_prompt_tokens, gen.max_new_tokens) if reward_model else None
     gold = None
     if gold_seed is not None:

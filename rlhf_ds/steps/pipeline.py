@@ -1,7 +1,9 @@
 """`rlhf-ds pipeline`: step 0 (pretrain, when no base model is given), 1 (SFT), 2 (reward model), 3 (PPO) and the final
-evaluation in one run directory, each step reading the previous step's output:
+evaluation in one run directory, each step reading the previous step's output. `algorithm=dpo` replaces steps 2-3 by
+offline DPO on the same preference pairs; `algorithm=both` runs both branches from the same SFT model and the
+evaluation scores SFT, PPO and DPO side by side:
 
-    <run>/pretrain  <run>/sft  <run>/rm  <run>/ppo  <run>/eval     one folder per step (config.yaml, results.json, ...)
+    <run>/pretrain  <run>/sft  <run>/rm  <run>/ppo  <run>/dpo  <run>/eval   one folder per step (config.yaml, ...)
     <run>/configs/<step>.yaml                                      the exact config each step was started with
     <run>/config.yaml  <run>/pipeline.json                         resolved pipeline config; status and time per step
     <run>/summary.json <run>/metrics.jsonl <run>/plots/ <run>/report.html
@@ -23,8 +25,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from rlhf_ds.config import PIPELINE_STEPS, STEP_CONFIGS, ConfigError, PipelineConfig, save_config, step_list
-from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE, call_forwarding_stop_signals
+from rlhf_ds import run_lock
+from rlhf_ds.config import (ALGORITHM_STEPS, PIPELINE_STEPS, STEP_CONFIGS, ConfigError, PipelineConfig, save_config,
+                            step_list)
+from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE, LaunchResult, supervise
 from rlhf_ds.utils import atomic_write_json
 
 log = logging.getLogger("rlhf_ds")
@@ -82,15 +86,16 @@ def plan(cfg: PipelineConfig) -> list[StepPlan]:
         clash = [s for s in only if s in given]
         if clash:
             raise ConfigError(f"only names '{clash[0]}' but {GIVEN_KEYS[clash[0]]} is given (its model replaces the step)")
-    selected = set(only) if only else set(PIPELINE_STEPS) - skip
+    steps = ALGORITHM_STEPS[cfg.algorithm]
+    selected = set(only) if only else set(steps) - skip
 
     # the model each step hands on: a given one, else its own output folder
-    provides = {s: os.path.abspath(given[s]) if s in given else dirs[s] for s in ("pretrain", "sft", "rm", "ppo")}
+    provides = {s: os.path.abspath(given[s]) if s in given else dirs[s] for s in ("pretrain", "sft", "rm", "ppo", "dpo")}
     group = cfg.tracking.wandb_group or os.path.basename(run_dir)
     base_name = cfg.tracking.wandb_run_name or group
 
     plans: list[StepPlan] = []
-    for name in PIPELINE_STEPS:
+    for name in steps:
         step_cfg = getattr(cfg, name)
         default = _default(name)
         step_cfg.output_dir = dirs[name]
@@ -115,10 +120,17 @@ def plan(cfg: PipelineConfig) -> list[StepPlan]:
             for role in ("critic", "reference"):
                 if getattr(step_cfg, role).model:
                     inputs[role] = getattr(step_cfg, role).model
+        elif name == "dpo":  # the offline branch starts from the same SFT model as PPO
+            if not _explicit(step_cfg.model, default.model):
+                step_cfg.model = provides["sft"]
+            inputs["model"] = step_cfg.model
+            if step_cfg.reference.model:
+                inputs["reference"] = step_cfg.reference.model
         elif name == "eval":
-            for key, src in (("sft_model", "sft"), ("ppo_model", "ppo"), ("reward_model", "rm")):
-                if getattr(step_cfg, key) is not None and not _explicit(getattr(step_cfg, key), getattr(default, key)):
-                    setattr(step_cfg, key, provides[src])
+            for key, src in (("sft_model", "sft"), ("ppo_model", "ppo"), ("dpo_model", "dpo"), ("reward_model", "rm")):
+                if not _explicit(getattr(step_cfg, key), getattr(default, key)):
+                    # the policies (and reward model) of this run's branches, side by side
+                    setattr(step_cfg, key, provides[src] if src in steps or src in given else None)
                 if getattr(step_cfg, key):
                     inputs[key.replace("_model", "")] = getattr(step_cfg, key)
             # answer as PPO trained: same prompt budget and response length, unless set for eval
@@ -167,8 +179,8 @@ def _step_command(name: str, config_path: str, ranks: int, port: Optional[int]) 
     return deepspeed_command([name, "--config", config_path], ranks, port or _free_port())
 
 
-def _run_step(p: StepPlan, run_dir: str, master_port: Optional[int]) -> tuple[int, float]:
-    """Start one step as a subprocess (under the deepspeed launcher for several ranks); (exit status, seconds)."""
+def _run_step(p: StepPlan, run_dir: str, master_port: Optional[int]) -> tuple[LaunchResult, float]:
+    """Start one step as a subprocess (under the deepspeed launcher for several ranks); (how it ended, seconds)."""
     os.makedirs(p.output_dir, exist_ok=True)
     for stale in ("results.json", "metrics.jsonl"):  # a step that fails early must not leave an old run's figures
         path = os.path.join(p.output_dir, stale)
@@ -181,8 +193,8 @@ def _run_step(p: StepPlan, run_dir: str, master_port: Optional[int]) -> tuple[in
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.ranks)))
     log.info("pipeline: %s on %d rank(s): %s", p.name, p.ranks, " ".join(cmd))
     t0 = time.time()
-    rc = call_forwarding_stop_signals(cmd, env)
-    return rc, time.time() - t0
+    result = supervise(cmd, env, p.ranks, launcher=p.ranks > 1)
+    return result, time.time() - t0
 
 
 def _load_state(run_dir: str) -> dict:
@@ -204,7 +216,7 @@ def run(cfg: PipelineConfig, dry_run: bool = False) -> dict:
 
     if under_launcher():
         raise PipelineError("run `rlhf-ds pipeline` from a plain shell: it starts the deepspeed launcher for each step")
-    os.makedirs(run_dir, exist_ok=True)
+    run_lock.hold(run_dir)  # one pipeline per run directory: before anything is written there
     _setup_console_logging()
     resolved = copy.deepcopy(cfg)
     for p in plans:
@@ -213,7 +225,7 @@ def run(cfg: PipelineConfig, dry_run: bool = False) -> dict:
     save_config(resolved, os.path.join(run_dir, "config.yaml"))
 
     state = _load_state(run_dir)
-    state.update(run_dir=run_dir, group=plans[0].cfg.tracking.wandb_group)
+    state.update(run_dir=run_dir, group=plans[0].cfg.tracking.wandb_group, algorithm=cfg.algorithm)
     steps = state.setdefault("steps", {})
     for p in plans:
         if p.action in ("given", "skip"):
@@ -232,10 +244,12 @@ def run(cfg: PipelineConfig, dry_run: bool = False) -> dict:
             continue
         steps[p.name] = {"status": "running", "started": time.time(), "ranks": p.ranks}
         atomic_write_json(os.path.join(run_dir, "pipeline.json"), state)
-        rc, seconds = _run_step(p, run_dir, cfg.master_port)
-        ok = rc == 0 and os.path.isfile(os.path.join(p.output_dir, "results.json"))
-        status = "done" if ok else "preempted" if rc == PREEMPTED_EXIT_CODE else "failed"
-        steps[p.name].update(status=status, exit_code=rc, seconds=seconds)
+        result, seconds = _run_step(p, run_dir, cfg.master_port)
+        ok = result.status == 0 and os.path.isfile(os.path.join(p.output_dir, "results.json"))
+        status = "done" if ok else "preempted" if result.status == PREEMPTED_EXIT_CODE else "failed"
+        steps[p.name].update(status=status, exit_code=result.status, seconds=seconds)
+        if result.problem:
+            steps[p.name]["problem"] = result.problem
         atomic_write_json(os.path.join(run_dir, "pipeline.json"), state)
         if not ok:
             failed = p
@@ -258,8 +272,9 @@ def run(cfg: PipelineConfig, dry_run: bool = False) -> dict:
         raise PipelinePreempted(f"step '{failed.name}' stopped by a signal after saving a checkpoint; run the same "
                                 "command with resume_completed_steps=true to continue where it stopped")
     if failed is not None:
-        raise PipelineError(f"step '{failed.name}' failed (exit {steps[failed.name]['exit_code']}); "
-                            f"see {os.path.join(failed.output_dir, 'logs')}")
+        why = steps[failed.name].get("problem")
+        raise PipelineError(f"step '{failed.name}' failed (exit {steps[failed.name]['exit_code']}"
+                            f"{': ' + why if why else ''}); see {os.path.join(failed.output_dir, 'logs')}")
     log.info("pipeline: finished in %.1fs; %s", state["seconds"],
              f"report: {os.path.join(run_dir, 'report.html')}" if cfg.report else "no report")
     return summary

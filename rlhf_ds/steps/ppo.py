@@ -6,6 +6,7 @@ passes of clipped-surrogate actor updates (+ optional PPO-ptx LM loss) and clipp
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -14,18 +15,21 @@ import numpy as np
 import torch
 
 from rlhf_ds.config import PPOConfig
-from rlhf_ds.data.formats import load_prompts
+from rlhf_ds.data.batching import eval_shard
+from rlhf_ds.data.formats import load_prompts, source_templates
+from rlhf_ds.data.readers import DataError
 from rlhf_ds.data.features import collate_sft, prompt_features, render_prompt
 from rlhf_ds.engine import strategy
 from rlhf_ds.engine.ema import ShardedEMA
 from rlhf_ds.engine.hybrid import HybridEngine, check_backend
-from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer, save_causal_lm
-from rlhf_ds.models.scalar_head import load_scalar_head_model, save_scalar_head_model
+from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer, resolve_model_dir, save_causal_lm
+from rlhf_ds.models.scalar_head import load_scalar_head_model, read_saved_head, save_scalar_head_model
 from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
-from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, start_step
+from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, split_eval, start_step
 from rlhf_ds.tracking.metrics import progress
-from rlhf_ds.utils import atomic_write_json, is_rank0, rank, world_size
+from rlhf_ds.tracking.rollout_stats import collapse_starts
+from rlhf_ds.utils import atomic_write_text, is_rank0, rank, world_size
 
 log = logging.getLogger("rlhf_ds")
 
@@ -33,7 +37,7 @@ log = logging.getLogger("rlhf_ds")
 def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
     """The four engines. Actor and critic train; reference and reward are frozen inference engines."""
     p = cfg.ppo
-    actor_ds = strategy.ds_config_for(cfg.actor.engine, p.micro_batch_size, p.grad_accum)
+    actor_ds = strategy.ds_config_for(cfg.actor.engine, p.micro_batch_size, p.grad_accum, role="actor")
     actor = load_causal_lm(cfg.actor.model, actor_ds, cfg.actor.engine.precision, disable_dropout=True,
                            trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
     if cfg.actor.engine.lora.enabled:
@@ -41,12 +45,13 @@ def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
     updates = p.steps * p.ppo_epochs * (p.rollout_batch_size // (p.micro_batch_size * p.grad_accum))
     actor = strategy.init_trainable(actor, cfg.actor.engine, actor_ds, updates)
 
-    ref_ds = strategy.ds_config_for(cfg.reference.engine, p.micro_batch_size, inference=True)
+    ref_ds = strategy.ds_config_for(cfg.reference.engine, p.micro_batch_size, inference=True,
+                                     role="reference")
     reference = load_causal_lm(cfg.reference.model or cfg.actor.model, ref_ds, cfg.reference.engine.precision,
                                disable_dropout=True, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
     reference = strategy.init_frozen(reference, ref_ds)
 
-    critic_ds = strategy.ds_config_for(cfg.critic.engine, p.micro_batch_size, p.grad_accum)
+    critic_ds = strategy.ds_config_for(cfg.critic.engine, p.micro_batch_size, p.grad_accum, role="critic")
     critic_src = cfg.critic.model or cfg.reward.model
     if cfg.critic.model is None and reward_tokenizer.get_vocab() != tokenizer.get_vocab():
         # the critic reads the actor's token ids: a reward model with another vocabulary cannot initialise it
@@ -59,15 +64,37 @@ def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
         critic.backbone = apply_lora(critic.backbone, cfg.critic.engine.lora, task_type="FEATURE_EXTRACTION")
     critic = strategy.init_trainable(critic, cfg.critic.engine, critic_ds, updates)
 
-    reward_ds = strategy.ds_config_for(cfg.reward.engine, p.micro_batch_size, inference=True)
+    reward_ds = strategy.ds_config_for(cfg.reward.engine, p.micro_batch_size, inference=True, role="reward")
     reward = load_scalar_head_model(cfg.reward.model, reward_ds, cfg.reward.engine.precision,
                                     trust_remote_code=cfg.trust_remote_code, tokenizer=reward_tokenizer)
     reward = strategy.init_frozen(reward, reward_ds)
     return actor, critic, reference, reward
 
 
-def load_prompt_ids(cfg: PPOConfig, tokenizer, source: str) -> tuple[list[list[int]], list[str]]:
-    examples, report = load_prompts(source, fmt=cfg.data.format, columns=cfg.data.columns, on_bad_row=cfg.data.on_bad_row)
+def check_prompt_templates(cfg: PPOConfig) -> None:
+    """Warn when PPO renders its prompts with other templates than the reward model was trained on (saved with it): the
+    RM would score text shaped unlike anything it learned from."""
+    saved = read_saved_head(resolve_model_dir(cfg.reward.model))
+    trained = saved[0].get("prompt_templates") if saved else None
+    used = source_templates(cfg.data.train, cfg.data.template)
+    if trained is not None and not set(used) <= set(trained):
+        log.warning("the reward model %s was trained on prompts rendered with templates %s, but PPO renders its "
+                    "prompts with %s (None = the prompt as it is); set data.template (or each source's template) to "
+                    "the reward model's", cfg.reward.model, trained, used)
+
+
+def collapse_due(history: list[dict], p) -> list[tuple[str, str, float]]:
+    """The rollout-diversity figures whose collapse warning is due at the last step of `history`, as (metric, what it
+    counts, threshold)."""
+    checks = (("distinct_fraction", "responses", p.collapse_distinct_below),
+              ("distinct_2", "word bigrams", p.collapse_distinct2_below))
+    return [(key, what, limit) for key, what, limit in checks
+            if collapse_starts([h[f"ppo/{key}"] for h in history], limit, p.collapse_patience)]
+
+
+def load_prompt_ids(cfg: PPOConfig, tokenizer, source) -> tuple[list[list[int]], list[str]]:
+    examples, report = load_prompts(source, fmt=cfg.data.format, columns=cfg.data.columns, on_bad_row=cfg.data.on_bad_row,
+                                    template=cfg.data.template, seed=cfg.train.seed)
     texts = [render_prompt(tokenizer, ex) for ex in examples]
     # keep texts aligned with ids: featurize one by one only where prompts can be dropped
     ids, lengths = prompt_features(examples, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
@@ -85,7 +112,7 @@ class PtxBatches:
     def __init__(self, cfg: PPOConfig, tokenizer, source: str):
         from rlhf_ds.steps.pretrain import pack, read_corpus
 
-        self.blocks = pack(read_corpus(source), tokenizer, cfg.data.max_seq_len)
+        self.blocks = pack(read_corpus(source, cfg.data.text_documents, cfg.train.seed), tokenizer, cfg.data.max_seq_len)
         self.size, self.seed, self.pad_id = cfg.ppo.micro_batch_size, cfg.train.seed, tokenizer.pad_token_id
 
     def batch(self, step: int, index: int) -> dict:
@@ -132,6 +159,28 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
     return {k: v / count for k, v in sums.items()}
 
 
+@torch.no_grad()
+def evaluate_prompts(maker: ExperienceMaker, pairs: list[tuple[list[int], str]], cfg: PPOConfig) -> dict:
+    """Rollout figures on held-out prompts, as ppo/eval_<figure>: every rank answers the same number of them (the
+    scoring forwards are collective under ZeRO-3), in rollout-sized chunks, with a fixed sampling seed."""
+    per_rank = len(pairs) // world_size()
+    mine = [pairs[i] for i in eval_shard(len(pairs), world_size(), rank())[:per_rank]]
+    torch.manual_seed(cfg.train.seed * 100003 + rank())
+    sums: dict[str, float] = {}
+    for start in range(0, per_rank, cfg.ppo.rollout_batch_size):
+        chunk = mine[start : start + cfg.ppo.rollout_batch_size]
+        stats = maker.make([ids for ids, _ in chunk], [text for _, text in chunk]).stats
+        for key in EVAL_FIGURES:
+            if key in stats:
+                sums[key] = sums.get(key, 0.0) + stats[key] * len(chunk) / per_rank
+    keys = sorted(sums)
+    mean = strategy.all_reduce_mean(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
+    return {f"ppo/eval_{k}": v for k, v in zip(keys, mean)}
+
+
+EVAL_FIGURES = ("reward", "kl", "gold_reward", "response_length", "eos_rate", "distinct_fraction", "distinct_2")
+
+
 def save_models(cfg: PPOConfig, actor, critic, tokenizer, ema, out_dir: str) -> None:
     save_causal_lm(strategy.unwrap(actor), tokenizer, os.path.join(out_dir, "model"))
     save_scalar_head_model(strategy.unwrap(critic), tokenizer, os.path.join(out_dir, "critic"))
@@ -156,6 +205,14 @@ def run(cfg: PPOConfig) -> dict:
 
             gold = BuiltinTask(cfg.task.seed).gold_reward
     prompt_ids, prompt_texts = load_prompt_ids(cfg, tokenizer, prompt_src)
+    check_prompt_templates(cfg)
+    # held-out prompts (data.eval, or data.eval_split of the training prompts): never trained on, evaluated every
+    # ppo.eval_every steps and at the end
+    given = list(zip(*load_prompt_ids(cfg, tokenizer, cfg.data.eval))) if cfg.data.eval else None
+    train_pairs, eval_pairs = split_eval(list(zip(prompt_ids, prompt_texts)), given, cfg.data.eval_split, cfg.train.seed)
+    prompt_ids, prompt_texts = [list(x) for x in zip(*train_pairs)] if eval_pairs else (prompt_ids, prompt_texts)
+    if eval_pairs and len(eval_pairs) < world_size():
+        raise DataError(f"{len(eval_pairs)} held-out prompts cannot give each of {world_size()} ranks one")
 
     actor, critic, reference, reward = build_models(cfg, tokenizer, reward_tokenizer)
     check_backend(cfg.hybrid.backend, strategy.unwrap(actor).config.model_type)
@@ -172,6 +229,9 @@ def run(cfg: PPOConfig) -> dict:
         raise ValueError(f"{len(prompt_ids)} prompts cannot fill one rollout of {per_step} ({p.rollout_batch_size} per rank)")
 
     ctx.begin({"actor": actor, "critic": critic})
+    if eval_pairs and is_rank0():
+        atomic_write_text(os.path.join(cfg.output_dir, "eval_prompts.jsonl"),
+                          "".join(json.dumps({"prompt": text}) + "\n" for _, text in eval_pairs))
     done, loop = ctx.resumed.get("step", 0), ctx.resumed.get("loop", {})
     history = loop.get("history", [])
     if "kl_controller" in loop:
@@ -180,7 +240,7 @@ def run(cfg: PPOConfig) -> dict:
         ema.load_state_dict(ctx.resumed["rank_state"]["ema"])
     guard = NonFiniteGuard(cfg.train, loop.get("nonfinite_steps", 0))
     bar = progress(p.steps, "ppo", initial=done)
-    t_start = time.time()
+    t_start = time.time() - loop.get("seconds", 0.0)  # a resumed run's seconds count the steps before it too
     for step in range(done + 1, p.steps + 1):
         # the prompts of this step: a seeded permutation per pass over the data, this rank's slice of it
         per_epoch = len(prompt_ids) // per_step
@@ -207,14 +267,21 @@ def run(cfg: PPOConfig) -> dict:
         metrics["perf/generation_tokens_per_s"] = s["gen_tokens"] * world_size() / max(s["time_generation"], 1e-9)
         trained_tokens = exp.attention_mask.sum().item() * p.ppo_epochs
         metrics["perf/training_tokens_per_s"] = trained_tokens * world_size() / max(t_train, 1e-9)
+        if eval_pairs and (step == p.steps or (p.eval_every and step % p.eval_every == 0)):
+            metrics.update(evaluate_prompts(maker, eval_pairs, cfg))
         history.append(metrics)
+        for key, what, limit in collapse_due(history, p):
+            log.warning("step %d: the rollouts are collapsing: only %.0f%% of the %s were distinct in each of the last "
+                        "%d steps (below %g); the reward model may be over-rewarding one answer or one pattern (see "
+                        "ppo/distinct_fraction, ppo/distinct_2, ppo/reward_length_corr and `rlhf-ds rm-report`)", step,
+                        100 * metrics[f"ppo/{key}"], what, p.collapse_patience, limit)
         if step % cfg.train.log_every == 0 or step == p.steps:
             ctx.metrics.log(metrics, step=step)
         bar.update(1)
         bar.set_postfix(reward=f"{s['reward']:.3f}", kl=f"{s['kl']:.3f}")
         ctx.checkpoint.after_step(
             step, lambda: {"loop": {"history": history, "kl_controller": kl_ctl.state_dict(),
-                                    "nonfinite_steps": guard.skipped}},
+                                    "nonfinite_steps": guard.skipped, "seconds": time.time() - t_start}},
             lambda: {"ema": ema.state_dict()} if ema is not None else {})
     bar.close()
 
@@ -223,15 +290,14 @@ def run(cfg: PPOConfig) -> dict:
     # summary figures over the last 10% of steps
     results = {name: float(np.mean([h[f"ppo/{key}"] for h in window])) for name, key in
                (("reward_mean", "reward"), ("kl", "kl"), ("beta", "beta"), ("response_length", "response_length"),
-                ("eos_rate", "eos_rate"))}
+                ("eos_rate", "eos_rate"), ("distinct_fraction", "distinct_fraction"), ("distinct_2", "distinct_2"),
+                ("reward_length_corr", "reward_length_corr"))}
+    results.update(collapse_distinct_below=p.collapse_distinct_below, collapse_distinct2_below=p.collapse_distinct2_below,
+                   collapse_warning_steps=[i + 1 for i in range(len(history)) if collapse_due(history[: i + 1], p)])
     if gold is not None:
         results["gold_reward_first"] = history[0]["ppo/gold_reward"]
         results["gold_reward_last"] = float(np.mean([h["ppo/gold_reward"] for h in window]))
     results.update(steps=p.steps, seconds=time.time() - t_start, nonfinite_steps=guard.skipped,
                    **{f"{k}_seconds": float(np.sum([h[f"timing/{k}"] for h in history]))
                       for k in ("generation", "scoring", "training")})
-    if is_rank0():
-        atomic_write_json(os.path.join(cfg.output_dir, "results.json"), results)
-    ctx.metrics.summary(results)
-    ctx.metrics.close()
-    return results
+    return ctx.finish(results)

@@ -1,8 +1,9 @@
 """Step 0: train a tokenizer and a small causal LM from scratch on a text corpus.
 
-The tokenizer is a BPE with Metaspace word boundaries (clean decode, whole-word tokens for a small vocabulary) and
-distinct PAD/BOS/EOS/UNK tokens. The model is GPT-2 or LLaMA style, built from config outside ZeRO (transformers'
-weight init can fail under `zero.Init` for some architectures), saved, then trained by the shared LM loop.
+The tokenizer is a byte-level BPE (every string, newlines, tabs, runs of spaces and any Unicode included, encodes
+without an unknown token and decodes back to itself) with distinct PAD/BOS/EOS tokens. The model is GPT-2 or LLaMA
+style, built from config outside ZeRO (transformers' weight init can fail under `zero.Init` for some architectures),
+saved, then trained by the shared LM loop.
 """
 from __future__ import annotations
 
@@ -13,26 +14,30 @@ from rlhf_ds.config import ArchConfig, PretrainConfig
 from rlhf_ds.data.readers import read_records
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import load_causal_lm, load_tokenizer, save_causal_lm
-from rlhf_ds.steps.common import builtin_data, start_step
-from rlhf_ds.steps.lm_training import total_optimizer_steps, train_lm
-from rlhf_ds.utils import atomic_directory, atomic_write_json, barrier, is_rank0
+from rlhf_ds.steps.common import builtin_data, eval_count, start_step
+from rlhf_ds.steps.lm_training import train_lm
+from rlhf_ds.steps.loop import total_optimizer_steps
+from rlhf_ds.utils import atomic_directory, barrier, is_rank0
 
 log = logging.getLogger("rlhf_ds")
 
-SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>", "unk_token": "<|unk|>"}
+SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    """Byte-level BPE: the 256 byte symbols are always in the vocabulary, so no text needs an unknown token, and decoding
+    (no normalizer, no prefix space, no clean-up of spaces) gives back exactly the text that was encoded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=SPECIAL_TOKENS["unk_token"]))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()), show_progress=False)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
+                                  initial_alphabet=alphabet, show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **SPECIAL_TOKENS)
 
 
 def build_model(arch: ArchConfig, tokenizer):
@@ -55,23 +60,34 @@ def build_model(arch: ArchConfig, tokenizer):
     return AutoModelForCausalLM.from_config(config)
 
 
-def read_corpus(source: str) -> list[str]:
-    """Texts from a `text` column (JSONL/Parquet/CSV/save_to_disk) or a plain .txt file (one document per line)."""
-    if source.endswith(".txt"):
-        with open(source, encoding="utf-8") as f:
-            return [line.rstrip("\n") for line in f if line.strip()]
-    from rlhf_ds.data.formats import MAX_TEXT_CHARS
-    from rlhf_ds.data.readers import DataError
+def read_corpus(source, documents: str = "blank_line", seed: int = 0) -> list[str]:
+    """Documents of a pretraining corpus, from one source or a list (paths or SourceConfig: `limit` keeps the first
+    documents of a source, `weight` resamples it). A source is a plain .txt file (one document per
+    blank-line-separated block, or per line with `documents="line"`), or the `text` column of anything the readers
+    accept (JSONL/JSON/CSV/Parquet, a folder, save_to_disk). Refused with file and row: a missing, empty or over-long
+    text, bytes that are not UTF-8, a source with no text at all."""
+    from rlhf_ds.config import SourceConfig
+    from rlhf_ds.data.formats import MAX_TEXT_CHARS, resample
+    from rlhf_ds.data.readers import DataError, read_text_documents
 
     texts = []
-    for rec in read_records(source):
-        text = rec.data.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise DataError("missing or empty text", rec.file, rec.row, "text")
-        if len(text) > MAX_TEXT_CHARS:
-            raise DataError(f"text of {len(text):,} characters exceeds the {MAX_TEXT_CHARS:,}-character limit; split "
-                            "long documents", rec.file, rec.row, "text")
-        texts.append(text)
+    for i, src in enumerate(source if isinstance(source, list) else [source]):
+        src = src if isinstance(src, SourceConfig) else SourceConfig(path=str(src))
+        if str(src.path).lower().endswith(".txt"):
+            records = read_text_documents(src.path, per_line=documents == "line")
+        else:
+            records = read_records(src.path)
+        records = records[: src.limit] if src.limit else records
+        if not records:
+            raise DataError("no text found (the file is empty)", file=str(src.path))
+        for rec in records:
+            text = rec.data.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise DataError("missing or empty text", rec.file, rec.row, "text")
+            if len(text) > MAX_TEXT_CHARS:
+                raise DataError(f"text of {len(text):,} characters exceeds the {MAX_TEXT_CHARS:,}-character limit; "
+                                "split long documents", rec.file, rec.row, "text")
+        texts += resample([rec.data["text"] for rec in records], src.weight, seed + i)
     return texts
 
 
@@ -86,7 +102,8 @@ def pack(texts: list[str], tokenizer, block: int) -> list[dict]:
 def run(cfg: PretrainConfig) -> dict:
     ctx = start_step(cfg, "pretrain")
     source = cfg.data.train or builtin_data(cfg.task, cfg.output_dir)["pretrain"]
-    texts = read_corpus(source)
+    texts = read_corpus(source, cfg.data.text_documents, cfg.train.seed)
+    eval_texts = read_corpus(cfg.data.eval, cfg.data.text_documents, cfg.train.seed) if cfg.data.eval else None
     init_dir = os.path.join(cfg.output_dir, "init")
     if is_rank0() and not (ctx.checkpoint.resume_path and os.path.isdir(init_dir)):  # a resumed run keeps its tokenizer
         tokenizer = train_tokenizer(texts, cfg.arch.vocab_size)
@@ -96,10 +113,13 @@ def run(cfg: PretrainConfig) -> dict:
     barrier()
     tokenizer = load_tokenizer(init_dir)
     blocks = pack(texts, tokenizer, cfg.data.max_seq_len)
-    n_eval = max(1, int(len(blocks) * cfg.data.eval_fraction))
-    train_blocks, eval_blocks = blocks[n_eval:], blocks[:n_eval]
-    log.info("pretrain: %d texts -> %d blocks of %d tokens (%d held out); vocab %d", len(texts), len(blocks),
-             cfg.data.max_seq_len, n_eval, len(tokenizer))
+    if eval_texts:
+        train_blocks, eval_blocks = blocks, pack(eval_texts, tokenizer, cfg.data.max_seq_len)
+    else:  # the first blocks, not a random sample: a block drawn from the middle of the stream shares documents with its
+        n_eval = eval_count(len(blocks), cfg.data.eval_split)  # neighbours in the training set
+        train_blocks, eval_blocks = blocks[n_eval:], blocks[:n_eval]
+    log.info("pretrain: %d texts -> %d blocks of %d tokens (%d held out); vocab %d", len(texts), len(train_blocks),
+             cfg.data.max_seq_len, len(eval_blocks), len(tokenizer))
 
     ds_cfg = strategy.ds_config_for(cfg.engine, cfg.train.micro_batch_size, cfg.train.grad_accum)
     model = load_causal_lm(init_dir, ds_cfg, cfg.engine.precision, tokenizer=tokenizer)
@@ -108,8 +128,4 @@ def run(cfg: PretrainConfig) -> dict:
     results = train_lm(engine, train_blocks, eval_blocks, tokenizer.pad_token_id, cfg.train, ctx, "pretrain")
     save_causal_lm(strategy.unwrap(engine), tokenizer, os.path.join(cfg.output_dir, "model"))
     results["vocab_size"] = len(tokenizer)
-    if is_rank0():
-        atomic_write_json(os.path.join(cfg.output_dir, "results.json"), results)
-    ctx.metrics.summary(results)
-    ctx.metrics.close()
-    return results
+    return ctx.finish(results)

@@ -10,8 +10,8 @@ from rlhf_ds.data.formats import load_sft
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_causal_lm, load_tokenizer, save_causal_lm
 from rlhf_ds.steps.common import builtin_data, split_eval, start_step
-from rlhf_ds.steps.lm_training import total_optimizer_steps, train_lm
-from rlhf_ds.utils import atomic_write_json, is_rank0
+from rlhf_ds.steps.lm_training import train_lm
+from rlhf_ds.steps.loop import total_optimizer_steps
 
 log = logging.getLogger("rlhf_ds")
 
@@ -35,7 +35,8 @@ def run(cfg: SFTConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
 
     def featurize(source):
-        examples, report = load_sft(source, fmt=data.format, columns=data.columns, on_bad_row=data.on_bad_row)
+        examples, report = load_sft(source, fmt=data.format, columns=data.columns, on_bad_row=data.on_bad_row,
+                                   template=data.template, seed=cfg.train.seed)
         feats, lengths = sft_features(
             examples, tokenizer, data.max_prompt_tokens, data.max_seq_len, data.prompt_overflow, cfg.loss_on_prompt
         )
@@ -44,7 +45,7 @@ def run(cfg: SFTConfig) -> dict:
 
     train_feats = featurize(train_src)
     eval_feats = featurize(eval_src) if eval_src else None
-    train_feats, eval_feats = split_eval(train_feats, eval_feats, data.eval_fraction, cfg.train.seed)
+    train_feats, eval_feats = split_eval(train_feats, eval_feats, data.eval_split, cfg.train.seed)
 
     ds_cfg = strategy.ds_config_for(cfg.engine, cfg.train.micro_batch_size, cfg.train.grad_accum)
     model = load_causal_lm(cfg.model, ds_cfg, cfg.engine.precision, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
@@ -59,8 +60,4 @@ def run(cfg: SFTConfig) -> dict:
     results = train_lm(engine, train_feats, eval_feats, tokenizer.pad_token_id, cfg.train, ctx, "sft")
     results.update(trainable_params=trainable, total_params=total)
     save_causal_lm(strategy.unwrap(engine), tokenizer, os.path.join(cfg.output_dir, "model"))
-    if is_rank0():
-        atomic_write_json(os.path.join(cfg.output_dir, "results.json"), results)
-    ctx.metrics.summary(results)
-    ctx.metrics.close()
-    return results
+    return ctx.finish(results)

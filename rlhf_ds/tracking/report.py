@@ -13,12 +13,15 @@ import math
 import os
 from typing import Optional
 
-from rlhf_ds.config import PIPELINE_STEPS
+from rlhf_ds.config import ALGORITHM_STEPS, PIPELINE_STEPS
+from rlhf_ds.tracking.rm_report import read_rm_report, rm_report_html
 from rlhf_ds.utils import atomic_write_json, atomic_write_text
 
 TRAINING_STEPS = ("pretrain", "sft", "rm", "ppo")
-COLORS = {"pretrain": "#7f7f7f", "sft": "#1f77b4", "rm": "#9467bd", "ppo": "#d62728", "eval": "#2ca02c",
+COLORS = {"pretrain": "#7f7f7f", "sft": "#1f77b4", "rm": "#9467bd", "ppo": "#d62728", "dpo": "#ff7f0e", "eval": "#2ca02c",
           "best": "#555555"}
+POLICIES = ("sft", "ppo", "dpo")  # the policies the final evaluation compares
+POLICY_COLORS = {"sft": COLORS["sft"], "ppo": "#8c564b", "dpo": COLORS["dpo"]}
 
 
 # ---- reading the run directory -----------------------------------------------------------------------------------------
@@ -54,32 +57,41 @@ def _given_results(path: str) -> Optional[dict]:
     return None
 
 
+def run_steps(run_dir: str, state: Optional[dict] = None) -> list[str]:
+    """The steps of this run, in order: those of its `algorithm` (pipeline.json; PPO when unknown), plus any other step
+    whose results are in the run directory."""
+    state = state if state is not None else _read_json(os.path.join(run_dir, "pipeline.json")) or {}
+    planned = ALGORITHM_STEPS[state.get("algorithm", "ppo")]
+    return [s for s in PIPELINE_STEPS if s in planned or os.path.isfile(os.path.join(run_dir, s, "results.json"))]
+
+
 def collect_summary(run_dir: str) -> dict:
     """{"<step>": that step's results.json, ..., "timing": {"<step>_seconds": ...}, "steps": {"<step>": status}}."""
     state = _read_json(os.path.join(run_dir, "pipeline.json")) or {"steps": {}}
     steps = state.get("steps", {})
+    names = run_steps(run_dir, state)
     summary: dict = {"run_dir": os.path.abspath(run_dir)}
-    for name in PIPELINE_STEPS:
+    for name in names:
         res = _read_json(os.path.join(run_dir, name, "results.json"))
         info = steps.get(name, {})
         if res is None and info.get("status") == "given":
             res = _given_results(info.get("reason", "").split("=", 1)[-1])
         if res is not None:
             summary[name] = res
-    timing = {f"{name}_seconds": float(steps[name]["seconds"]) for name in PIPELINE_STEPS
+    timing = {f"{name}_seconds": float(steps[name]["seconds"]) for name in names
               if isinstance(steps.get(name, {}).get("seconds"), (int, float))}
     if timing:
         timing["total_seconds"] = sum(timing.values())
     summary["timing"] = timing
     summary["steps"] = {name: steps.get(name, {}).get("status", "done" if name in summary else "missing")
-                        for name in PIPELINE_STEPS}
+                        for name in names}
     return summary
 
 
 def concat_metrics(run_dir: str) -> list[dict]:
     """Every step's metrics.jsonl lines, in pipeline order (each line names its step in `step_name`)."""
     rows = []
-    for name in PIPELINE_STEPS:
+    for name in run_steps(run_dir):
         rows += _read_jsonl(os.path.join(run_dir, name, "metrics.jsonl"))
     return rows
 
@@ -218,6 +230,30 @@ def _length_extra(ax, rows, summary):
     _hline(ax, get(summary, "eval.response_length.ppo"), "eval, PPO policy", "#8c564b", ":")
 
 
+def _plot_diversity(rows, summary, path) -> Optional[str]:
+    """Distinct responses and distinct bigrams per rollout (left), correlation of RM score with length (right)."""
+    xs, ys = series(rows, "ppo", "ppo/distinct_fraction")
+    if not xs:
+        return None
+    fig, (left, right) = _new_axes(2)
+    _line(left, xs, ys, "distinct responses", COLORS["ppo"])
+    _line(left, *series(rows, "ppo", "ppo/distinct_2"), "distinct bigrams", "#ff9896")
+    _hline(left, get(summary, "ppo.collapse_distinct_below"), "warning below (responses)", COLORS["ppo"], ":")
+    _hline(left, get(summary, "ppo.collapse_distinct2_below"), "warning below (bigrams)", "#ff9896", ":")
+    for step in get(summary, "ppo.collapse_warning_steps", []):
+        left.axvline(step, color="#b00020", linewidth=1, alpha=0.6)
+    left.set_title("Step 3: rollout diversity (red lines: collapse warnings)")
+    left.set_xlabel("PPO iteration")
+    left.set_ylabel("fraction distinct")
+    left.set_ylim(0, 1.05)
+    _line(right, *series(rows, "ppo", "ppo/reward_length_corr"), "corr(RM score, length)", "#8c564b")
+    right.axhline(0, color="grey", linestyle=":", linewidth=1)
+    right.set_title("Step 3: correlation of RM score with response length")
+    right.set_xlabel("PPO iteration")
+    right.set_ylim(-1.05, 1.05)
+    return _finish(fig, [left, right], path)
+
+
 def _plot_gold(rows, summary, path) -> Optional[str]:
     if series(rows, "ppo", "ppo/gold_reward")[0]:
         return _ppo_plot("gold_reward", "Gold reward (hidden, built-in task)", "gold reward", _gold_extra)(rows, summary, path)
@@ -227,6 +263,40 @@ def _plot_gold(rows, summary, path) -> Optional[str]:
     _gold_extra(ax, rows, summary)
     ax.set_title("Gold reward on held-out prompts")
     return _finish(fig, [ax], path)
+
+
+def _plot_dpo(rows, summary, path) -> Optional[str]:
+    """Implicit rewards (left) and sequence log-probs (right) of chosen and rejected responses, train and held-out."""
+    if not series(rows, "dpo", "dpo/loss")[0]:
+        return None
+    fig, (left, right) = _new_axes(2)
+    for ax, key, what in ((left, "reward", "implicit reward"), (right, "logp", "log-prob")):
+        for side, color in (("chosen", "#2ca02c"), ("rejected", "#d62728")):
+            _line(ax, *series(rows, "dpo", f"dpo/{key}_{side}"), f"{side} (train batch)", color, alpha=0.5)
+            _line(ax, *series(rows, "dpo", f"dpo/eval_{key}_{side}"), f"{side} (held-out)", color, linestyle="--")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(what)
+    left.set_title("DPO: implicit rewards beta * log(pi / ref)")
+    right.set_title("DPO: summed log-probs (chosen falling: a known failure)")
+    return _finish(fig, [left, right], path)
+
+
+def _policy_table(summary: dict) -> str:
+    """The evaluated policies side by side: gold reward, win rates over SFT, RM score, length, EOS rate."""
+    ev = summary.get("eval") or {}
+    columns = [("gold reward", "gold_reward.{p}", "{:+.3f}"), ("gold win rate vs SFT", "win_rate_{p}_vs_sft", "{:.1%}"),
+               ("gold win rate vs PPO", "win_rate_{p}_vs_ppo", "{:.1%}"), ("RM score", "rm_score.{p}", "{:+.3f}"),
+               ("RM win rate vs SFT", "rm_win_rate_{p}_vs_sft", "{:.1%}"),
+               ("response tokens", "response_length.{p}", "{:.1f}"), ("EOS rate", "eos_rate.{p}", "{:.0%}")]
+    policies = [p for p in POLICIES if _finite(get(ev, f"response_length.{p}"))]
+    columns = [c for c in columns if any(_finite(get(ev, c[1].format(p=p))) for p in policies)]
+    if not policies:
+        return "<p class='muted'>No evaluation results (the eval step has not run).</p>"
+    head = "<tr><th>policy</th>" + "".join(f"<th>{html.escape(c[0])}</th>" for c in columns) + "</tr>"
+    body = "".join("<tr><td>" + p.upper() + "</td>" + "".join(
+        f"<td class='num'>{html.escape(fmt.format(v)) if _finite(v) else ''}</td>"
+        for v, fmt in ((get(ev, key.format(p=p)), fmt) for _, key, fmt in columns)) + "</tr>" for p in policies)
+    return f"<table>{head}{body}</table>"
 
 
 def _plot_time_split(rows, summary, path) -> Optional[str]:
@@ -265,7 +335,7 @@ def _plot_time_split(rows, summary, path) -> Optional[str]:
 def _plot_eval_hist(run_dir):
     def plot(rows, summary, path) -> Optional[str]:
         samples = _read_jsonl(os.path.join(run_dir, "eval", "samples.jsonl"))
-        data = {n: [s[f"{n}_gold_reward"] for s in samples if _finite(s.get(f"{n}_gold_reward"))] for n in ("sft", "ppo")}
+        data = {n: [s[f"{n}_gold_reward"] for s in samples if _finite(s.get(f"{n}_gold_reward"))] for n in POLICIES}
         data = {n: v for n, v in data.items() if v}
         if not data:
             return None
@@ -275,7 +345,7 @@ def _plot_eval_hist(run_dir):
         bins = [lo + (hi - lo + 1e-9) * i / 20 for i in range(21)]
         for n, v in data.items():
             ax.hist(v, bins=bins, alpha=0.55, label=f"{n.upper()} policy (mean {sum(v) / len(v):.2f})",
-                    color=COLORS["sft"] if n == "sft" else "#8c564b")
+                    color=POLICY_COLORS[n])
         ax.set_title("Gold reward per held-out prompt")
         ax.set_xlabel("gold reward")
         ax.set_ylabel("prompts")
@@ -295,8 +365,10 @@ def make_plots(run_dir: str, rows: list[dict], summary: dict) -> list[tuple[str,
         ("ppo_reward", "PPO reward (RM score)", _ppo_plot("reward", "Step 3: PPO reward (RM score of rollouts)", "RM score", _reward_extra)),
         ("ppo_kl", "PPO KL to the reference", _ppo_plot("kl", "Step 3: KL(policy || reference) per response", "nats")),
         ("ppo_beta", "KL coefficient beta", _ppo_plot("beta", "Step 3: KL coefficient beta", "beta")),
+        ("ppo_diversity", "Rollout diversity and reward-length correlation", _plot_diversity),
         ("gold_reward", "Gold reward", _plot_gold),
         ("response_length", "Response length", _ppo_plot("response_length", "Step 3: response length", "tokens", _length_extra)),
+        ("dpo_rewards", "DPO implicit rewards and log-probs", _plot_dpo),
         ("eval_gold", "Gold reward per prompt, SFT vs PPO", _plot_eval_hist(run_dir)),
         ("time_split", "Time split", _plot_time_split),
     ]
@@ -336,9 +408,15 @@ HEADLINES = [
     ("RM Bayes ceiling", "rm.bayes_ceiling", "{:.3f}"),
     ("PPO reward (last 10%)", "ppo.reward_mean", "{:+.3f}"),
     ("PPO KL (last 10%)", "ppo.kl", "{:.3f}"),
+    ("Distinct responses (last 10%)", "ppo.distinct_fraction", "{:.0%}"),
+    ("corr(RM score, length)", "ppo.reward_length_corr", "{:+.2f}"),
     ("Gold reward SFT", "eval.gold_reward.sft", "{:+.3f}"),
     ("Gold reward PPO", "eval.gold_reward.ppo", "{:+.3f}"),
     ("Win rate PPO vs SFT", "eval.win_rate_ppo_vs_sft", "{:.1%}"),
+    ("DPO held-out reward accuracy", "dpo.eval_reward_accuracy", "{:.3f}"),
+    ("Gold reward DPO", "eval.gold_reward.dpo", "{:+.3f}"),
+    ("Win rate DPO vs SFT", "eval.win_rate_dpo_vs_sft", "{:.1%}"),
+    ("Win rate DPO vs PPO", "eval.win_rate_dpo_vs_ppo", "{:.1%}"),
     ("Total time", "timing.total_seconds", "{:.0f} s"),
 ]
 
@@ -377,7 +455,7 @@ window.addEventListener('load', function () {
 def _sample_table(samples: list[dict], n: int) -> str:
     if not samples:
         return "<p class='muted'>No evaluation samples (the eval step has not run).</p>"
-    policies = [p for p in ("sft", "ppo") if f"{p}_response" in samples[0]]
+    policies = [p for p in POLICIES if f"{p}_response" in samples[0]]
     score_keys = [k for k in ("gold_reward", "rm_score") if any(f"{p}_{k}" in samples[0] for p in policies)]
     head = "<tr><th>#</th><th>prompt</th>" + "".join(
         f"<th>{p.upper()} response</th>" + "".join(f"<th>{k.replace('_', ' ')}</th>" for k in score_keys)
@@ -389,9 +467,9 @@ def _sample_table(samples: list[dict], n: int) -> str:
             cells.append(f"<td class='resp'>{html.escape(s.get(f'{p}_response', ''))}</td>")
             for k in score_keys:
                 v = s.get(f"{p}_{k}")
-                other = s.get(f"{'sft' if p == 'ppo' else 'ppo'}_{k}")
+                other = s.get(f"sft_{k}")
                 cls = ""
-                if p == "ppo" and _finite(v) and _finite(other) and v != other:
+                if p != "sft" and _finite(v) and _finite(other) and v != other:
                     cls = " better" if v > other else " worse"
                 cells.append(f"<td class='num{cls}'>{_fmt(v) if v is not None else ''}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -423,11 +501,21 @@ def render_html(run_dir: str, summary: dict, plots: list[tuple[str, str, Optiona
                        f"<figcaption>{html.escape(title)} — <a href='plots/{name}.png'>plots/{name}.png</a>"
                        "</figcaption></figure>")
     steps = summary.get("steps", {})
-    status = " · ".join(f"{s}: {html.escape(str(steps.get(s, 'missing')))}" for s in PIPELINE_STEPS)
+    status = " · ".join(f"{s}: {html.escape(str(steps.get(s, 'missing')))}" for s in steps or PIPELINE_STEPS)
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td class='num'>{html.escape(_fmt(v))}</td></tr>"
                    for k, v in _flat({k: v for k, v in summary.items() if k not in ("run_dir", "steps")}))
     missing_html = (f"<p class='muted'>No data for: {html.escape(', '.join(missing))}.</p>" if missing else "")
     title = f"RLHF run report — {os.path.basename(os.path.abspath(run_dir))}"
+    rm_report = read_rm_report(run_dir)
+    rm_section = (f"<h2>What the reward model rewards</h2>{rm_report_html(rm_report)}" if rm_report else
+                  "<h2>What the reward model rewards</h2><p class='muted'>Not computed: run <code>rlhf-ds rm-report "
+                  "&lt;run&gt;/rm --pairs PAIRS --samples &lt;run&gt;/eval/samples.jsonl -o &lt;run&gt;</code>, then "
+                  "<code>rlhf-ds report &lt;run&gt;</code>.</p>")
+    collapse = get(summary, "ppo.collapse_warning_steps") or []
+    collapse_html = ("<p class='warn'>PPO rollouts collapsed: the fraction of distinct responses or of distinct bigrams "
+                     "stayed below its threshold for several steps in a row (warned at steps "
+                     f"{', '.join(map(str, collapse))}). A rising reward then says little; read the rollout diversity "
+                     "plot and the highest-scoring responses below.</p>" if collapse else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>
@@ -435,14 +523,18 @@ def render_html(run_dir: str, summary: dict, plots: list[tuple[str, str, Optiona
 <h1>{html.escape(title)}</h1>
 <div class="muted">{html.escape(summary.get('run_dir', run_dir))} · steps: {status}</div>
 <div class="cards">{''.join(cards)}</div>
+{collapse_html}
 <h2>Training curves</h2>
 <div class="plots">{''.join(figures)}</div>
 {missing_html}
+<h2>Policies side by side (held-out prompts)</h2>
+{_policy_table(summary)}
 <h2>Responses before and after PPO</h2>
 <p class="muted">The same held-out prompts answered by the SFT policy and by the PPO policy
 (first {min(n_samples, len(samples))} of {len(samples)}; all in <a href="eval/samples.jsonl">eval/samples.jsonl</a>).
-PPO scores are green where they beat SFT, red where they lose.</p>
+PPO (and DPO) scores are green where they beat SFT, red where they lose.</p>
 {_sample_table(samples, n_samples)}
+{rm_section}
 <h2>All figures</h2>
 <p class="muted"><a href="summary.json">summary.json</a> · <a href="metrics.jsonl">metrics.jsonl</a> ·
 <a href="config.yaml">config.yaml</a></p>

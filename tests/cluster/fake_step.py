@@ -3,19 +3,26 @@
 `python -m fake_step <step> output_dir=DIR ...`, once per rank:
 * first run (SLURM_RESTART_COUNT unset or 0): writes DIR/ready.<rank>, waits for SIGUSR1 (at most 120 s), then
   writes DIR/preempted.<rank> ("checkpoint saved") and exits 75;
-* a requeued run (SLURM_RESTART_COUNT >= 1): writes DIR/resumed.<rank> and exits 0.
-Every start is appended to DIR/events.log.
+* a requeued run (SLURM_RESTART_COUNT >= 1): writes DIR/resumed.<rank> and exits 0;
+* with `kill=rank` or `kill=launcher`, the first run writes DIR/ready.<rank> and then every rank SIGKILLs itself, or
+  rank 0 its parent (DeepSpeed's launch.py in launcher mode), after which each ends as a real rank does when its
+  launcher dies.
+Every start is appended to DIR/events.log. Like `rlhf_ds.cli`, it watches its launcher and records its exit for the
+supervisor (rlhf_ds.engine.launcher).
 """
 import os
 import signal
 import sys
 import time
 
+from rlhf_ds.engine.launcher import record_exit, watch_launcher
+
 
 def main() -> int:
     args = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
     out = args["output_dir"]
     os.makedirs(out, exist_ok=True)
+    watch_launcher()
     rank = os.environ.get("RANK", "0")
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     with open(os.path.join(out, "events.log"), "a", encoding="utf-8") as f:
@@ -24,6 +31,14 @@ def main() -> int:
     if restart > 0:
         open(os.path.join(out, f"resumed.{rank}"), "w").close()
         return 0
+    if args.get("kill"):
+        open(os.path.join(out, f"ready.{rank}"), "w").close()
+        if args["kill"] == "rank":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif rank == "0":
+            os.kill(os.getppid(), signal.SIGKILL)  # launch.py (launcher mode); every rank then sees it gone
+        time.sleep(60)  # the launcher watch ends this rank first
+        return 3
     got = []
     signal.signal(signal.SIGUSR1, lambda *_: got.append(time.time()))
     open(os.path.join(out, f"ready.{rank}"), "w").close()
@@ -37,4 +52,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    record_exit()
+    sys.exit(code)

@@ -1,0 +1,100 @@
+"""PPO phase times (generation, scoring, training) under different DeepSpeed ZeRO settings, alternated run by run.
+
+    python benchmarks/zero_settings.py                                   # persistence threshold 0 / 1e4 / 1e5
+    python benchmarks/zero_settings.py --setting old:actor.engine.zero3_param_persistence_threshold=0 \\
+        --setting new:actor.engine.ds_config=ds_configs/zero3_overlap_comm.json --rounds 3
+
+Each setting is a name and PPO config overrides (applied on top of 2-rank PPO with ZeRO-3 for all four engines on
+tiny GPT-2 models built by tests/dist_hybrid_models.py). Settings run in turn, `--rounds` times, so that load on the
+machine hits them alike; the table gives the median per-step seconds of each phase over all rounds (step 1, with its
+warm-up, left out), from the run's own `timing/*` metrics. Prints figures, asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHASES = ("generation", "scoring", "training")
+ROLES = ("actor", "critic", "reference", "reward")
+
+
+def persistence(value: int) -> list[str]:
+    return [f"{role}.engine.zero3_param_persistence_threshold={value}" for role in ROLES]
+
+
+DEFAULT_SETTINGS = {"persist_0": persistence(0), "persist_1e4": persistence(10000), "persist_1e5": persistence(100000)}
+
+
+def parse_setting(text: str) -> tuple[str, list[str]]:
+    name, _, overrides = text.partition(":")
+    if not name or not overrides:
+        raise argparse.ArgumentTypeError(f"--setting wants NAME:key=value[,key=value...], got {text!r}")
+    return name, overrides.split(",")
+
+
+def run_ppo(models: dict, out: str, overrides: list[str], args) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "--no_local_rank",
+           "--master_port", str(args.master_port), "--module", "rlhf_ds.cli", "ppo", f"output_dir={out}",
+           f"actor.model={models['gpt2']}", f"reward.model={models['gpt2_rm']}", f"ppo.steps={args.steps}",
+           f"ppo.rollout_batch_size={args.batch}", f"ppo.micro_batch_size={args.batch}",
+           f"generation.max_new_tokens={args.new_tokens}", "data.max_seq_len=64", "train.log_every=1",
+           "checkpoint.every_minutes=0", "checkpoint.resume=never",
+           *[f"{role}.engine.zero_stage=3" for role in ROLES], *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"PPO failed ({proc.returncode}) with {overrides}:\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {phase: [r[f"timing/{phase}"] for r in rows if r.get("step", 0) > 1 and f"timing/{phase}" in r]
+            for phase in PHASES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setting", action="append", type=parse_setting, default=None,
+                        help="NAME:key=value,... (repeat); default: persistence threshold 0, 1e4, 1e5")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8, help="rollout = micro-batch, per rank")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--master-port", type=int, default=29731)
+    parser.add_argument("--workdir", default=None, help="keep models and runs here (default: a temporary folder)")
+    parser.add_argument("--json", default=None, help="also write every per-step figure to this file")
+    args = parser.parse_args()
+    settings = dict(args.setting) if args.setting else DEFAULT_SETTINGS
+
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from dist_hybrid_models import build_tiny_models
+
+    work = args.workdir or tempfile.mkdtemp(prefix="zero_settings_")
+    models = build_tiny_models(os.path.join(work, "models"))
+    times: dict[str, dict[str, list[float]]] = {name: {p: [] for p in PHASES} for name in settings}
+    for r in range(args.rounds):
+        for name, overrides in settings.items():
+            got = run_ppo(models, os.path.join(work, f"{name}_{r}"), overrides, args)
+            for phase in PHASES:
+                times[name][phase] += got[phase]
+            print(f"round {r + 1}/{args.rounds} {name}: " + ", ".join(
+                f"{p} {statistics.median(got[p]):.3f} s" for p in PHASES), flush=True)
+
+    print(f"\nmedian seconds per PPO step ({args.ranks} ranks, ZeRO-3 x4, rollout {args.batch}/rank, "
+          f"{args.new_tokens} new tokens, {args.rounds} alternated rounds of {args.steps} steps, step 1 left out)")
+    print(f"{'setting':<16}" + "".join(f"{p:>12}" for p in PHASES))
+    for name in settings:
+        print(f"{name:<16}" + "".join(f"{statistics.median(times[name][p]):>12.3f}" for p in PHASES))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"settings": settings, "seconds": times}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

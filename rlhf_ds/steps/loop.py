@@ -1,0 +1,132 @@
+"""The one training loop of the supervised steps: pretraining, SFT, the reward model and DPO.
+
+The loop owns everything that is the same for all of them: this rank's micro-batches of a seeded permutation
+(`data.batching`), gradient accumulation, the non-finite-loss guard, checkpoints and the resumed position, the eval
+cadence (before training, every `train.eval_every` steps, at the end), metrics and throughput, the progress bar. A step
+describes itself with a `TrainTask`: its examples, how they are collated, the loss of one micro-batch, and its
+held-out evaluation.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from rlhf_ds.config import TrainConfig
+from rlhf_ds.data.batching import eval_batches, micro_batches, steps_per_epoch
+from rlhf_ds.engine import strategy
+from rlhf_ds.steps.common import NonFiniteGuard, StepContext
+from rlhf_ds.tracking.metrics import progress
+from rlhf_ds.utils import rank, world_size
+
+
+@dataclass
+class TrainTask:
+    name: str  # metric prefix and progress label ("sft", "rm", "dpo")
+    features: list  # training examples
+    collate: Callable[[list], dict]  # examples -> a batch of CPU tensors
+    # a batch (on the device) -> (the loss to backpropagate, figures of this micro-batch as floats, "loss" among them);
+    # the figures are averaged over the micro-batches of a step and over ranks, and logged as "<name>/<figure>"
+    loss: Callable[[dict], tuple[torch.Tensor, dict]]
+    count: Callable[[dict], int]  # how many `unit`s a batch holds (throughput)
+    unit: str = "tokens"
+    evaluate: Optional[Callable[[], dict]] = None  # held-out figures (collective: every rank calls it)
+    what: str = ""  # names the loss in non-finite-loss messages (default: name)
+    postfix: tuple = ("loss",)  # figures shown on the progress bar
+
+
+def total_optimizer_steps(n_train: int, train: TrainConfig) -> int:
+    per_epoch = steps_per_epoch(n_train, train.micro_batch_size, world_size(), train.grad_accum)
+    if per_epoch == 0:
+        raise ValueError(
+            f"{n_train} training examples cannot fill one global batch of "
+            f"{train.micro_batch_size} x {world_size()} ranks x {train.grad_accum} accumulation steps"
+        )
+    total = per_epoch * train.epochs
+    return min(total, train.max_steps) if train.max_steps else total
+
+
+def to_device(batch: dict) -> dict:
+    dev = strategy.device()
+    return {k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def eval_sums(engine, n_items: int, batch_size: int, sums_of: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    """The sum over a whole evaluation set of `sums_of(indices)` (a vector of per-batch sums), the same on every rank.
+
+    Each rank takes its share in batches (`data.batching.eval_batches`: equal batch counts on every rank, because a
+    ZeRO-3 forward is collective); a stand-in batch of a rank out of items is computed and not counted. The sums are
+    accumulated in float64, so the result does not depend on how the set was split over ranks beyond rounding."""
+    engine.eval()
+    total: Optional[torch.Tensor] = None
+    for idx, counts in eval_batches(n_items, batch_size, world_size(), rank()):
+        sums = sums_of(idx).detach().to("cpu", torch.float64)
+        total = torch.zeros_like(sums) if total is None else total
+        if counts:
+            total += sums
+    engine.train()
+    if total is None:
+        raise ValueError("the evaluation set is empty")
+    return strategy.all_reduce_mean(total) * world_size()
+
+
+def run(engine, task: TrainTask, train: TrainConfig, ctx: StepContext) -> dict:
+    """Train `engine` on `task` for the configured epochs/steps (from the resumed position, if any); returns the
+    figures: held-out ones before (`<figure>_start`) and after, steps, last train loss, throughput, seconds."""
+    n = len(task.features)
+    total = total_optimizer_steps(n, train)
+    per_epoch = steps_per_epoch(n, train.micro_batch_size, world_size(), train.grad_accum)
+    loop = ctx.resumed.get("loop", {})
+    step, done, results = ctx.resumed.get("step", 0), loop.get("count", 0), dict(loop.get("results", {}))
+    guard = NonFiniteGuard(train, loop.get("nonfinite_steps", 0))
+    name = task.name
+
+    def evaluate(at: int) -> dict:
+        figures = task.evaluate()
+        ctx.metrics.log({f"{name}/{k}": v for k, v in figures.items()}, step=at)
+        return figures
+
+    if task.evaluate is not None and step == 0:
+        results.update({f"{k}_start": v for k, v in evaluate(0).items()})
+    engine.train()
+    figures, t0, done0 = {"loss": float("nan")}, time.time(), done  # throughput over this process's steps
+    bar = progress(total, name, initial=step)
+    for epoch in range(step // per_epoch, train.epochs):
+        # a resumed run re-enters its epoch at the step it stopped after: same permutation, same micro-batches
+        for _, micro in micro_batches(n, train.micro_batch_size, world_size(), rank(), train.grad_accum, train.seed,
+                                      epoch, start_step=step - epoch * per_epoch):
+            if step >= total:
+                break
+            sums: dict[str, float] = {}
+            for indices in micro:
+                batch = to_device(task.collate([task.features[i] for i in indices]))
+                loss, stats = task.loss(batch)
+                guard.backward_and_step(engine, loss, step + 1, task.what or name)  # optimizer at the boundary
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                done += task.count(batch)
+            step += 1
+            means = strategy.all_reduce_mean(torch.tensor([v / len(micro) for v in sums.values()], dtype=torch.float64))
+            figures = dict(zip(sums, means.tolist()))
+            bar.update(1)
+            bar.set_postfix({k: f"{figures[k]:.4f}" for k in task.postfix if k in figures})
+            if step % train.log_every == 0 or step == total:
+                elapsed = time.time() - t0
+                ctx.metrics.log({**{f"{name}/{k}": v for k, v in figures.items()}, f"{name}/lr": engine.get_lr()[0],
+                                 f"{name}/epoch": epoch,
+                                 f"{name}/{task.unit}_per_s": (done - done0) * world_size() / max(elapsed, 1e-9)},
+                                step=step)
+            if task.evaluate is not None and train.eval_every and step % train.eval_every == 0 and step < total:
+                evaluate(step)
+            ctx.checkpoint.after_step(step, lambda: {"loop": {"count": done, "results": results, "epoch": epoch,
+                                                              "nonfinite_steps": guard.skipped}})
+    bar.close()
+    elapsed = time.time() - t0
+    results.update(steps=step, train_loss=figures["loss"], seconds=elapsed, nonfinite_steps=guard.skipped)
+    results[f"train_{task.unit}_per_s"] = (done - done0) * world_size() / max(elapsed, 1e-9)
+    if task.evaluate is not None:
+        results.update(evaluate(step))
+    return results
