@@ -2,7 +2,7 @@
 
     build_tiny_models(root) -> {"gpt2": dir, "llama": dir, "gpt2_rm": dir, "llama_rm": dir}
 
-`gpt2` (2 layers, d=64, own BPE tokenizer of 400 tokens) and `llama` (2 layers, d=64, own tokenizer of 300 tokens: a
+`gpt2` (2 layers, d=64, own byte-level BPE of 640 tokens) and `llama` (2 layers, d=64, own one of 512 tokens: a
 different vocabulary) are briefly fine-tuned on the built-in task's demonstrations so they answer in the task's
 language and emit EOS at varying lengths; `*_rm` are reward-model folders (backbone + seeded scalar head + a non-zero
 normalisation offset) in the layout `rlhf_ds rm` writes. Everything is seeded; a finished build is reused.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-ARCHS = {"gpt2": 400, "llama": 300}  # architecture -> tokenizer vocabulary
+ARCHS = {"gpt2": 640, "llama": 512}  # architecture -> byte-level BPE vocabulary (256 bytes + specials + merges)
 RM_OFFSET = 0.25
 
 

@@ -121,7 +121,7 @@ def test_tool_errors_are_reported(tiny_base, tmp_path, capsys):
     assert cli.main(["score", tiny_base, src, "-o", str(tmp_path / "s.jsonl")]) == 2  # no responses
     assert not os.path.exists(tmp_path / "o.jsonl") and not os.path.exists(tmp_path / "s.jsonl")
     assert cli.main(["eval", "output_dir=x", "sft_model=null", "ppo_model=null"]) == 2
-    assert "eval needs sft_model or ppo_model" in capsys.readouterr().err
+    assert "eval needs sft_model, ppo_model or dpo_model" in capsys.readouterr().err
     assert cli.main(["generate", tiny_base, src, "-o", str(tmp_path / "o.jsonl"), "--temperature", "0",
                      "--do-sample"]) == 2
 

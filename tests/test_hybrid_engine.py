@@ -80,7 +80,7 @@ def test_left_padded_logprobs_equal_each_sequence_alone(models, arch):
             torch.testing.assert_close(batch[i, : len(r)], alone, atol=1e-5, rtol=0)
 
 
-def _sampled_rollout(models, arch: str, n: int = 6, new_tokens: int = 12):
+def _sampled_rollout(models, arch: str, n: int = 6, new_tokens: int = 20):
     """A sampled rollout through HybridEngine (T=0.7) plus the processed scores generate sampled each token from."""
     from rlhf_ds.data.features import pad_batch
     from rlhf_ds.engine.hybrid import HybridEngine
