@@ -52,7 +52,6 @@ class StepContext:
         self.checkpoint.metrics = self.metrics
         self.resumed = state
 
-
     def finish(self, results: dict) -> dict:
         """The step is done: results.json (rank 0), the summary on rank 0's console and in wandb, metrics closed."""
         if is_rank0():

@@ -1,8 +1,8 @@
 """Final evaluation (`rlhf-ds eval`) and the plain-transformers tools behind `rlhf-ds generate`, `score` and `chat`.
 
 Evaluation: on held-out prompts (the built-in task's `eval_prompts.jsonl` by default) the SFT and the PPO policy (and
-the DPO policy, when given) each answer (sampled at T=1 by default, several samples per prompt, batched, left-padded, one process, no DeepSpeed
-engine); every response is scored by the gold reward (built-in task only) and by the reward model. Reported: mean gold reward and mean RM score of each policy,
+the DPO policy, when given) each answer (sampled at T=1 by default, several samples per prompt, batched, left-padded,
+one process, no DeepSpeed engine); every response is scored by the gold reward (built-in task only) and by the reward model. Reported: mean gold reward and mean RM score of each policy,
 the win rates of PPO (and DPO) over SFT, and of DPO over PPO, by gold reward (ties count 0.5) and by RM score,
 response lengths and EOS rates. Written:
 `<output_dir>/results.json` and `samples.jsonl` (one line per prompt: both responses and their scores).
