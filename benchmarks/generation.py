@@ -117,7 +117,8 @@ def worker(args) -> None:
 
     from rlhf_ds.config import EngineConfig
     from rlhf_ds.engine import strategy
-    from rlhf_ds.engine.hybrid import HybridEngine
+    from rlhf_ds.config import GenerationConfig
+    from rlhf_ds.rollout.hybrid import HybridEngine
     from rlhf_ds.models.loading import load_causal_lm, load_tokenizer
 
     strategy.setup_distributed()
@@ -136,7 +137,7 @@ def worker(args) -> None:
     syncs: list[float] = []
 
     def run_hybrid():
-        out = hybrid.generate(ids, mask, args.new_tokens, do_sample=False)
+        out = hybrid.generate(ids, mask, GenerationConfig(args.new_tokens, do_sample=False))
         syncs.append(out.sync_seconds)
         return out.sequences
 

@@ -32,7 +32,7 @@ import re
 import shutil
 import signal
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -183,6 +183,7 @@ class CheckpointManager:
         self.step_name = step_name
         self.config = config
         self.engines: dict = {}
+        self.states: dict[str, tuple[object, bool]] = {}  # name -> (object with state_dict/load_state_dict, per rank)
         self.metrics = None  # set by StepContext.begin: the rows saved with each checkpoint
         self.stop = StopSignal()
         self._last_save = time.monotonic()
@@ -276,9 +277,17 @@ class CheckpointManager:
             if os.path.exists(os.path.join(self.root, LATEST)):
                 os.unlink(os.path.join(self.root, LATEST))
 
+    def register(self, name: str, obj, per_rank: bool = False) -> None:
+        """Save `obj` (anything with `state_dict()` / `load_state_dict(state)`: loop counters, KL controller, EMA, the
+        non-finite guard) with every checkpoint and restore it in `load`. Its state goes to trainer_state.json (JSON,
+        the same on every rank) or, with `per_rank`, to this rank's file (tensors allowed: EMA shards)."""
+        if name in self.states:
+            raise ValueError(f"checkpoint state {name!r} registered twice")
+        self.states[name] = (obj, per_rank)
+
     def load(self) -> dict:
-        """Restore the chosen checkpoint into `self.engines` and this rank's RNGs; returns the saved loop state with
-        `rank_state` (this rank's extra state) and `metrics` (the metric rows)."""
+        """Restore the chosen checkpoint into `self.engines`, the registered states and this rank's RNGs; returns the
+        saved trainer state (`step`, ...) with `metrics` (the metric rows)."""
         path = self.resume_path
         for tag, engine in self.engines.items():
             strategy.load_engine(engine, path, tag)
@@ -288,13 +297,17 @@ class CheckpointManager:
             state = json.load(f)
         with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
             state["metrics"] = [json.loads(line) for line in f if line.strip()]
-        state["rank_state"] = local.get("state", {})
+        for name, (obj, per_rank) in self.states.items():
+            saved = (local.get("state", {}) if per_rank else state.get("states", {})).get(name)
+            if saved is None:
+                raise ResumeError(f"checkpoint {path} has no saved {name!r}: it was written by another version of "
+                                  "this step; start a new run (checkpoint.resume=never)")
+            obj.load_state_dict(saved)
         log.info("restored checkpoint %s (step %d)", path, state["step"])
         return state
 
     # ---- saving ---------------------------------------------------------------------------------------------------------
-    def after_step(self, step: int, loop_state: Callable[[], dict],
-                   rank_state: Optional[Callable[[], dict]] = None) -> None:
+    def after_step(self, step: int) -> None:
         """Call on every rank after each training step. Saves when due (every N steps, every M minutes, or when any rank
         got a stop signal; ranks agree through one small all-reduce), then raises Preempted if a signal asked to stop."""
         elapsed = time.monotonic() - self._last_save
@@ -303,13 +316,15 @@ class CheckpointManager:
         stop, time_due = strategy.all_reduce_max(flags).tolist()
         step_due = bool(self.cfg.every_steps) and step % self.cfg.every_steps == 0
         if stop or time_due or step_due:
-            self.save(step, loop_state(), rank_state() if rank_state else {})
+            self.save(step)
         if stop:
             raise Preempted(self.stop.received or "a signal on another rank", step, self.latest)
 
-    def save(self, step: int, loop_state: dict, rank_state: dict) -> str:
+    def save(self, step: int) -> str:
         """Write checkpoint `step_<step>` under a temp name, then publish it with one rename and update `latest`."""
         t0 = time.time()
+        loop_state = {n: obj.state_dict() for n, (obj, per_rank) in self.states.items() if not per_rank}
+        rank_state = {n: obj.state_dict() for n, (obj, per_rank) in self.states.items() if per_rank}
         name = f"step_{step:08d}"
         tmp, final = os.path.join(self.root, f".tmp-{name}"), os.path.join(self.root, name)
         if is_rank0():
@@ -344,7 +359,7 @@ class CheckpointManager:
         wandb_id = self.metrics.wandb_id if self.metrics is not None else None
         atomic_write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "step_name": self.step_name,
                                                                      "world_size": world_size(), "wandb_id": wandb_id,
-                                                                     **loop_state})
+                                                                     "states": loop_state})
         atomic_write_text(os.path.join(tmp, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(os.path.join(tmp, "config.yaml"), yaml.safe_dump(self.config, sort_keys=False))
         files = {}

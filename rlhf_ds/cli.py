@@ -8,6 +8,7 @@
     rlhf-ds score <reward_model> <pairs.jsonl> -o <scores.jsonl>
     rlhf-ds chat <model> [--template "human : {input} assistant :"]
     rlhf-ds rm-report <reward_model> [--pairs pairs.jsonl] [--samples samples.jsonl] -o <dir>
+    rlhf-ds serve-reward <reward_model> [--host 127.0.0.1] [--port 8000]        HTTP scores for reward.url
     rlhf-ds config show <step>                                                  a complete default YAML config
     rlhf-ds plan ...                                                            memory planner (rlhf_ds.planner)
 
@@ -140,6 +141,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
 
+    p = sub.add_parser("serve-reward", help="serve a reward model over HTTP (POST /score, GET /health) for PPO's "
+                       "reward.url; no authentication, so it listens on 127.0.0.1 unless --host says otherwise")
+    p.add_argument("model", help="reward model folder (an rm output)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0: every interface, with no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="0 = a free port (the printed line names it)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--max-prompt-tokens", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+
     p = sub.add_parser("chat", help="talk to a model on stdin: one message per line, /quit or EOF ends")
     p.add_argument("model")
     p.add_argument("--template", default=None,
@@ -182,6 +195,7 @@ def run_training_step(step: str, cfg) -> int:
     from rlhf_ds.checkpoint import CheckpointError, Preempted, ResumeError
     from rlhf_ds.data.readers import DataError
     from rlhf_ds.models.loading import ModelLoadError
+    from rlhf_ds.rewards.base import RewardError
     from rlhf_ds.run_lock import RunDirInUse
     from rlhf_ds.steps.common import NonFiniteLossError
     from rlhf_ds.utils import is_rank0
@@ -197,7 +211,7 @@ def run_training_step(step: str, cfg) -> int:
             print(f"rlhf-ds {step}: {e}; exiting with status {PREEMPTED_EXIT_CODE} (run the same command to resume)",
                   file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except (NonFiniteLossError, CheckpointError) as e:
+    except (NonFiniteLossError, CheckpointError, RewardError) as e:  # each rank may meet its own: every rank says it
         print(f"rlhf-ds {step}: {e}", file=sys.stderr)
         return 1
     return 0
@@ -322,6 +336,11 @@ def _run_tool(args) -> int:
             write_rm_report(args.model, args.output, args.pairs, args.samples, args.batch_size, args.device,
                             args.precision)
             print(f"{args.output.rstrip('/')}/rm_report.html", file=sys.stderr)
+        elif args.command == "serve-reward":
+            from rlhf_ds.rewards.server import serve
+
+            return serve(args.model, args.host, args.port, args.device, args.precision, args.max_prompt_tokens,
+                         args.max_seq_len, args.batch_size)
         elif args.command == "chat":
             evaluate.chat_loop(args.model, _generation_config(args), args.template, args.reward_model, args.gold_seed,
                                args.max_prompt_tokens, args.device, args.precision, args.seed)

@@ -481,6 +481,24 @@ class RoleConfig:
 
 
 @dataclass
+class RewardConfig(RoleConfig):
+    """Step 3's reward: a weighted sum of the sources given (at least one); rlhf_ds/rewards/ has one file per kind."""
+
+    function: Optional[str] = None  # Python reward "package.module:function" or "path/file.py:function"
+    url: Optional[str] = None  # a reward model served by `rlhf-ds serve-reward`, e.g. http://127.0.0.1:8000
+    weights: dict[str, float] = field(default_factory=dict)  # source ("model", "function", "remote") -> weight; missing = 1.0
+    timeout_s: float = 30.0  # remote: seconds to wait for one answer
+    retries: int = 3  # remote: attempts after the first one fails (connection refused, timeout, HTTP 5xx)
+    backoff_s: float = 1.0  # remote: first wait between attempts; doubles each retry
+    batch_size: int = 64  # remote: responses per request
+
+    def sources(self) -> list[str]:
+        """The reward sources given, as the names `weights` uses."""
+        return [name for name, given in (("model", self.model), ("function", self.function), ("remote", self.url))
+                if given]
+
+
+@dataclass
 class GenerationConfig:
     max_new_tokens: int = 24  # response tokens at most
     do_sample: bool = True  # sample (else greedy decoding)
@@ -501,22 +519,35 @@ class HybridConfig:
 class PPOAlgoConfig:
     steps: int = 60  # PPO iterations (rollout + update)
     rollout_batch_size: int = 16  # prompts per rank per iteration
+    # how advantages are estimated (rlhf_ds/rl/advantages.py): gae (PPO, trains a critic), or critic-free grpo (group
+    # mean/std), dr_grpo (group mean), rloo (leave-one-out), reinforce_pp (REINFORCE++), reinforce_pp_baseline
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "gae"
+    n_samples_per_prompt: int = 1  # responses sampled per prompt (a group, kept on one rank); > 1 for group estimators
     micro_batch_size: int = 8  # per rank, for scoring and training forward passes
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     ppo_epochs: int = 2  # passes over each rollout batch
-    kl_coef: float = 0.1  # beta (DeepSpeed-Chat: 0.1); 0 disables the penalty (over-optimisation experiments)
+    kl_coef: float = 0.1  # beta of the KL in the reward (DeepSpeed-Chat: 0.1); 0 disables it (e.g. GRPO with kl_loss_coef)
     # per-token KL: k1 log-ratio, k2 squared log-ratio / 2, k3 ratio - 1 - log-ratio
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
     kl_controller: Literal["fixed", "adaptive"] = "fixed"  # fixed beta, or adaptive (moves beta towards kl_target)
     kl_target: float = 6.0  # adaptive controller: target KL per sequence (nats)
     kl_horizon: int = 10000  # adaptive controller: horizon in samples
+    kl_loss_coef: float = 0.0  # KL to the reference as a loss term instead of (or besides) in the reward (GRPO: 0.001)
+    kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token estimate used by the KL loss
     gamma: float = 1.0  # discount per token
     lam: float = 0.95  # GAE lambda
     clip_eps: float = 0.2  # PPO clip range of the probability ratio
+    clip_eps_low: Optional[float] = None  # lower clip range (ratio >= 1 - clip_eps_low); null = clip_eps
+    clip_eps_high: Optional[float] = None  # upper clip range (ratio <= 1 + clip_eps_high; DAPO: 0.28); null = clip_eps
+    # how the per-token policy loss is averaged: token-mean, seq-mean-token-sum, seq-mean-token-mean, or Dr. GRPO's
+    # seq-mean-token-sum-norm (token sum over a constant: generation.max_new_tokens)
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     value_clip: Optional[float] = 0.2  # null disables value clipping
     vf_coef: float = 1.0  # weight of the value loss
     whiten_rewards: bool = False  # normalise the rewards within the batch before GAE
-    whiten_advantages: bool = True  # normalise the advantages (mean 0, std 1) within the batch
+    whiten_advantages: bool = True  # gae: normalise the advantages (mean 0, std 1) within the batch
+    whiten_scope: Literal["rank", "global"] = "rank"  # whiten over this rank's rollout or over all ranks' together
+    group_std_eps: float = 1e-6  # grpo: added to the group's standard deviation
     score_clip: Optional[float] = None  # clip the RM score to +-score_clip
     missing_eos_penalty: Optional[float] = -1.0  # added to the score of responses with no EOS; null disables
     ptx_coef: float = 0.0  # PPO-ptx: InstructGPT used 27.8 (with its own loss scales)
@@ -535,9 +566,10 @@ class PPOAlgoConfig:
 class PPOConfig:
     output_dir: str = "runs/ppo"  # run directory: model/, critic/, checkpoints/, logs/, metrics.jsonl, results.json
     actor: RoleConfig = field(default_factory=lambda: RoleConfig("runs/sft", EngineConfig(lr=5e-5, warmup_ratio=0.0, lr_schedule="constant")))
-    critic: RoleConfig = field(default_factory=lambda: RoleConfig(None, EngineConfig(lr=1e-4, warmup_ratio=0.0, lr_schedule="constant")))  # None = reward model
+    # built only for advantage_estimator=gae; None = the reward model (the actor when there is none or it reads other ids)
+    critic: RoleConfig = field(default_factory=lambda: RoleConfig(None, EngineConfig(lr=1e-4, warmup_ratio=0.0, lr_schedule="constant")))
     reference: RoleConfig = field(default_factory=RoleConfig)  # None = the actor's initial weights
-    reward: RoleConfig = field(default_factory=lambda: RoleConfig("runs/rm", EngineConfig()))
+    reward: RewardConfig = field(default_factory=RewardConfig)  # model (e.g. runs/rm), function and/or url
     trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -549,11 +581,42 @@ class PPOConfig:
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
 
     def validate(self) -> None:
-        p = self.ppo
-        if self.actor.model is None or self.reward.model is None:
-            raise ConfigError("ppo needs actor.model (the SFT output) and reward.model (the reward model)")
-        if p.rollout_batch_size % (p.micro_batch_size * p.grad_accum):
-            raise ConfigError(f"ppo.rollout_batch_size ({p.rollout_batch_size}) must be a multiple of "
+        from rlhf_ds.rl.advantages import get_estimator
+
+        p, r = self.ppo, self.reward
+        if self.actor.model is None:
+            raise ConfigError("ppo needs actor.model (the SFT output)")
+        if not r.sources():
+            raise ConfigError("ppo needs a reward: reward.model (a reward model folder, e.g. runs/rm), "
+                              "reward.function (package.module:function or file.py:function) and/or reward.url (a "
+                              "reward model served by `rlhf-ds serve-reward`)")
+        unknown = set(r.weights) - {"model", "function", "remote"}
+        if unknown or set(r.weights) - set(r.sources()):
+            raise ConfigError(f"reward.weights names {sorted(r.weights)}, but the reward sources given are "
+                              f"{r.sources()} (names: model, function, remote)")
+        if r.timeout_s <= 0 or r.retries < 0 or r.backoff_s < 0 or r.batch_size < 1:
+            raise ConfigError("reward.timeout_s and reward.batch_size must be > 0, reward.retries and "
+                              "reward.backoff_s >= 0")
+        estimator = get_estimator(p.advantage_estimator)
+        if p.n_samples_per_prompt < 1:
+            raise ConfigError("ppo.n_samples_per_prompt must be >= 1")
+        if estimator.needs_groups and p.n_samples_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} compares the responses to one prompt: "
+                              "set ppo.n_samples_per_prompt >= 2 (e.g. 4 or 8)")
+        if not estimator.needs_critic and self.critic.model is not None:
+            raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} trains no critic, but critic.model is "
+                              "set; remove it or use advantage_estimator=gae")
+        if p.missing_eos_penalty is not None and p.missing_eos_penalty > 0:
+            raise ConfigError(f"ppo.missing_eos_penalty is {p.missing_eos_penalty}: a penalty must be <= 0 (it is "
+                              "added to the score of responses that never end)")
+        if p.kl_coef < 0 or p.kl_loss_coef < 0:
+            raise ConfigError("ppo.kl_coef and ppo.kl_loss_coef must be >= 0")
+        for name in ("clip_eps", "clip_eps_low", "clip_eps_high"):
+            if getattr(p, name) is not None and getattr(p, name) <= 0:
+                raise ConfigError(f"ppo.{name} must be > 0")
+        if (p.rollout_batch_size * p.n_samples_per_prompt) % (p.micro_batch_size * p.grad_accum):
+            raise ConfigError(f"ppo.rollout_batch_size x ppo.n_samples_per_prompt ({p.rollout_batch_size} x "
+                              f"{p.n_samples_per_prompt} responses per rank) must be a multiple of "
                               f"ppo.micro_batch_size x ppo.grad_accum ({p.micro_batch_size} x {p.grad_accum})")
         if self.generation.temperature <= 0:
             raise ConfigError("generation.temperature must be > 0")

@@ -1154,7 +1154,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a = parser.add_argument
     a("--actor", required=True, help="actor model folder (config.json) or a parameter count: 7B, 7e9, 350M")
     a("--critic", default=None, help="critic folder or count (default: same as --actor)")
-    a("--reward", default=None, help="reward model folder or count (default: same as --critic)")
+    a("--reward", default=None, help="reward model folder or count (default: same as --critic); 'none' for a reward "
+                                     "that is no model here (reward.function, reward.url)")
+    a("--advantage-estimator", default="gae", help="ppo.advantage_estimator: only gae trains a critic")
     a("--reference", default=None, help="reference model folder or count (default: same as --actor)")
     a("--gpus-per-node", type=int, default=8)
     a("--nodes", type=int, default=1)
@@ -1183,8 +1185,11 @@ def run_plan_cli(args: argparse.Namespace) -> int:
     try:
         actor = _model_arg(args.actor)
         critic = _model_arg(args.critic) if args.critic else actor
-        reward = _model_arg(args.reward) if args.reward else critic
+        reward = None if args.reward == "none" else _model_arg(args.reward) if args.reward else critic
         reference = _model_arg(args.reference) if args.reference else actor
+        from rlhf_ds.rl.advantages import get_estimator
+
+        needs_critic = get_estimator(args.advantage_estimator).needs_critic
         common = dict(zero_stage=args.zero_stage, precision=args.precision, offload_params=args.offload_params)
         trained = dict(offload_optimizer=args.offload_optimizer, optimizer=args.optimizer,
                        gradient_checkpointing=args.gradient_checkpointing)
@@ -1194,6 +1199,10 @@ def run_plan_cli(args: argparse.Namespace) -> int:
             "reference": (reference, TrainSettings(role="reference", **common)),
             "reward": (reward, TrainSettings(role="reward", **common)),
         }
+        if not needs_critic:
+            del models["critic"]
+        if reward is None:
+            del models["reward"]
         hw = Hardware(gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb,
                       cpu_memory_gb=args.cpu_memory_gb)
         wl = Workload(micro_batch=args.micro_batch, prompt_len=args.prompt_len, response_len=args.response_len,

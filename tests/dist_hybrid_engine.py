@@ -26,15 +26,16 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlhf_ds.config import EngineConfig, LoraConfig  # noqa: E402
+from rlhf_ds.config import EngineConfig, GenerationConfig, LoraConfig  # noqa: E402
 from rlhf_ds.data.builtin_task import BuiltinTask  # noqa: E402
 from rlhf_ds.data.features import collate_sft, pad_batch, sft_features  # noqa: E402
 from rlhf_ds.data.formats import SFTExample  # noqa: E402
 from rlhf_ds.engine import strategy  # noqa: E402
 from rlhf_ds.engine.ema import ShardedEMA  # noqa: E402
-from rlhf_ds.engine.hybrid import HybridEngine, _shard_layout  # noqa: E402
+from rlhf_ds.engine.params import _shard_layout, full_state_dict  # noqa: E402
 from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer  # noqa: E402
 from rlhf_ds.models.unsharded import build_plain, copy_into  # noqa: E402
+from rlhf_ds.rollout.hybrid import HybridEngine  # noqa: E402
 
 NEW_TOKENS = 16
 
@@ -85,7 +86,7 @@ def snapshot(actor) -> dict:
     inner = getattr(opt, "optimizer", opt)
     moments = [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in state.items()} for state in inner.state.values()]
     return {
-        "full": strategy.full_state_dict(module, to_rank0_only=False),
+        "full": full_state_dict(module, to_rank0_only=False),
         "shards": [p.ds_tensor.detach().clone() for p in module.parameters()],
         "fp32": [t.detach().clone() for t in getattr(opt, "fp32_partitioned_groups_flat", [])],
         "moments": moments,
@@ -146,7 +147,7 @@ def main() -> None:
     actor = build_actor(gpt2, tok)
     res["partitioned_at_start"] = all_partitioned(actor)
     hybrid = HybridEngine(actor, tok.pad_token_id, tok.eos_token_id)
-    out = hybrid.generate(ids, mask, NEW_TOKENS, do_sample=False)
+    out = hybrid.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False))
     ref = plain_generate(plain_from(gpt2), ids, mask, tok, do_sample=False)
     res["greedy_equal"] = torch.equal(out.sequences, ref)
     res["greedy_shape"] = list(out.sequences.shape)
@@ -159,7 +160,7 @@ def main() -> None:
     loss_before = train_forward_loss(actor, batches[2])
     status_before = param_status(actor)
     torch.manual_seed(100 + r)
-    hybrid.generate(ids, mask, NEW_TOKENS, do_sample=True, temperature=0.8)
+    hybrid.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=True, temperature=0.8))
     res["param_status_before"] = sorted(set(status_before))
     res["param_status_unchanged"] = status_before == param_status(actor)
     after = snapshot(actor)
@@ -167,7 +168,7 @@ def main() -> None:
     res["train_forward_equal"] = torch.equal(loss_before, train_forward_loss(actor, batches[2]))
 
     # ---- trained weights: hybrid greedy vs an unsharded model holding the gathered weights
-    out = hybrid.generate(ids, mask, NEW_TOKENS, do_sample=False)
+    out = hybrid.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False))
     ref_model = plain_from(gpt2, before["full"])
     res["trained_greedy_equal"] = torch.equal(out.sequences, plain_generate(ref_model, ids, mask, tok, do_sample=False))
     res["trained_weights_equal"] = all(torch.equal(t, hybrid._plain.state_dict()[n]) for n, t in before["full"].items())
@@ -176,7 +177,7 @@ def main() -> None:
     module = strategy.unwrap(actor)
     res["flat_gather_used"] = _shard_layout(module) is not None
     via_ds = build_plain(module, "cpu", torch.float32)
-    copy_into(module, via_ds)
+    copy_into(module, via_ds, flat=False)
     res["flat_equals_gathered_parameters"] = all(torch.equal(v, hybrid._plain.state_dict()[k])
                                                  for k, v in via_ds.state_dict().items())
 
@@ -185,7 +186,7 @@ def main() -> None:
     copies, seqs = [], []
     for g in (1, n_params):
         h = HybridEngine(actor, tok.pad_token_id, tok.eos_token_id, gather_group_size=g, keep_copy=True)
-        seqs.append(h.generate(ids, mask, NEW_TOKENS, do_sample=False).sequences)
+        seqs.append(h.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False)).sequences)
         copies.append({k: v.clone() for k, v in h._plain.state_dict().items()})
     res["group_sizes"] = [1, n_params]
     res["group_tokens_equal"] = torch.equal(*seqs)
@@ -198,7 +199,7 @@ def main() -> None:
         mine = texts[8 + 5 * r + rnd : 8 + 5 * r + rnd + 3 + 2 * r]
         pid, pmask = pad_batch(prompt_ids(tok, mine), tok.pad_token_id, side="left")
         torch.manual_seed(1000 * rnd + r)
-        o = hybrid.generate(pid, pmask, 6 + 14 * r, do_sample=True, temperature=1.0)
+        o = hybrid.generate(pid, pmask, GenerationConfig(6 + 14 * r, do_sample=True, temperature=1.0))
         resp = o.sequences[:, o.prompt_len:]
         widths.append(int(o.sequences.shape[1]))
         lengths.append([int(x) for x in ((resp != tok.pad_token_id).sum(1))])
@@ -211,16 +212,16 @@ def main() -> None:
 
     # ---- EMA: shards vs the EMA of gathered weights; swapped_in() restores training state exactly
     ema = ShardedEMA(strategy.unwrap(actor), decay=0.5)
-    expected = {k: v.float().clone() for k, v in strategy.full_state_dict(strategy.unwrap(actor), to_rank0_only=False).items()}
+    expected = {k: v.float().clone() for k, v in full_state_dict(strategy.unwrap(actor), to_rank0_only=False).items()}
     for b in batches[:2]:
         train_step(actor, b)
         ema.update()
-        now = strategy.full_state_dict(strategy.unwrap(actor), to_rank0_only=False)
+        now = full_state_dict(strategy.unwrap(actor), to_rank0_only=False)
         for k in expected:
             expected[k].mul_(0.5).add_(now[k].float(), alpha=0.5)
     before = snapshot(actor)
     with ema.swapped_in():
-        inside = strategy.full_state_dict(strategy.unwrap(actor), to_rank0_only=False)
+        inside = full_state_dict(strategy.unwrap(actor), to_rank0_only=False)
     res["ema_max_diff"] = max((inside[k] - expected[k]).abs().max().item() for k in expected)
     res["ema_differs_from_weights"] = sum(not torch.equal(inside[k], before["full"][k]) for k in expected)
     res["ema_tensors"] = len(expected)
@@ -232,7 +233,7 @@ def main() -> None:
     train_step(lora_actor, batches[3])
     before = snapshot(lora_actor)
     hybrid = HybridEngine(lora_actor, tok.pad_token_id, tok.eos_token_id)
-    fused = hybrid.generate(ids, mask, NEW_TOKENS, do_sample=False).sequences
+    fused = hybrid.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False)).sequences
     res["lora_state_after_generate"] = same_state(before, snapshot(lora_actor))
     res["lora_flat_gather_used"] = _shard_layout(strategy.unwrap(lora_actor)) is not None
     adapters = {k: v for k, v in before["full"].items() if "lora_" in k}

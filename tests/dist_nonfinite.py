@@ -16,6 +16,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from rlhf_ds.config import EngineConfig, TrainConfig
 from rlhf_ds.engine import strategy
+from rlhf_ds.engine.params import full_state_dict
 from rlhf_ds.steps.common import NonFiniteGuard, NonFiniteLossError
 from rlhf_ds.utils import rank
 
@@ -33,13 +34,13 @@ def main() -> None:
     x = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(rank()))
     rows = []
     for step in range(1, 5):
-        before = strategy.full_state_dict(strategy.unwrap(engine), to_rank0_only=False)
+        before = full_state_dict(strategy.unwrap(engine), to_rank0_only=False)
         for micro in range(accum):
             loss = engine(input_ids=x, labels=x).loss
             if step == 2 and micro == 0 and rank() == 1:
                 loss = loss * float("nan")
             guard.backward_and_step(engine, loss, step, "test")
-        after = strategy.full_state_dict(strategy.unwrap(engine), to_rank0_only=False)
+        after = full_state_dict(strategy.unwrap(engine), to_rank0_only=False)
         rows.append({"step": step, "changed": sum(not torch.equal(before[k], after[k]) for k in before),
                      "tensors": len(before), "finite": all(bool(torch.isfinite(v).all()) for v in after.values()),
                      "skipped": guard.skipped})

@@ -82,8 +82,9 @@ def test_left_padded_logprobs_equal_each_sequence_alone(models, arch):
 
 def _sampled_rollout(models, arch: str, n: int = 6, new_tokens: int = 20):
     """A sampled rollout through HybridEngine (T=0.7) plus the processed scores generate sampled each token from."""
+    from rlhf_ds.config import GenerationConfig
     from rlhf_ds.data.features import pad_batch
-    from rlhf_ds.engine.hybrid import HybridEngine
+    from rlhf_ds.rollout.hybrid import HybridEngine
 
     model, tok = load(models[arch])
     hybrid = HybridEngine(model, tok.pad_token_id, tok.eos_token_id)
@@ -98,13 +99,13 @@ def _sampled_rollout(models, arch: str, n: int = 6, new_tokens: int = 20):
     plain.generate = generate_with_scores
     ids, pmask = pad_batch(encode(tok, prompts(n)), tok.pad_token_id, side="left")
     torch.manual_seed(3)
-    out = hybrid.generate(ids, pmask, new_tokens, do_sample=True, temperature=T)
+    out = hybrid.generate(ids, pmask, GenerationConfig(new_tokens, do_sample=True, temperature=T))
     return model, tok, out, pmask, captured["scores"]
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_trainer_logprobs_equal_stepwise_recomputation_and_sampling_distribution(models, arch):
-    from rlhf_ds.engine.hybrid import response_mask
+    from rlhf_ds.rollout.base import response_mask
     from rlhf_ds.rl.experience import sequence_logprobs
 
     model, tok, out, pmask, scores = _sampled_rollout(models, arch)
@@ -132,7 +133,7 @@ def test_trainer_logprobs_equal_stepwise_recomputation_and_sampling_distribution
 
 def test_trainer_logprobs_without_temperature_differ_from_sampling_distribution(models):
     """The check above can fail: scoring the same rollout at T=1 does not match what was sampled at T=0.7."""
-    from rlhf_ds.engine.hybrid import response_mask
+    from rlhf_ds.rollout.base import response_mask
     from rlhf_ds.rl.experience import sequence_logprobs
 
     model, tok, out, pmask, scores = _sampled_rollout(models, "gpt2")
@@ -148,26 +149,24 @@ def test_trainer_logprobs_without_temperature_differ_from_sampling_distribution(
 # reward model with another tokenizer
 # ---------------------------------------------------------------------------------------------------------------------
 def test_retokenised_scores_equal_reward_scorer(models):
-    """GPT-2 actor tokens -> text -> the LLaMA RM's tokenizer: ExperienceMaker._scores == RewardScorer.score."""
-    from rlhf_ds.config import GenerationConfig, PPOAlgoConfig
-    from rlhf_ds.engine.hybrid import response_mask
+    """GPT-2 actor tokens -> text -> the LLaMA RM's tokenizer: ModelReward == RewardScorer.score."""
+    from rlhf_ds.rewards.base import RewardBatch
+    from rlhf_ds.rewards.model import ModelReward
+    from rlhf_ds.rollout.base import response_mask
     from rlhf_ds.models.loading import load_tokenizer
     from rlhf_ds.models.scalar_head import RewardScorer, load_scalar_head_model
-    from rlhf_ds.rl.experience import ExperienceMaker
-    from rlhf_ds.rl.math import FixedKLController
 
     model, tok, out, pmask, _ = _sampled_rollout(models, "gpt2", n=8, new_tokens=16)
     rm_tok = load_tokenizer(models["llama_rm"])
     assert len(rm_tok) != len(tok)
     reward = load_scalar_head_model(models["llama_rm"], {}, tokenizer=rm_tok).eval()
     assert reward.offset == RM_OFFSET
-    maker = ExperienceMaker(None, model, None, model, reward, tok, rm_tok, PPOAlgoConfig(),
-                            GenerationConfig(max_new_tokens=16), max_prompt_tokens=32, kl_controller=FixedKLController(0.05))
-    assert not maker.same_tokenizer
+    model_reward = ModelReward(reward, tok, rm_tok, micro_batch_size=8, max_prompt_tokens=32, max_new_tokens=16)
+    assert not model_reward.same_tokenizer
     P, seq = out.prompt_len, out.sequences
     amask, _ = response_mask(seq[:, P:], tok.eos_token_id)
     with torch.no_grad():
-        scores = maker._scores(seq, torch.cat([pmask, amask], 1), P)
+        scores = model_reward(RewardBatch([], [], [], seq, torch.cat([pmask, amask], 1), P))
     texts_p = tok.batch_decode(seq[:, :P], skip_special_tokens=True)
     texts_r = [tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(seq[:, P:], amask)]
     assert all(texts_r)

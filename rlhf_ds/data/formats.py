@@ -59,10 +59,15 @@ class PreferenceExample:
 
 @dataclass
 class PromptExample:
-    """A PPO prompt: plain text or a chat ending with a user turn."""
+    """A PPO prompt: plain text or a chat ending with a user turn.
+
+    ``columns`` keeps the row's other fields (a reference answer, a test case ...) so a reward function can check the
+    response against them.
+    """
 
     prompt: str | None = None
     messages: list[dict] | None = None
+    columns: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -280,16 +285,21 @@ PREFERENCE_FORMATS: dict[str, tuple[tuple[str, ...], Callable]] = {
 # ---- prompts -----------------------------------------------------------------------------
 
 
+def _other_columns(row: _Row, key: str) -> dict:
+    """The row's fields except the one the prompt came from (under the user's name for it)."""
+    return {k: v for k, v in row.data.items() if k != row.name(key)}
+
+
 def _prompt_messages(row: _Row, group: int) -> list[PromptExample]:
-    return [PromptExample(messages=_last_role(row, _messages(row), "user"))]
+    return [PromptExample(messages=_last_role(row, _messages(row), "user"), columns=_other_columns(row, "messages"))]
 
 
 def _prompt_prompt(row: _Row, group: int) -> list[PromptExample]:
-    return [PromptExample(prompt=row.text("prompt"))]
+    return [PromptExample(prompt=row.text("prompt"), columns=_other_columns(row, "prompt"))]
 
 
 def _prompt_question(row: _Row, group: int) -> list[PromptExample]:
-    return [PromptExample(prompt=row.text("question"))]
+    return [PromptExample(prompt=row.text("question"), columns=_other_columns(row, "question"))]
 
 
 PROMPT_FORMATS: dict[str, tuple[tuple[str, ...], Callable]] = {

@@ -198,26 +198,6 @@ def gathered(params: Iterable[torch.nn.Parameter], modifier_rank: Optional[int] 
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
-def full_state_dict(module: torch.nn.Module, to_rank0_only: bool = True, group_size: int = 64) -> dict[str, torch.Tensor]:
-    """The whole module's state on CPU, parameters gathered in groups so peak memory stays one group above a shard.
-
-    Every rank must call this (the gather is collective); with `to_rank0_only` other ranks get an empty dict.
-    """
-    keep = (not to_rank0_only) or (not dist.is_initialized()) or dist.get_rank() == 0
-    out: dict[str, torch.Tensor] = {}
-    named = list(module.named_parameters())
-    for i in range(0, len(named), group_size):
-        chunk = named[i : i + group_size]
-        with gathered([p for _, p in chunk]):
-            if keep:
-                for name, p in chunk:
-                    out[name] = p.data.detach().to("cpu", copy=True)
-    if keep:
-        for name, b in module.named_buffers():
-            out[name] = b.detach().to("cpu", copy=True)
-    return out
-
-
 def unwrap(engine_or_module) -> torch.nn.Module:
     return getattr(engine_or_module, "module", engine_or_module)
 
@@ -278,6 +258,13 @@ def backward_and_step(engine, loss: torch.Tensor, step_is_finite: bool) -> None:
         for p, w in zip(params, weights):
             p.copy_(w)
     engine.optimizer.load_state_dict(optimizer_state)
+
+
+def grad_norm(engine) -> Optional[float]:
+    """The global gradient norm of the engine's last optimizer step (all ranks agree), where DeepSpeed's optimizer
+    computes one (ZeRO stages 1-3, mixed precision); None otherwise."""
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
 
 
 def weights_finite(engine) -> bool:

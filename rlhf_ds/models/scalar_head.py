@@ -15,7 +15,8 @@ from transformers import AutoModel
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import (ModelLoadError, check_safetensors, load_pretrained, load_tokenizer,
                                      resolve_model_dir)
-from rlhf_ds.models.unsharded import copy_into, is_peft
+from rlhf_ds.engine.params import full_state_dict, is_peft
+from rlhf_ds.models.unsharded import copy_into
 from rlhf_ds.rl.math import last_token_index
 from rlhf_ds.utils import atomic_directory, barrier, is_rank0
 
@@ -129,7 +130,7 @@ def save_scalar_head_model(model: ScalarHeadModel, tokenizer, out_dir: str, extr
     if is_rank0():
         plain = type(base)._from_config(base.config, dtype=next(model.head.parameters()).dtype)
     copy_into(model.backbone, plain)
-    head_state = strategy.full_state_dict(model.head)
+    head_state = full_state_dict(model.head)
     if is_rank0():
         with atomic_directory(out_dir) as tmp:
             plain.save_pretrained(tmp, safe_serialization=True)

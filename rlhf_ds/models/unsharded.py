@@ -13,24 +13,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
+from rlhf_ds.engine.params import is_peft, iter_full_params
 from rlhf_ds.engine.strategy import gathered
-
-_PEFT_PREFIX = "base_model.model."
-
-
-def is_peft(model: torch.nn.Module) -> bool:
-    return hasattr(model, "peft_config")
-
-
-def _plain_name(name: str) -> str:
-    """peft parameter name -> the same tensor's name in the un-wrapped model."""
-    if name.startswith(_PEFT_PREFIX):
-        name = name[len(_PEFT_PREFIX) :]
-    return name.replace(".base_layer.", ".")
-
-
-def _lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "get_delta_weight")}
 
 
 def build_plain(model: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
@@ -46,37 +30,16 @@ def build_plain(model: torch.nn.Module, device: torch.device | str, dtype: torch
 
 
 @torch.no_grad()
-def copy_into(model: torch.nn.Module, plain: Optional[torch.nn.Module], group_size: int = 32) -> None:
-    """Gather `model`'s parameters `group_size` tensors at a time and write them (LoRA fused) into `plain`.
+def copy_into(model: torch.nn.Module, plain: Optional[torch.nn.Module], group_size: int = 32, flat: bool = True) -> None:
+    """Write `model`'s full weights (LoRA fused) into `plain`, one gathered group at a time (`iter_full_params`).
 
-    Collective: every rank calls it; ranks passing `plain=None` only take part in the gathers. Peak extra memory is
-    one group of full tensors, which is how a memory budget for the gather is honoured.
+    Collective: every rank calls it; ranks passing `plain=None` only take part in the gathers.
     """
-    lora = _lora_layers(model) if is_peft(model) else {}
-    lora_params = {id(p) for m in lora.values() for p in m.parameters()}
-    targets = dict(plain.named_parameters()) if plain is not None else {}
-    target_buffers = dict(plain.named_buffers()) if plain is not None else {}
-
-    # LoRA layers: base weight + B @ A * scale, gathered together
-    for name, layer in lora.items():
-        with gathered(list(layer.parameters())):
-            if plain is not None:
-                merged = layer.base_layer.weight.data + layer.get_delta_weight(layer.active_adapters[0])
-                targets[_plain_name(f"{name}.base_layer.weight")].copy_(merged)
-                if getattr(layer.base_layer, "bias", None) is not None:
-                    targets[_plain_name(f"{name}.base_layer.bias")].copy_(layer.base_layer.bias.data)
-
-    rest = [(n, p) for n, p in model.named_parameters() if id(p) not in lora_params]
-    for i in range(0, len(rest), group_size):
-        chunk = rest[i : i + group_size]
-        with gathered([p for _, p in chunk]):
-            if plain is not None:
-                for n, p in chunk:
-                    targets[_plain_name(n)].copy_(p.data)
-    if plain is not None:
-        for n, b in model.named_buffers():
-            if _plain_name(n) in target_buffers:
-                target_buffers[_plain_name(n)].copy_(b)
+    targets = {**dict(plain.named_parameters()), **dict(plain.named_buffers())} if plain is not None else {}
+    for group in iter_full_params(model, group_size, fuse_lora=True, flat=flat):
+        for name, tensor in group:
+            if name in targets:
+                targets[name].copy_(tensor)
 
 
 def unsharded_copy(model: torch.nn.Module, device="cpu", all_ranks: bool = False, dtype=None):

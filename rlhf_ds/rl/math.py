@@ -155,21 +155,56 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 # --------------------------------------------------------------------------- losses
 
 
-def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2):
-    """PPO clipped surrogate: masked_mean(max(-A * rho, -A * clip(rho, 1-eps, 1+eps))).
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
-    Stats (detached 0-dim tensors):
+
+def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, norm_length=None) -> torch.Tensor:
+    """Reduce a per-token loss ``[B, T]`` to a scalar; the mode decides how much each token weighs.
+
+    - ``token-mean``: sum / number of real tokens (every token equal; long responses weigh more);
+    - ``seq-mean-token-sum``: mean over rows of each row's token sum;
+    - ``seq-mean-token-mean``: mean over rows of each row's token mean (every response equal, GRPO paper);
+    - ``seq-mean-token-sum-norm``: sum / (B * norm_length) with a constant ``norm_length`` (the generation
+      budget), Dr. GRPO: no per-response length normalisation, so no bias towards long wrong answers.
+    """
+    if mode == "token-mean":
+        return masked_mean(loss_mat, mask)
+    m = _as_bool(mask)
+    filled = _fill_pads(loss_mat, m)
+    if mode == "seq-mean-token-sum":
+        return filled.sum(1).mean()
+    if mode == "seq-mean-token-mean":
+        # a row without real tokens contributes 0 instead of 0/0
+        return (filled.sum(1) / m.sum(1).clamp(min=1).to(filled.dtype)).mean()
+    if mode == "seq-mean-token-sum-norm":
+        if norm_length is None or norm_length <= 0:
+            raise ValueError(f"loss aggregation {mode!r} needs a positive norm_length (the generation budget), "
+                             f"got {norm_length!r}")
+        return filled.sum() / (filled.shape[0] * norm_length)
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; expected one of {LOSS_AGG_MODES}")
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_eps: float = 0.2, clip_eps_high=None, agg: str = "token-mean", norm_length=None):
+    """PPO clipped surrogate: agg(max(-A * rho, -A * clip(rho, 1-eps_low, 1+eps_high))).
+
+    ``clip_eps`` is the low side; ``clip_eps_high`` (None: same as ``clip_eps``) lets the ratio of
+    tokens with positive advantage grow further, so rare good tokens are not clipped as early
+    (DAPO's clip-higher). ``agg`` is an :func:`aggregate_loss` mode.
+
+    Stats (detached 0-dim tensors, token means whatever ``agg`` is):
     - ``clipfrac``: share of real tokens where the clipped term is strictly the larger one,
       i.e. the token gives no gradient because of clipping;
     - ``approx_kl``: masked mean of the k3 estimate of KL(old || new) from samples of the
       old policy, exp(r) - 1 - r with r = logp - old_logp (unbiased and >= 0);
     - ``ratio_mean``: masked mean of rho.
     """
+    high = clip_eps if clip_eps_high is None else clip_eps_high
     log_ratio = _fill_pads(logp - old_logp, mask)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, agg, norm_length)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
@@ -177,6 +212,21 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3",
+            agg: str = "token-mean", norm_length=None):
+    """KL(policy || reference) as a loss term (GRPO) instead of a penalty inside the reward.
+
+    k3 is the usual choice: unbiased, >= 0, and its gradient pulls towards the reference on
+    every token. Returns ``(loss, mean per-token KL)``, the second detached, a token mean.
+    """
+    # pads are filled before the exp: a nan pad would otherwise turn its zero gradient into nan
+    kl = kl_per_token(_fill_pads(logp, mask), _fill_pads(ref_logp, mask), estimator)
+    loss = aggregate_loss(kl, mask, agg, norm_length)
+    with torch.no_grad():
+        mean_kl = masked_mean(kl, mask)
+    return loss, mean_kl
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_range=0.2):

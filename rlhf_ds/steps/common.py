@@ -33,12 +33,15 @@ class StepContext:
     step_name: str
     run_dir: str
     checkpoint: CheckpointManager
+    loop_state: "LoopState"  # the loop's figures, saved with each checkpoint
+    guard: "NonFiniteGuard"  # the non-finite-loss guard every backward goes through, saved with each checkpoint
     metrics: Optional[MetricsLogger] = None
     resumed: dict = field(default_factory=dict)
 
     def begin(self, engines: dict) -> None:
         """Inputs are valid and the trained `engines` (name -> DeepSpeed engine) exist: write config.yaml, open the
-        metrics, restore the checkpoint being resumed into them; its loop state goes to `resumed` ({} when fresh)."""
+        metrics, restore the checkpoint being resumed into them and into the states registered with the checkpoint
+        manager; its trainer state (`step`) goes to `resumed` ({} when fresh)."""
         self.checkpoint.engines = engines
         if is_rank0():
             os.makedirs(self.run_dir, exist_ok=True)
@@ -72,7 +75,21 @@ def start_step(cfg, step_name: str) -> StepContext:
     setup_logging(cfg.output_dir)
     log.info("%s: world size %d, device %s, run dir %s", step_name, world_size(), strategy.device(), cfg.output_dir)
     checkpoint = CheckpointManager(cfg, step_name, to_dict(cfg))
-    return StepContext(cfg, step_name, cfg.output_dir, checkpoint)
+    ctx = StepContext(cfg, step_name, cfg.output_dir, checkpoint, LoopState(), NonFiniteGuard(train))
+    checkpoint.register("loop", ctx.loop_state)
+    checkpoint.register("nonfinite_guard", ctx.guard)
+    return ctx
+
+
+class LoopState(dict):
+    """A step's loop figures (counters, history, results): a dict that saves and restores itself with the checkpoint
+    manager (`ctx.checkpoint.register`), so a resumed run continues from them."""
+
+    def state_dict(self) -> dict:
+        return dict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.update(state)
 
 
 class NonFiniteGuard:
@@ -80,9 +97,15 @@ class NonFiniteGuard:
     decides: "stop" raises NonFiniteLossError; "skip" lets backward run on every rank (ZeRO collectives stay matched)
     but drops that optimizer step, at most `train.max_nonfinite_steps` times in a run."""
 
-    def __init__(self, train: TrainConfig, skipped: int = 0):
-        self.policy, self.limit, self.skipped = train.on_nonfinite_loss, train.max_nonfinite_steps, skipped
+    def __init__(self, train: TrainConfig):
+        self.policy, self.limit, self.skipped = train.on_nonfinite_loss, train.max_nonfinite_steps, 0
         self._window_finite: dict[int, bool] = {}  # per engine: all losses of the current accumulation window finite
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = state["skipped"]
 
     def backward_and_step(self, engine, loss: torch.Tensor, step: int, what: str) -> None:
         finite = strategy.finite_on_all_ranks(loss)

@@ -91,7 +91,7 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
     """
     from rlhf_ds.data.features import pad_batch, prompt_features
     from rlhf_ds.data.formats import PromptExample
-    from rlhf_ds.engine.hybrid import response_mask
+    from rlhf_ds.rollout.base import response_mask, sampling_kwargs, with_response_column
 
     if not prompts:
         return []
@@ -108,14 +108,9 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
         if new <= 0:
             raise ValueError(f"prompts of {P} tokens leave no room to generate within the model's {limit} positions; "
                              "lower max_prompt_tokens")
-        kwargs = dict(max_new_tokens=new, do_sample=gen.do_sample, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, use_cache=True)
-        if gen.do_sample:
-            kwargs.update(temperature=gen.temperature, top_k=gen.top_k or None, top_p=gen.top_p)
-        seq = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
-        responses = seq[:, P:].cpu()
-        if responses.shape[1] == 0:
-            responses = torch.full((len(chunk), 1), tokenizer.pad_token_id)
+        seq = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                             **sampling_kwargs(gen, tokenizer.pad_token_id, tokenizer.eos_token_id, new))
+        responses = with_response_column(seq, P, tokenizer.pad_token_id)[:, P:].cpu()
         rmask, has_eos = response_mask(responses, tokenizer.eos_token_id)
         for row, i in enumerate(chunk):
             kept = responses[row][rmask[row].bool()]

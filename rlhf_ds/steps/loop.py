@@ -17,7 +17,7 @@ import torch
 from rlhf_ds.config import TrainConfig
 from rlhf_ds.data.batching import eval_batches, micro_batches, steps_per_epoch
 from rlhf_ds.engine import strategy
-from rlhf_ds.steps.common import NonFiniteGuard, StepContext
+from rlhf_ds.steps.common import StepContext
 from rlhf_ds.tracking.metrics import progress
 from rlhf_ds.utils import rank, world_size
 
@@ -79,9 +79,8 @@ def run(engine, task: TrainTask, train: TrainConfig, ctx: StepContext) -> dict:
     n = len(task.features)
     total = total_optimizer_steps(n, train)
     per_epoch = steps_per_epoch(n, train.micro_batch_size, world_size(), train.grad_accum)
-    loop = ctx.resumed.get("loop", {})
-    step, done, results = ctx.resumed.get("step", 0), loop.get("count", 0), dict(loop.get("results", {}))
-    guard = NonFiniteGuard(train, loop.get("nonfinite_steps", 0))
+    step, state, guard = ctx.resumed.get("step", 0), ctx.loop_state, ctx.guard
+    done, results = state.get("count", 0), state.setdefault("results", {})
     name = task.name
 
     def evaluate(at: int) -> dict:
@@ -121,8 +120,8 @@ def run(engine, task: TrainTask, train: TrainConfig, ctx: StepContext) -> dict:
                                 step=step)
             if task.evaluate is not None and train.eval_every and step % train.eval_every == 0 and step < total:
                 evaluate(step)
-            ctx.checkpoint.after_step(step, lambda: {"loop": {"count": done, "results": results, "epoch": epoch,
-                                                              "nonfinite_steps": guard.skipped}})
+            state["count"] = done
+            ctx.checkpoint.after_step(step)
     bar.close()
     elapsed = time.time() - t0
     results.update(steps=step, train_loss=figures["loss"], seconds=elapsed, nonfinite_steps=guard.skipped)

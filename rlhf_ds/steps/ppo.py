@@ -1,8 +1,10 @@
-"""Step 3: PPO against the reward model with a per-token KL penalty to the frozen reference (InstructGPT).
+"""Step 3: RL fine-tuning against a reward with a KL penalty to the frozen reference: PPO (InstructGPT) and the
+critic-free estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++).
 
-Each iteration: rollouts from the actor in generation mode (hybrid engine) -> experience (old/reference log-probs,
-values, RM scores -> rewards r_t = -beta * KL_t, plus the score at the last response token -> GAE) -> `ppo_epochs`
-passes of clipped-surrogate actor updates (+ optional PPO-ptx LM loss) and clipped value-loss critic updates.
+Each iteration: rollouts from the actor in generation mode (rlhf_ds/rollout/, n samples per prompt) -> experience
+(old/reference log-probs, values where a critic exists, rewards from rlhf_ds/rewards/ -> advantages from the estimator
+in rlhf_ds/rl/advantages.py) -> `ppo_epochs` passes of clipped-surrogate actor updates (+ optional KL loss and PPO-ptx
+LM loss) and, for GAE, clipped value-loss critic updates.
 """
 from __future__ import annotations
 
@@ -21,11 +23,16 @@ from rlhf_ds.data.readers import DataError
 from rlhf_ds.data.features import collate_sft, prompt_features, render_prompt
 from rlhf_ds.engine import strategy
 from rlhf_ds.engine.ema import ShardedEMA
-from rlhf_ds.engine.hybrid import HybridEngine, check_backend
 from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer, resolve_model_dir, save_causal_lm
 from rlhf_ds.models.scalar_head import load_scalar_head_model, read_saved_head, save_scalar_head_model
+from rlhf_ds.rewards.base import WeightedReward
+from rlhf_ds.rewards.function import FunctionReward
+from rlhf_ds.rewards.model import ModelReward
+from rlhf_ds.rewards.remote import RemoteReward
 from rlhf_ds.rl import math as rlm
+from rlhf_ds.rl.advantages import get_estimator
 from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
+from rlhf_ds.rollout.hybrid import HybridEngine, check_backend
 from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, split_eval, start_step
 from rlhf_ds.tracking.metrics import progress
 from rlhf_ds.tracking.rollout_stats import collapse_starts
@@ -35,14 +42,16 @@ log = logging.getLogger("rlhf_ds")
 
 
 def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
-    """The four engines. Actor and critic train; reference and reward are frozen inference engines."""
+    """The engines: actor (trained), reference (frozen), critic (trained; only for estimators that need one, else None)
+    and the reward model (frozen; only when `reward.model` is given, else None)."""
     p = cfg.ppo
+    samples = p.rollout_batch_size * p.n_samples_per_prompt
+    updates = p.steps * p.ppo_epochs * (samples // (p.micro_batch_size * p.grad_accum))
     actor_ds = strategy.ds_config_for(cfg.actor.engine, p.micro_batch_size, p.grad_accum, role="actor")
     actor = load_causal_lm(cfg.actor.model, actor_ds, cfg.actor.engine.precision, disable_dropout=True,
                            trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
     if cfg.actor.engine.lora.enabled:
         actor = apply_lora(actor, cfg.actor.engine.lora)
-    updates = p.steps * p.ppo_epochs * (p.rollout_batch_size // (p.micro_batch_size * p.grad_accum))
     actor = strategy.init_trainable(actor, cfg.actor.engine, actor_ds, updates)
 
     ref_ds = strategy.ds_config_for(cfg.reference.engine, p.micro_batch_size, inference=True,
@@ -51,29 +60,49 @@ def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
                                disable_dropout=True, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
     reference = strategy.init_frozen(reference, ref_ds)
 
-    critic_ds = strategy.ds_config_for(cfg.critic.engine, p.micro_batch_size, p.grad_accum, role="critic")
-    critic_src = cfg.critic.model or cfg.reward.model
-    if cfg.critic.model is None and reward_tokenizer.get_vocab() != tokenizer.get_vocab():
-        # the critic reads the actor's token ids: a reward model with another vocabulary cannot initialise it
-        log.warning("reward model %s has another tokenizer than the actor: critic initialised from the actor %s "
-                    "(set critic.model to choose)", cfg.reward.model, cfg.actor.model)
-        critic_src = cfg.actor.model
-    critic = load_scalar_head_model(critic_src, critic_ds, cfg.critic.engine.precision,
-                                    trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
-    if cfg.critic.engine.lora.enabled:
-        critic.backbone = apply_lora(critic.backbone, cfg.critic.engine.lora, task_type="FEATURE_EXTRACTION")
-    critic = strategy.init_trainable(critic, cfg.critic.engine, critic_ds, updates)
+    critic = None
+    if get_estimator(p.advantage_estimator).needs_critic:
+        critic_ds = strategy.ds_config_for(cfg.critic.engine, p.micro_batch_size, p.grad_accum, role="critic")
+        critic_src = cfg.critic.model or cfg.reward.model or cfg.actor.model
+        if cfg.critic.model is None and cfg.reward.model and reward_tokenizer.get_vocab() != tokenizer.get_vocab():
+            # the critic reads the actor's token ids: a reward model with another vocabulary cannot initialise it
+            log.warning("reward model %s has another tokenizer than the actor: critic initialised from the actor %s "
+                        "(set critic.model to choose)", cfg.reward.model, cfg.actor.model)
+            critic_src = cfg.actor.model
+        critic = load_scalar_head_model(critic_src, critic_ds, cfg.critic.engine.precision,
+                                        trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
+        if cfg.critic.engine.lora.enabled:
+            critic.backbone = apply_lora(critic.backbone, cfg.critic.engine.lora, task_type="FEATURE_EXTRACTION")
+        critic = strategy.init_trainable(critic, cfg.critic.engine, critic_ds, updates)
 
-    reward_ds = strategy.ds_config_for(cfg.reward.engine, p.micro_batch_size, inference=True, role="reward")
-    reward = load_scalar_head_model(cfg.reward.model, reward_ds, cfg.reward.engine.precision,
-                                    trust_remote_code=cfg.trust_remote_code, tokenizer=reward_tokenizer)
-    reward = strategy.init_frozen(reward, reward_ds)
+    reward = None
+    if cfg.reward.model:
+        reward_ds = strategy.ds_config_for(cfg.reward.engine, p.micro_batch_size, inference=True, role="reward")
+        reward = load_scalar_head_model(cfg.reward.model, reward_ds, cfg.reward.engine.precision,
+                                        trust_remote_code=cfg.trust_remote_code, tokenizer=reward_tokenizer)
+        reward = strategy.init_frozen(reward, reward_ds)
     return actor, critic, reference, reward
+
+
+def build_reward(cfg: PPOConfig, reward_engine, tokenizer, reward_tokenizer, sources: dict) -> WeightedReward:
+    """The weighted sum of the reward sources the config names (rlhf_ds/rewards/: one file per kind); `sources` holds
+    the ones already built (a Python function is imported before any model loads, so a typo fails fast)."""
+    r, parts = cfg.reward, []
+    if reward_engine is not None:
+        parts.append(("model", ModelReward(reward_engine, tokenizer, reward_tokenizer, cfg.ppo.micro_batch_size,
+                                           cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens)))
+    if r.function:
+        parts.append(("function", sources["function"]))
+    if r.url:
+        parts.append(("remote", RemoteReward(r.url, r.timeout_s, r.retries, r.backoff_s, r.batch_size)))
+    return WeightedReward([(name, float(r.weights.get(name, 1.0)), source) for name, source in parts])
 
 
 def check_prompt_templates(cfg: PPOConfig) -> None:
     """Warn when PPO renders its prompts with other templates than the reward model was trained on (saved with it): the
     RM would score text shaped unlike anything it learned from."""
+    if not cfg.reward.model:
+        return
     saved = read_saved_head(resolve_model_dir(cfg.reward.model))
     trained = saved[0].get("prompt_templates") if saved else None
     used = source_templates(cfg.data.train, cfg.data.template)
@@ -92,17 +121,16 @@ def collapse_due(history: list[dict], p) -> list[tuple[str, str, float]]:
             if collapse_starts([h[f"ppo/{key}"] for h in history], limit, p.collapse_patience)]
 
 
-def load_prompt_ids(cfg: PPOConfig, tokenizer, source) -> tuple[list[list[int]], list[str]]:
+def load_prompt_items(cfg: PPOConfig, tokenizer, source) -> list[tuple[list[int], str, dict]]:
+    """(token ids, rendered text, the row's other columns) of each prompt kept (`data.prompt_overflow`)."""
     examples, report = load_prompts(source, fmt=cfg.data.format, columns=cfg.data.columns, on_bad_row=cfg.data.on_bad_row,
                                     template=cfg.data.template, seed=cfg.train.seed)
-    texts = [render_prompt(tokenizer, ex) for ex in examples]
-    # keep texts aligned with ids: featurize one by one only where prompts can be dropped
     ids, lengths = prompt_features(examples, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
-    if len(ids) != len(texts):
-        kept = [prompt_features([ex], tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)[0] for ex in examples]
-        texts = [t for t, k in zip(texts, kept) if k]
+    if len(ids) != len(examples):  # featurize one by one only where prompts can be dropped, to keep rows aligned
+        examples = [ex for ex in examples
+                    if prompt_features([ex], tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)[0]]
     log.info("ppo prompts %s: %s; %s", source, report.summary(), lengths.summary())
-    return ids, texts
+    return [(i, render_prompt(tokenizer, ex), ex.columns) for i, ex in zip(ids, examples)]
 
 
 class PtxBatches:
@@ -125,8 +153,11 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
                         guard: NonFiniteGuard) -> dict:
     """`ppo_epochs` passes over the rollout in micro-batches; returns mean losses and PPO diagnostics."""
     p, T = cfg.ppo, (cfg.generation.temperature if cfg.generation.do_sample else 1.0)
+    clip_low, clip_high = p.clip_eps_low or p.clip_eps, p.clip_eps_high or p.clip_eps
+    agg = dict(agg=p.loss_agg_mode, norm_length=cfg.generation.max_new_tokens)
     n = exp.sequences.shape[0]
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     count = 0
     dev = strategy.device()
     gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + step * 101 + rank())  # minibatch order per step
@@ -136,40 +167,53 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
             mb = exp.minibatch(order[start : start + p.micro_batch_size])
             seq, attn, m = mb["sequences"], mb["attention_mask"], mb["action_mask"]
             logp, entropy = sequence_logprobs(actor, seq, attn, exp.prompt_len, T, with_entropy=True)
-            pg_loss, pg = rlm.policy_loss(logp, mb["old_logp"], mb["advantages"], m, p.clip_eps)
+            pg_loss, pg = rlm.policy_loss(logp, mb["old_logp"], mb["advantages"], m, clip_low, clip_high, **agg)
             loss = pg_loss
+            figures = {"policy_loss": pg_loss.item(), "clipfrac": float(pg["clipfrac"]), "approx_kl": float(pg["approx_kl"]),
+                       "ratio": float(pg["ratio_mean"]), "entropy": rlm.masked_mean(entropy, m).item()}
+            if p.kl_loss_coef > 0:
+                kl_loss, kl_mean = rlm.kl_loss(logp, mb["ref_logp"], m, p.kl_loss_estimator, **agg)
+                loss = loss + p.kl_loss_coef * kl_loss
+                figures.update(kl_loss=kl_loss.item(), kl_loss_token_mean=float(kl_mean))
             if ptx is not None:
                 batch = {k: v.to(dev) for k, v in ptx.batch(step, count).items()}
                 logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
                 ptx_loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                                              batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
                 loss = loss + p.ptx_coef * ptx_loss
-                sums["ptx_loss"] = sums.get("ptx_loss", 0.0) + ptx_loss.item()
-            guard.backward_and_step(actor, loss, step, "actor")
+                figures["ptx_loss"] = ptx_loss.item()
+            figures["actor_grad_norm"] = _step_and_grad_norm(guard, actor, loss, step, "actor")
 
-            values = token_values(critic, seq, attn, exp.prompt_len)
-            vf_loss, vf_clipfrac = rlm.value_loss(values, mb["old_values"], mb["returns"], m, p.value_clip)
-            guard.backward_and_step(critic, p.vf_coef * vf_loss, step, "critic")
-
-            for k, v in {"policy_loss": pg_loss.item(), "value_loss": vf_loss.item(), "clipfrac": float(pg["clipfrac"]),
-                         "approx_kl": float(pg["approx_kl"]), "ratio": float(pg["ratio_mean"]),
-                         "value_clipfrac": float(vf_clipfrac), "entropy": rlm.masked_mean(entropy, m).item()}.items():
-                sums[k] = sums.get(k, 0.0) + v
+            if critic is not None:
+                values = token_values(critic, seq, attn, exp.prompt_len)
+                vf_loss, vf_clipfrac = rlm.value_loss(values, mb["old_values"], mb["returns"], m, p.value_clip)
+                figures.update(value_loss=vf_loss.item(), value_clipfrac=float(vf_clipfrac),
+                               critic_grad_norm=_step_and_grad_norm(guard, critic, p.vf_coef * vf_loss, step, "critic"))
+            for k, v in figures.items():
+                if v is not None:  # grad norms: at optimizer steps, where DeepSpeed's optimizer computes one
+                    sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
             count += 1
-    return {k: v / count for k, v in sums.items()}
+    return {k: v / counts[k] for k, v in sums.items()}
+
+
+def _step_and_grad_norm(guard: NonFiniteGuard, engine, loss: torch.Tensor, step: int, what: str) -> float | None:
+    """Backward (and the optimizer step at an accumulation boundary); the gradient norm of that optimizer step."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    guard.backward_and_step(engine, loss, step, what)
+    return strategy.grad_norm(engine) if boundary else None
 
 
 @torch.no_grad()
-def evaluate_prompts(maker: ExperienceMaker, pairs: list[tuple[list[int], str]], cfg: PPOConfig) -> dict:
-    """Rollout figures on held-out prompts, as ppo/eval_<figure>: every rank answers the same number of them (the
-    scoring forwards are collective under ZeRO-3), in rollout-sized chunks, with a fixed sampling seed."""
-    per_rank = len(pairs) // world_size()
-    mine = [pairs[i] for i in eval_shard(len(pairs), world_size(), rank())[:per_rank]]
+def evaluate_prompts(maker: ExperienceMaker, items: list[tuple[list[int], str, dict]], cfg: PPOConfig) -> dict:
+    """Rollout figures on held-out prompts, as ppo/eval_<figure>: one response per prompt; every rank answers the same
+    number of them (the scoring forwards are collective under ZeRO-3), in rollout-sized chunks, with a fixed seed."""
+    per_rank = len(items) // world_size()
+    mine = [items[i] for i in eval_shard(len(items), world_size(), rank())[:per_rank]]
     torch.manual_seed(cfg.train.seed * 100003 + rank())
     sums: dict[str, float] = {}
     for start in range(0, per_rank, cfg.ppo.rollout_batch_size):
         chunk = mine[start : start + cfg.ppo.rollout_batch_size]
-        stats = maker.make([ids for ids, _ in chunk], [text for _, text in chunk]).stats
+        stats = maker.make(*(list(x) for x in zip(*chunk)), train=False).stats
         for key in EVAL_FIGURES:
             if key in stats:
                 sums[key] = sums.get(key, 0.0) + stats[key] * len(chunk) / per_rank
@@ -183,17 +227,34 @@ EVAL_FIGURES = ("reward", "kl", "gold_reward", "response_length", "eos_rate", "d
 
 def save_models(cfg: PPOConfig, actor, critic, tokenizer, ema, out_dir: str) -> None:
     save_causal_lm(strategy.unwrap(actor), tokenizer, os.path.join(out_dir, "model"))
-    save_scalar_head_model(strategy.unwrap(critic), tokenizer, os.path.join(out_dir, "critic"))
+    if critic is not None:
+        save_scalar_head_model(strategy.unwrap(critic), tokenizer, os.path.join(out_dir, "critic"))
     if ema is not None:
         with ema.swapped_in():
             save_causal_lm(strategy.unwrap(actor), tokenizer, os.path.join(out_dir, "ema"))
+
+
+class RunClock:
+    """Seconds of the run, across resumes: a resumed run's clock counts the steps before it too."""
+
+    def __init__(self):
+        self.start = time.time()
+
+    def seconds(self) -> float:
+        return time.time() - self.start
+
+    def state_dict(self) -> dict:
+        return {"seconds": self.seconds()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = time.time() - state["seconds"]
 
 
 def run(cfg: PPOConfig) -> dict:
     ctx = start_step(cfg, "ppo")
     p = cfg.ppo
     tokenizer = load_tokenizer(cfg.actor.model, cfg.trust_remote_code)
-    reward_tokenizer = load_tokenizer(cfg.reward.model, cfg.trust_remote_code)
+    reward_tokenizer = load_tokenizer(cfg.reward.model, cfg.trust_remote_code) if cfg.reward.model else tokenizer
     gold = None
     prompt_src, ptx_src = cfg.data.train, p.ptx_data
     if prompt_src is None or (p.ptx_coef > 0 and ptx_src is None):
@@ -204,52 +265,49 @@ def run(cfg: PPOConfig) -> dict:
             from rlhf_ds.data.builtin_task import BuiltinTask
 
             gold = BuiltinTask(cfg.task.seed).gold_reward
-    prompt_ids, prompt_texts = load_prompt_ids(cfg, tokenizer, prompt_src)
+    items = load_prompt_items(cfg, tokenizer, prompt_src)
     check_prompt_templates(cfg)
     # held-out prompts (data.eval, or data.eval_split of the training prompts): never trained on, evaluated every
     # ppo.eval_every steps and at the end
-    given = list(zip(*load_prompt_ids(cfg, tokenizer, cfg.data.eval))) if cfg.data.eval else None
-    train_pairs, eval_pairs = split_eval(list(zip(prompt_ids, prompt_texts)), given, cfg.data.eval_split, cfg.train.seed)
-    prompt_ids, prompt_texts = [list(x) for x in zip(*train_pairs)] if eval_pairs else (prompt_ids, prompt_texts)
-    if eval_pairs and len(eval_pairs) < world_size():
-        raise DataError(f"{len(eval_pairs)} held-out prompts cannot give each of {world_size()} ranks one")
+    given = load_prompt_items(cfg, tokenizer, cfg.data.eval) if cfg.data.eval else None
+    items, eval_items = split_eval(items, given, cfg.data.eval_split, cfg.train.seed)
+    if eval_items and len(eval_items) < world_size():
+        raise DataError(f"{len(eval_items)} held-out prompts cannot give each of {world_size()} ranks one")
+    per_step = p.rollout_batch_size * world_size()
+    if len(items) < per_step:
+        raise DataError(f"{len(items)} prompts cannot fill one rollout of {per_step} ({p.rollout_batch_size} per rank)")
+    reward_sources = {"function": FunctionReward(cfg.reward.function)} if cfg.reward.function else {}  # fail early
 
-    actor, critic, reference, reward = build_models(cfg, tokenizer, reward_tokenizer)
+    actor, critic, reference, reward_engine = build_models(cfg, tokenizer, reward_tokenizer)
     check_backend(cfg.hybrid.backend, strategy.unwrap(actor).config.model_type)
-    hybrid = HybridEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.hybrid.backend,
+    engine = HybridEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.hybrid.backend,
                           cfg.hybrid.gather_group_size, cfg.hybrid.keep_copy)
+    reward = build_reward(cfg, reward_engine, tokenizer, reward_tokenizer, reward_sources)
     kl_ctl = rlm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
-    maker = ExperienceMaker(hybrid, actor, critic, reference, reward, tokenizer, reward_tokenizer, p, cfg.generation,
-                            cfg.data.max_prompt_tokens, kl_ctl, gold)
+    maker = ExperienceMaker(engine, actor, reference, critic, reward, tokenizer, p, cfg.generation, kl_ctl, gold)
     ptx = PtxBatches(cfg, tokenizer, ptx_src) if p.ptx_coef > 0 else None
     ema = ShardedEMA(strategy.unwrap(actor), p.ema_decay) if p.ema_decay > 0 else None
 
-    per_step = p.rollout_batch_size * world_size()
-    if len(prompt_ids) < per_step:
-        raise ValueError(f"{len(prompt_ids)} prompts cannot fill one rollout of {per_step} ({p.rollout_batch_size} per rank)")
-
-    ctx.begin({"actor": actor, "critic": critic})
-    if eval_pairs and is_rank0():
+    clock, history, guard = RunClock(), ctx.loop_state.setdefault("history", []), ctx.guard
+    ctx.checkpoint.register("kl_controller", kl_ctl)
+    ctx.checkpoint.register("clock", clock)
+    if ema is not None:
+        ctx.checkpoint.register("ema", ema, per_rank=True)
+    ctx.begin({"actor": actor, **({"critic": critic} if critic is not None else {})})
+    if eval_items and is_rank0():
         atomic_write_text(os.path.join(cfg.output_dir, "eval_prompts.jsonl"),
-                          "".join(json.dumps({"prompt": text}) + "\n" for _, text in eval_pairs))
-    done, loop = ctx.resumed.get("step", 0), ctx.resumed.get("loop", {})
-    history = loop.get("history", [])
-    if "kl_controller" in loop:
-        kl_ctl.load_state_dict(loop["kl_controller"])
-    if ema is not None and "ema" in ctx.resumed.get("rank_state", {}):
-        ema.load_state_dict(ctx.resumed["rank_state"]["ema"])
-    guard = NonFiniteGuard(cfg.train, loop.get("nonfinite_steps", 0))
+                          "".join(json.dumps({"prompt": text}) + "\n" for _, text, _ in eval_items))
+    done = ctx.resumed.get("step", 0)
     bar = progress(p.steps, "ppo", initial=done)
-    t_start = time.time() - loop.get("seconds", 0.0)  # a resumed run's seconds count the steps before it too
     for step in range(done + 1, p.steps + 1):
         # the prompts of this step: a seeded permutation per pass over the data, this rank's slice of it
-        per_epoch = len(prompt_ids) // per_step
+        per_epoch = len(items) // per_step
         epoch, pos = divmod(step - 1, per_epoch)
-        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(prompt_ids))
-        mine = order[pos * per_step + rank() * p.rollout_batch_size:][: p.rollout_batch_size]
+        order = np.random.default_rng([cfg.train.seed, epoch]).permutation(len(items))
+        mine = [items[i] for i in order[pos * per_step + rank() * p.rollout_batch_size:][: p.rollout_batch_size]]
         torch.manual_seed(cfg.train.seed * 100003 + step * 101 + rank())  # sampling stream per rank and step
 
-        exp = maker.make([prompt_ids[i] for i in mine], [prompt_texts[i] for i in mine])
+        exp = maker.make(*(list(x) for x in zip(*mine)), group_offset=rank() * p.rollout_batch_size)
         t0 = time.time()
         train_stats = train_on_experience(exp, actor, critic, cfg, ptx, step, guard)
         t_train = time.time() - t0
@@ -260,15 +318,15 @@ def run(cfg: PPOConfig) -> dict:
         keys = sorted(local)
         mean = strategy.all_reduce_mean(torch.tensor([local[k] for k in keys], dtype=torch.float64)).tolist()
         s = dict(zip(keys, mean))
-        kl_ctl.update(s["kl"], per_step)
+        kl_ctl.update(s["kl"], per_step * p.n_samples_per_prompt)
         metrics = {f"ppo/{k}": v for k, v in s.items() if not k.startswith("time_") and k != "gen_tokens"}
         metrics.update({f"timing/{k[5:]}": v for k, v in s.items() if k.startswith("time_")})
         metrics["ppo/beta"] = kl_ctl.beta
         metrics["perf/generation_tokens_per_s"] = s["gen_tokens"] * world_size() / max(s["time_generation"], 1e-9)
         trained_tokens = exp.attention_mask.sum().item() * p.ppo_epochs
         metrics["perf/training_tokens_per_s"] = trained_tokens * world_size() / max(t_train, 1e-9)
-        if eval_pairs and (step == p.steps or (p.eval_every and step % p.eval_every == 0)):
-            metrics.update(evaluate_prompts(maker, eval_pairs, cfg))
+        if eval_items and (step == p.steps or (p.eval_every and step % p.eval_every == 0)):
+            metrics.update(evaluate_prompts(maker, eval_items, cfg))
         history.append(metrics)
         for key, what, limit in collapse_due(history, p):
             log.warning("step %d: the rollouts are collapsing: only %.0f%% of the %s were distinct in each of the last "
@@ -279,10 +337,7 @@ def run(cfg: PPOConfig) -> dict:
             ctx.metrics.log(metrics, step=step)
         bar.update(1)
         bar.set_postfix(reward=f"{s['reward']:.3f}", kl=f"{s['kl']:.3f}")
-        ctx.checkpoint.after_step(
-            step, lambda: {"loop": {"history": history, "kl_controller": kl_ctl.state_dict(),
-                                    "nonfinite_steps": guard.skipped, "seconds": time.time() - t_start}},
-            lambda: {"ema": ema.state_dict()} if ema is not None else {})
+        ctx.checkpoint.after_step(step)
     bar.close()
 
     save_models(cfg, actor, critic, tokenizer, ema, cfg.output_dir)
@@ -297,7 +352,8 @@ def run(cfg: PPOConfig) -> dict:
     if gold is not None:
         results["gold_reward_first"] = history[0]["ppo/gold_reward"]
         results["gold_reward_last"] = float(np.mean([h["ppo/gold_reward"] for h in window]))
-    results.update(steps=p.steps, seconds=time.time() - t_start, nonfinite_steps=guard.skipped,
+    results.update(steps=p.steps, seconds=clock.seconds(), nonfinite_steps=guard.skipped,
+                   advantage_estimator=p.advantage_estimator, n_samples_per_prompt=p.n_samples_per_prompt,
                    **{f"{k}_seconds": float(np.sum([h[f"timing/{k}"] for h in history]))
                       for k in ("generation", "scoring", "training")})
     return ctx.finish(results)

@@ -1,0 +1,55 @@
+"""The in-process reward model (`reward.model`): a ScalarHeadModel engine scoring the actor's rollouts.
+
+With the actor's tokenizer the RM reads the actor's ids as they are. With another tokenizer the texts are decoded and
+re-encoded the way RM training encoded them. Under ZeRO-3 the forward is collective: every rank must call this with
+the same number of micro-batches (the PPO step gives every rank the same rollout batch size).
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_ds.data.features import pad_batch, pair_ids
+from rlhf_ds.engine import strategy
+from rlhf_ds.rl import math as rlm
+from rlhf_ds.rewards.base import RewardBatch
+
+
+class ModelReward:
+    name = "model"
+
+    def __init__(self, engine, tokenizer, reward_tokenizer, micro_batch_size: int, max_prompt_tokens: int,
+                 max_new_tokens: int):
+        self.engine = engine
+        self.tok, self.rm_tok = tokenizer, reward_tokenizer
+        self.same_tokenizer = tokenizer.get_vocab() == reward_tokenizer.get_vocab()
+        self.micro_batch_size = micro_batch_size
+        self.max_prompt_tokens, self.max_new_tokens = max_prompt_tokens, max_new_tokens
+
+    @torch.no_grad()
+    def __call__(self, batch: RewardBatch) -> torch.Tensor:
+        """Normalised RM scores of the rollouts in `batch.sequences`, [B] float32 on the CPU."""
+        if batch.sequences is None or batch.attention_mask is None:
+            raise ValueError("the reward model scores the actor's ids: RewardBatch.sequences and attention_mask "
+                             "are needed")
+        seq, mask, mb = batch.sequences, batch.attention_mask, self.micro_batch_size
+        scores = [self._scores(seq[i : i + mb], mask[i : i + mb], batch.prompt_len) for i in range(0, seq.shape[0], mb)]
+        return torch.cat(scores).float().cpu()
+
+    def _scores(self, seq: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
+        rm = strategy.unwrap(self.engine)
+        if self.same_tokenizer:
+            return rm.normalise(self._last_token_values(seq, mask))
+        prompts = self.tok.batch_decode(seq[:, :P], skip_special_tokens=True)
+        responses = [self.tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(seq[:, P:], mask[:, P:])]
+        # the RM's tokenizer may split the same text finer: allow it 4 tokens per generated token, within its positions
+        max_len = min(4 * (self.max_prompt_tokens + self.max_new_tokens),
+                      getattr(rm.config, "max_position_embeddings", None) or 1 << 30)
+        ids = pair_ids(self.rm_tok, prompts, responses, min(4 * self.max_prompt_tokens, max_len // 2), max_len)
+        rm_seq, rm_mask = pad_batch(ids, self.rm_tok.pad_token_id, side="right")
+        dev = strategy.device()
+        return rm.normalise(self._last_token_values(rm_seq.to(dev), rm_mask.to(dev)))
+
+    def _last_token_values(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The engine's raw value at each sequence's last real token (the engine call, not the module: ZeRO hooks)."""
+        values = self.engine(seq, mask)
+        return values.gather(1, rlm.last_token_index(mask).unsqueeze(1)).squeeze(1)

@@ -1,0 +1,99 @@
+"""What every rollout engine shares: the batch it returns, the one Hugging Face `generate` call, the response mask.
+
+A rollout engine (this package, one file each) answers `generate(prompt_ids, prompt_mask, gen) -> GenerationOutput`
+for left-padded prompts, syncing its weights from the trained actor first (`engine.params.iter_full_params`). Everything
+around it -- n samples per prompt, group ids, the action mask, decoding the texts -- is `rollout` below, written once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from rlhf_ds.config import GenerationConfig
+from rlhf_ds.data.features import pad_batch
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # [B, P + R]: left-padded prompts, then responses (pads after the first EOS)
+    prompt_len: int  # P
+    seconds: float
+    sync_seconds: float
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig) -> GenerationOutput:
+        """Responses to left-padded prompts from the actor's current weights. Collective (the weight sync)."""
+
+
+@dataclass
+class RolloutBatch:
+    sequences: torch.Tensor  # [B, P + R]
+    attention_mask: torch.Tensor  # [B, P + R]: real prompt tokens and the response up to its first EOS
+    action_mask: torch.Tensor  # [B, P + R] long: 1 on the tokens the policy chose (the response up to its first EOS)
+    prompt_len: int  # P: the responses start at this column
+    group_ids: torch.Tensor  # [B]: the responses to one prompt share an id (group baselines); unique within a step
+    has_eos: torch.Tensor  # [B] bool
+    prompts: list[str]
+    responses: list[str]
+    rows: list[dict] = field(default_factory=list)  # the prompt rows' other columns (reference answers, ...)
+    seconds: float = 0.0
+    sync_seconds: float = 0.0
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """[B, R]: the action mask over the response columns."""
+        return self.action_mask[:, self.prompt_len :]
+
+
+def sampling_kwargs(gen: GenerationConfig, pad_token_id: int, eos_token_id: int, max_new_tokens: int) -> dict:
+    """The keyword arguments of every Hugging Face `generate` call (training rollouts and evaluation alike)."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=gen.do_sample, pad_token_id=pad_token_id,
+                  eos_token_id=eos_token_id, use_cache=True)
+    if gen.do_sample:
+        kwargs.update(temperature=gen.temperature, top_k=gen.top_k or None, top_p=gen.top_p)
+    return kwargs
+
+
+def response_mask(responses: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask of response tokens up to and including the first EOS, and whether each response has an EOS.
+
+    Tokens after the first EOS are padding: masked out of rewards, values and losses.
+    """
+    is_eos = responses == eos_token_id
+    has_eos = is_eos.any(dim=1)
+    after_first_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    return (~after_first_eos).long(), has_eos
+
+
+def with_response_column(sequences: torch.Tensor, prompt_len: int, pad_token_id: int) -> torch.Tensor:
+    """Every batch gets at least one response position (a batch where all prompts end at once has none), so that
+    every rank runs the same scoring and training code."""
+    if sequences.shape[1] > prompt_len:
+        return sequences
+    return torch.cat([sequences, torch.full_like(sequences[:, :1], pad_token_id)], dim=1)
+
+
+def rollout(engine: RolloutEngine, prompt_ids: list[list[int]], prompts: list[str], rows: list[dict],
+            gen: GenerationConfig, tokenizer, n_samples: int = 1, group_offset: int = 0) -> RolloutBatch:
+    """`n_samples` responses to each prompt, the samples of one prompt next to each other with one group id
+    (`group_offset` + the prompt's index). Sampling draws from torch's global generator: seed it first."""
+    ids = [p for p in prompt_ids for _ in range(n_samples)]
+    texts = [p for p in prompts for _ in range(n_samples)]
+    rows = [r for r in (rows or [{}] * len(prompts)) for _ in range(n_samples)]
+    group_ids = torch.arange(group_offset, group_offset + len(prompt_ids)).repeat_interleave(n_samples)
+    padded, pmask = pad_batch(ids, tokenizer.pad_token_id, side="left")
+    out = engine.generate(padded, pmask, gen)
+    P = out.prompt_len
+    seq = with_response_column(out.sequences, P, tokenizer.pad_token_id)
+    rmask, has_eos = response_mask(seq[:, P:], tokenizer.eos_token_id)
+    dev = seq.device
+    attention = torch.cat([pmask.to(dev), rmask], dim=1)
+    action = torch.cat([torch.zeros_like(pmask).to(dev), rmask], dim=1)
+    t0 = time.time()
+    responses = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(seq[:, P:], rmask)]
+    return RolloutBatch(seq, attention, action, P, group_ids, has_eos, texts, responses, rows,
+                        out.seconds + time.time() - t0, out.sync_seconds)

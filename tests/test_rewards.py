@@ -1,0 +1,364 @@
+"""Reward sources (rlhf_ds/rewards): Python functions with the row columns, the weighted sum, the in-process reward
+model against the scorer, and `rlhf-ds serve-reward` as a real subprocess on 127.0.0.1 with the HTTP client's retries.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from conftest import REPO, cli_env
+from dist_hybrid_models import tiny_models
+from rlhf_ds import cli
+from rlhf_ds.config import ConfigError
+from rlhf_ds.data.builtin_task import BuiltinTask
+from rlhf_ds.data.formats import PromptExample, parse_prompts
+from rlhf_ds.rewards import FunctionReward, RemoteReward, RewardBatch, RewardError, WeightedReward
+
+RULES = os.path.join(REPO, "examples", "rewards", "builtin_rules.py")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tiny_models(tmp_path_factory)
+
+
+def texts(n: int) -> tuple[list[str], list[str]]:
+    rows = BuiltinTask(0).sft_rows(n)
+    return [r["prompt"] for r in rows], [r["response"] for r in rows]
+
+
+def batch(prompts, responses, rows=None) -> RewardBatch:
+    return RewardBatch(list(prompts), list(responses), rows if rows is not None else [{} for _ in prompts])
+
+
+def write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+# ---- prompt rows keep their other columns ----------------------------------------------------------------------------
+
+
+def test_prompt_examples_keep_the_other_columns():
+    rows = [{"prompt": "2 + 2 =", "answer": "4", "id": 7}]
+    assert parse_prompts(rows)[0] == [PromptExample(prompt="2 + 2 =", columns={"answer": "4", "id": 7})]
+    renamed = parse_prompts([{"instruction": "hi", "answer": "yo"}], columns={"prompt": "instruction"})[0]
+    assert renamed == [PromptExample(prompt="hi", columns={"answer": "yo"})]
+    chat = [{"role": "user", "content": "hello"}]
+    assert parse_prompts([{"messages": chat, "answer": "hi"}])[0][0].columns == {"answer": "hi"}
+    assert parse_prompts([{"question": "why?"}])[0] == [PromptExample(prompt="why?")]
+
+
+# ---- Python reward functions -----------------------------------------------------------------------------------------
+
+
+def test_function_gets_prompts_responses_and_the_columns_every_row_has(tmp_path):
+    path = write(tmp_path / "seen.py", "SEEN = []\n"
+                 "def fn(prompts, responses, **columns):\n"
+                 "    SEEN.append(dict(prompts=prompts, responses=responses, **columns))\n"
+                 "    return [len(r) for r in responses]\n")
+    reward = FunctionReward(f"{path}:fn")
+    rows = [{"answer": "a", "id": 1, "prompts": "clash"}, {"answer": "b", "prompts": "clash"}]
+    out = reward(batch(["p", "q"], ["xyz", ""], rows))
+    assert out.dtype == torch.float32 and out.tolist() == [3.0, 0.0]
+    # "id" is not in every row; a column named like a call argument is not passed (it would clash)
+    assert reward.fn.__globals__["SEEN"] == [{"prompts": ["p", "q"], "responses": ["xyz", ""], "answer": ["a", "b"]}]
+
+
+def test_function_by_module_name_and_the_example_rules(tmp_path, monkeypatch):
+    write(tmp_path / "my_rewards_mod.py", "import numpy as np\n"
+          "def fn(prompts, responses, **kw):\n    return np.array([0.5] * len(responses), dtype=np.float32)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert FunctionReward("my_rewards_mod:fn")(batch(["p"], ["r"])).tolist() == [0.5]
+    exact = FunctionReward(f"{RULES}:exact_match")
+    rows = [{"answer": " 4 "}, {"answer": "5"}]
+    assert exact(batch(["2 + 2 =", "2 + 2 ="], ["4", "4"], rows)).tolist() == [1.0, 0.0]
+
+
+def test_on_topic_rule_by_hand():
+    on_topic = FunctionReward(f"{RULES}:on_topic")
+    prompt = "human : describe the red fox . assistant :"
+    responses = ["the fox runs fast .",  # subject +1, full stop +0.5
+                 "the fox runs and the fox runs",  # subject +1, no stop, fox and runs repeated -1
+                 "a big tree .",  # other subject, full stop
+                 ""]
+    assert on_topic(batch([prompt] * 4, responses)).tolist() == [1.5, 0.0, 0.5, 0.0]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("no_such_module_xyz:fn", r"'no_such_module_xyz:fn': cannot import no_such_module_xyz"),
+    ("missing/file.py:fn", r"'missing/file.py:fn': no such file .*missing/file\.py"),
+    ("json:no_such_function", r"'json:no_such_function': json has no attribute 'no_such_function'"),
+    ("json:__doc__", r"'json:__doc__': __doc__ is a str, not a function"),
+    ("json", r"'json': expected 'package.module:function'"),
+])
+def test_function_spec_errors_name_the_spec(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        FunctionReward(spec)
+
+
+def test_function_whose_module_fails_to_import(tmp_path):
+    path = write(tmp_path / "broken.py", "raise RuntimeError('no GPU here')\n")
+    with pytest.raises(ConfigError, match=r"broken\.py:fn'.*RuntimeError: no GPU here"):
+        FunctionReward(f"{path}:fn")
+
+
+@pytest.mark.parametrize("body, match", [
+    ("return [1.0]", r"returned 1 scores for 3 responses"),
+    ("return [1.0, float('nan'), 2.0]", r"bad score at index 1: nan"),
+    ("return [1.0, 2.0, None]", r"bad score at index 2: None"),
+    ("return [1.0, 'x', 2.0]", r"bad score at index 1: 'x'"),
+    ("return 3.0", r"returned float; expected a sequence of 3 numbers"),
+    ("return {'a': 1}", r"returned dict"),
+    ("raise KeyError('answer')", r"raised KeyError: 'answer'"),
+])
+def test_bad_function_output_is_a_reward_error_naming_the_function(tmp_path, body, match):
+    path = write(tmp_path / "bad.py", f"def fn(prompts, responses, **kw):\n    {body}\n")
+    with pytest.raises(RewardError, match=rf"reward function {re.escape(path)}:fn .*{match}"):
+        FunctionReward(f"{path}:fn")(batch(["a", "b", "c"], ["x", "y", "z"]))
+
+
+# ---- weighted sum ----------------------------------------------------------------------------------------------------
+
+
+class Constant:
+    def __init__(self, name, values):
+        self.name, self.values = name, values
+
+    def __call__(self, b):
+        return torch.tensor(self.values)
+
+
+def test_weighted_reward_totals_and_unweighted_components():
+    total, parts = WeightedReward([("model", 2.0, Constant("model", [1.0, -1.0, 0.5])),
+                                   ("function", 0.5, Constant("function", [4.0, 0.0, -2.0]))])(batch("abc", "xyz"))
+    assert total.tolist() == [4.0, -2.0, 0.0]
+    assert {k: v.tolist() for k, v in parts.items()} == {"model": [1.0, -1.0, 0.5], "function": [4.0, 0.0, -2.0]}
+    with pytest.raises(RewardError, match=r"reward source 'remote' returned 2 scores for 3"):
+        WeightedReward([("remote", 1.0, Constant("remote", [1.0, 2.0]))])(batch("abc", "xyz"))
+    with pytest.raises(RewardError, match=r"tensor of shape \(3, 1\)"):
+        WeightedReward([("model", 1.0, Constant("model", [[1.0], [2.0], [3.0]]))])(batch("abc", "xyz"))
+
+
+# ---- the in-process reward model -------------------------------------------------------------------------------------
+
+
+def rollout(tokenizer, prompts, responses):
+    """Actor ids as the PPO step holds them: left-padded prompts, then right-padded responses ending with EOS."""
+    from rlhf_ds.data.features import pad_batch
+
+    p_ids, p_mask = pad_batch([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left")
+    r_ids, r_mask = pad_batch([tokenizer(r)["input_ids"] + [tokenizer.eos_token_id] for r in responses],
+                              tokenizer.pad_token_id, side="right")
+    return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
+
+
+def test_model_reward_on_actor_ids_and_through_another_tokenizer(models):
+    from rlhf_ds.models.loading import load_tokenizer
+    from rlhf_ds.models.scalar_head import RewardScorer, load_scalar_head_model
+    from rlhf_ds.rewards.model import ModelReward
+
+    prompts, responses = texts(6)
+    tok = load_tokenizer(models["gpt2"])
+    seq, mask, P = rollout(tok, prompts, responses)
+    b = RewardBatch(prompts, responses, [{}] * 6, seq, mask, P)
+
+    # same tokenizer: the actor's ids as they are, the score at each one's last real token (pads and micro-batches of
+    # 4 + 2 change nothing)
+    rm = load_scalar_head_model(models["gpt2_rm"], {}, tokenizer=tok).eval()
+    got = ModelReward(rm, tok, tok, micro_batch_size=4, max_prompt_tokens=24, max_new_tokens=16)(b)
+    with torch.no_grad():
+        alone = [rm.normalise(rm.raw_scores(s[m.bool()][None], m[m.bool()][None])).item() for s, m in zip(seq, mask)]
+    assert got.dtype == torch.float32 and got.device.type == "cpu"
+    assert got.tolist() == pytest.approx(alone, abs=1e-5)
+    assert abs(rm.offset) > 0  # the fixture's normalisation is not the identity: normalise() was applied
+
+    # another tokenizer: decoded and re-encoded as RM training encoded texts -> the offline scorer's numbers
+    scorer = RewardScorer(models["llama_rm"])
+    other = ModelReward(scorer.model, tok, scorer.tokenizer, micro_batch_size=4, max_prompt_tokens=24,
+                        max_new_tokens=16)(b)
+    assert other.tolist() == pytest.approx(scorer.score(prompts, responses), abs=1e-5)
+
+
+# ---- the HTTP client against scripted servers ------------------------------------------------------------------------
+
+
+class Scripted:
+    """A local HTTP server answering POST /score with the next scripted (status, body, delay) per request."""
+
+    def __init__(self, answers):
+        self.answers, self.requests = list(answers), []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                owner.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                status, body, delay = owner.answers.pop(0) if len(owner.answers) > 1 else owner.answers[0]
+                time.sleep(delay)
+                data = (body if isinstance(body, str) else json.dumps(body)).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def scores_of(request):
+    return {"scores": [float(len(r)) for r in request["responses"]]}
+
+
+def test_remote_batches_and_recovers_from_server_errors(caplog):
+    with Scripted([(503, {"error": "busy"}, 0), (500, "oops", 0), (200, {"scores": [1, 2]}, 0),
+                   (200, {"scores": [3.5]}, 0)]) as server:
+        caplog.set_level(logging.WARNING, logger="rlhf_ds")
+        reward = RemoteReward(server.url + "/", timeout_s=5, retries=3, backoff_s=0.01, batch_size=2)
+        assert reward(batch("abc", ["x", "yy", "zzz"])).tolist() == [1.0, 2.0, 3.5]
+    assert [r["responses"] for r in server.requests] == [["x", "yy"]] * 3 + [["zzz"]]
+    assert server.requests[0]["prompts"] == ["a", "b"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "HTTP 503 (busy)" in warnings[0] and "retry 2 of 3" in warnings[1]
+
+
+@pytest.mark.parametrize("answer, match", [
+    ((200, {"scores": [1.0]}, 0), r"returned 1 scores for 2 responses"),
+    ((200, "<html>", 0), r"not JSON: b'<html>'"),
+    ((200, {"score": [1, 2]}, 0), r"without a 'scores' list"),
+    ((200, '{"scores": [1, NaN]}', 0), r"bad score at index 1: nan"),
+    ((400, {"error": "'prompts' must be a list"}, 0), r"refused the request: HTTP 400 \('prompts' must be a list\)"),
+])
+def test_a_wrong_answer_is_not_retried(answer, match):
+    with Scripted([answer]) as server:
+        with pytest.raises(RewardError, match=rf"reward server {server.url} .*{match}"):
+            RemoteReward(server.url, timeout_s=5, retries=3, backoff_s=0.01)(batch("ab", "xy"))
+    assert len(server.requests) == 1
+
+
+def test_a_server_too_slow_times_out_after_bounded_retries(caplog):
+    with Scripted([(200, {"scores": [1.0]}, 1.0)]) as server:
+        t0 = time.time()
+        gave_up = rf"reward server {server.url} gave no answer after 2 attempts: .*timed out"
+        with pytest.raises(RewardError, match=gave_up):
+            RemoteReward(server.url, timeout_s=0.2, retries=1, backoff_s=0.01)(batch("a", "x"))
+        assert time.time() - t0 < 1.5
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_remote_url_must_be_http():
+    for url in ("file:///etc/passwd", "127.0.0.1:8000", "ftp://host/x"):
+        with pytest.raises(ConfigError, match="reward.url"):
+            RemoteReward(url)
+
+
+# ---- rlhf-ds serve-reward --------------------------------------------------------------------------------------------
+
+
+def start_server(model_dir: str, log_path) -> tuple[subprocess.Popen, str]:
+    """`rlhf-ds serve-reward MODEL --port 0` and the URL its "listening on" line names."""
+    cmd = [sys.executable, "-m", "rlhf_ds.cli", "serve-reward", model_dir, "--port", "0", "--batch-size", "3"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(threads=1), stdout=subprocess.PIPE,
+                            stderr=open(log_path, "w"), text=True)
+    found = {}
+
+    def read():  # a thread: readline blocks, and the test must not wait forever for a server that never comes up
+        for line in proc.stdout:
+            m = re.match(r"rlhf-ds serve-reward: listening on (http://127\.0\.0\.1:\d+) \(model ", line)
+            if m:
+                found["url"] = m.group(1)
+                break
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    if "url" not in found:
+        proc.kill()
+        raise AssertionError(f"no 'listening on' line; server log:\n{open(log_path).read()[-3000:]}")
+    return proc, found["url"]
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST"), timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_serve_reward_scores_refuses_bad_requests_and_stops_on_sigterm(models, tmp_path, caplog):
+    import urllib.request
+
+    from rlhf_ds.models.scalar_head import RewardScorer
+
+    proc, url = start_server(models["gpt2_rm"], tmp_path / "server.log")
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
+            assert json.loads(r.read()) == {"status": "ok", "model": models["gpt2_rm"]}
+
+        prompts, responses = texts(7)
+        responses[3] = ""  # a policy may answer nothing
+        # the server's limits fit the model's 96 positions; the texts are far shorter, so these are the same numbers
+        local = RewardScorer(models["gpt2_rm"], max_prompt_tokens=48, max_seq_len=96).score(prompts, responses)
+        remote = RemoteReward(url, timeout_s=30, retries=0, batch_size=4)(batch(prompts, responses))
+        assert remote.tolist() == pytest.approx(local, abs=1e-5)
+        assert len(set(local)) == 7  # real, distinct scores
+
+        for body, match in ((b"not json", "not JSON"),
+                            (b'{"prompts": ["a"], "responses": ["x", "y"]}', "1 prompts but 2"),
+                            (b'{"prompts": ["a"], "responses": [3]}', r"'responses'\[0\] is a int"),
+                            (b'["a"]', "must be an object")):
+            status, answer = post(f"{url}/score", body)
+            assert status == 400 and re.search(match, answer["error"]), (body, answer)
+        assert post(f"{url}/nothing", b"{}")[0] == 404
+        assert post(f"{url}/score", b'{"prompts": [], "responses": []}') == (200, {"scores": []})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.communicate(timeout=30)[0]
+    assert proc.returncode == 0 and "rlhf-ds serve-reward: stopped" in rest
+
+    # the server is gone: every attempt is refused, each retry is logged, then one error naming the URL
+    caplog.set_level(logging.WARNING, logger="rlhf_ds")
+    t0 = time.time()
+    with pytest.raises(RewardError, match=rf"reward server {url} gave no answer after 4 attempts: .*[Rr]efused"):
+        RemoteReward(url, timeout_s=2, retries=3, backoff_s=0.02)(batch(["p"], ["r"]))
+    assert time.time() - t0 < 5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 3 and all(url in w for w in warnings)
+
+
+def test_serve_reward_refuses_a_folder_without_a_head_and_a_taken_port(models, capsys):
+    assert cli.main(["serve-reward", models["gpt2"], "--port", "0"]) == 2
+    assert "not a reward model" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve-reward", models["gpt2_rm"], "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
