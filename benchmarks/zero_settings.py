@@ -38,7 +38,8 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
     return name, overrides.split(",")
 
 
-def run_ppo(models: dict, out: str, overrides: list[str], args) -> dict[str, float]:
+def run_ppo(models: dict, out: str, overrides: list[str], args) -> dict[str, list[float]]:
+    """Per-step seconds of each phase (step 1 left out) and, under "state_mb", the MB the engines hold per rank."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "--no_local_rank",
            "--master_port", str(args.master_port), "--module", "rlhf_ds.cli", "ppo", f"output_dir={out}",
            f"actor.model={models['gpt2']}", f"reward.model={models['gpt2_rm']}", f"ppo.steps={args.steps}",
@@ -53,8 +54,32 @@ def run_ppo(models: dict, out: str, overrides: list[str], args) -> dict[str, flo
         raise SystemExit(f"PPO failed ({proc.returncode}) with {overrides}:\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    return {phase: [r[f"timing/{phase}"] for r in rows if r.get("step", 0) > 1 and f"timing/{phase}" in r]
-            for phase in PHASES}
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        held = json.load(f)["state_bytes_per_rank"]
+    times = {phase: [r[f"timing/{phase}"] for r in rows if r.get("step", 0) > 1 and f"timing/{phase}" in r]
+             for phase in PHASES}
+    return {**times, "state_mb": [sum(held.values()) / 2**20]}
+
+
+def alternate(models: dict, work: str, settings: dict[str, list[str]], args) -> dict[str, dict[str, list[float]]]:
+    """Every setting in turn, `args.rounds` times: setting -> figure -> values."""
+    times: dict[str, dict[str, list[float]]] = {name: {p: [] for p in (*PHASES, "state_mb")} for name in settings}
+    for r in range(args.rounds):
+        for name, overrides in settings.items():
+            got = run_ppo(models, os.path.join(work, f"{name}_{r}"), overrides, args)
+            for key, values in got.items():
+                times[name][key] += values
+            print(f"round {r + 1}/{args.rounds} {name}: " + ", ".join(
+                f"{p} {statistics.median(got[p]):.3f} s" for p in PHASES), flush=True)
+    return times
+
+
+def print_table(times: dict[str, dict[str, list[float]]]) -> None:
+    print(f"{'setting':<16}" + "".join(f"{p:>12}" for p in PHASES) + f"{'step':>10}{'state MB/rank':>15}")
+    for name, figures in times.items():
+        med = {p: statistics.median(figures[p]) for p in PHASES}
+        print(f"{name:<16}" + "".join(f"{med[p]:>12.3f}" for p in PHASES) + f"{sum(med.values()):>10.3f}"
+              + f"{statistics.median(figures['state_mb']):>15.1f}")
 
 
 def main() -> None:
@@ -77,20 +102,10 @@ def main() -> None:
 
     work = args.workdir or tempfile.mkdtemp(prefix="zero_settings_")
     models = build_tiny_models(os.path.join(work, "models"))
-    times: dict[str, dict[str, list[float]]] = {name: {p: [] for p in PHASES} for name in settings}
-    for r in range(args.rounds):
-        for name, overrides in settings.items():
-            got = run_ppo(models, os.path.join(work, f"{name}_{r}"), overrides, args)
-            for phase in PHASES:
-                times[name][phase] += got[phase]
-            print(f"round {r + 1}/{args.rounds} {name}: " + ", ".join(
-                f"{p} {statistics.median(got[p]):.3f} s" for p in PHASES), flush=True)
-
+    times = alternate(models, work, settings, args)
     print(f"\nmedian seconds per PPO step ({args.ranks} ranks, ZeRO-3 x4, rollout {args.batch}/rank, "
           f"{args.new_tokens} new tokens, {args.rounds} alternated rounds of {args.steps} steps, step 1 left out)")
-    print(f"{'setting':<16}" + "".join(f"{p:>12}" for p in PHASES))
-    for name in settings:
-        print(f"{name:<16}" + "".join(f"{statistics.median(times[name][p]):>12.3f}" for p in PHASES))
+    print_table(times)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"settings": settings, "seconds": times}, f, indent=2)

@@ -20,7 +20,12 @@
 #                    NCCL*, UCX*, ... and ~/.deepspeed_env or ./.deepspeed_env, whose lines are kept too)
 #   DEEPSPEED        launcher command (default: `deepspeed`, else `python -m deepspeed.launcher.runner`)
 #   LAUNCHER_ARGS    extra deepspeed launcher options (word-split), e.g. "--ssh_port 2222" or "--include node001:0,1"
+#   PYTHON           interpreter for the supervisor, `python -m rlhf_ds.engine.launcher` (default: python)
 #   DRY_RUN=1        print the environment file and the command instead of running
+#
+# The runner runs under rlhf_ds's supervisor: when it dies (or pdsh does), the status is non-zero (128+N for a death by
+# signal N) and the pdsh and ssh processes it leaves are killed; every remote rank ends with its ssh session
+# (RLHF_DS_END_WITH_SSH=1 in the environment file), so no rank outlives the launch.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -56,6 +61,7 @@ done
 {
     echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"
     echo "RLHF_DS_THREADS=$RLHF_DS_THREADS"
+    echo "RLHF_DS_END_WITH_SSH=1"  # each remote rank stops when its ssh session ends (the runner here died)
     for v in $FORWARD_VARS; do
         if [[ -n ${!v:-} ]]; then echo "$v=${!v}"; fi
     done
@@ -71,9 +77,12 @@ read -ra EXTRA <<<"${LAUNCHER_ARGS:-}"
 CMD=("${LAUNCHER[@]}" --hostfile "$HOSTFILE" --launcher pdsh --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
      "${EXTRA[@]}" --no_local_rank --module rlhf_ds.cli "${STEP_ARGS[@]}")
 
+# ranks here: none counted (they run under ssh sessions, even on this node; pdsh passes their status back)
+SUPERVISOR=("${PYTHON:-python}" -m rlhf_ds.engine.launcher --ranks 0 --)
+
 if [[ ${DRY_RUN:-0} == 1 ]]; then
     sed 's/^/env: /' "$ENV_FILE" | sed -E 's/^(env: [A-Z_]*(KEY|TOKEN)=).*/\1***/'
-    echo "${CMD[*]}"
+    echo "${SUPERVISOR[*]} ${CMD[*]}"
     exit 0
 fi
-"${CMD[@]}"
+"${SUPERVISOR[@]}" "${CMD[@]}"

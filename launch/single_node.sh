@@ -15,7 +15,12 @@
 #   OMP_NUM_THREADS  CPU threads per rank (default: cores / NUM_GPUS, so CPU ranks do not oversubscribe the cores)
 #   DEEPSPEED        launcher command (default: `deepspeed`, else `python -m deepspeed.launcher.runner`)
 #   LAUNCHER_ARGS    extra deepspeed launcher options (word-split), e.g. "--bind_cores_to_rank"
+#   PYTHON           interpreter for the supervisor, `python -m rlhf_ds.engine.launcher` (default: python)
 #   DRY_RUN=1        print the command instead of running it
+#
+# The launcher runs under rlhf_ds's supervisor, as `rlhf-ds --num-gpus` runs it: the exit status is non-zero when the
+# launcher or a rank dies (128+N for a death by signal N; 1 when DeepSpeed's runner hides a killed launch.py as 0),
+# SIGTERM/SIGUSR1 to this script reach the ranks (checkpoint, exit 75), and no rank outlives the launcher.
 set -euo pipefail
 
 STEP=${1:-sft}
@@ -49,10 +54,10 @@ read -ra EXTRA <<<"${LAUNCHER_ARGS:-}"
 CMD=("${LAUNCHER[@]}" --num_gpus "$NUM_GPUS" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
      "${EXTRA[@]}" --no_local_rank --module rlhf_ds.cli "${STEP_ARGS[@]}")
 
+SUPERVISOR=("${PYTHON:-python}" -m rlhf_ds.engine.launcher --ranks "$NUM_GPUS" --)
+
 if [[ ${DRY_RUN:-0} == 1 ]]; then
-    echo "OMP_NUM_THREADS=$OMP_NUM_THREADS ${CMD[*]}"
+    echo "OMP_NUM_THREADS=$OMP_NUM_THREADS ${SUPERVISOR[*]} ${CMD[*]}"
     exit 0
 fi
-# the ranks end with this process (DeepSpeed's runner, once exec'd), not only with the launch.py that starts them
-export RLHF_DS_LAUNCHER_PID=$$
-exec "${CMD[@]}"
+exec "${SUPERVISOR[@]}" "${CMD[@]}"

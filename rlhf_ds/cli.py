@@ -353,17 +353,18 @@ def _run_tool(args) -> int:
 
 
 def entry() -> int:
-    """The `rlhf-ds` command and `python -m rlhf_ds.cli`. A rank that ran a step to its end (or to a saved
-    preemption) leaves through `strategy.end_rank`; anything else exits the usual way."""
+    """The `rlhf-ds` command and `python -m rlhf_ds.cli`. A rank in a process group leaves through
+    `strategy.end_rank` whatever its status (meeting its peers only after a step run to its end or to a saved
+    preemption); anything else exits the usual way."""
     code = main()
     record_exit()  # for the supervisor above the launcher: this process got to return a status
-    if code in (0, PREEMPTED_EXIT_CODE) and "torch.distributed" in sys.modules:
+    if "torch.distributed" in sys.modules:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             from rlhf_ds.engine.strategy import end_rank
 
-            end_rank(code)
+            end_rank(code, together=code in (0, PREEMPTED_EXIT_CODE))
     return code
 
 

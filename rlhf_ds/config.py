@@ -569,7 +569,8 @@ class PPOConfig:
     # built only for advantage_estimator=gae; None = the reward model (the actor when there is none or it reads other ids)
     critic: RoleConfig = field(default_factory=lambda: RoleConfig(None, EngineConfig(lr=1e-4, warmup_ratio=0.0, lr_schedule="constant")))
     reference: RoleConfig = field(default_factory=RoleConfig)  # None = the actor's initial weights
-    reward: RewardConfig = field(default_factory=RewardConfig)  # model (e.g. runs/rm), function and/or url
+    # model, function and/or url; a rule or remote reward alone: reward.model=null
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig("runs/rm", EngineConfig()))
     trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -587,7 +588,7 @@ class PPOConfig:
         if self.actor.model is None:
             raise ConfigError("ppo needs actor.model (the SFT output)")
         if not r.sources():
-            raise ConfigError("ppo needs a reward: reward.model (a reward model folder, e.g. runs/rm), "
+            raise ConfigError("ppo needs a reward: reward.model (a reward model folder, default runs/rm), "
                               "reward.function (package.module:function or file.py:function) and/or reward.url (a "
                               "reward model served by `rlhf-ds serve-reward`)")
         unknown = set(r.weights) - {"model", "function", "remote"}

@@ -68,20 +68,41 @@ PPO_RESUME_ARGS = [f"ppo.steps={PPO_RESUME_STEPS}", "ppo.rollout_batch_size=4", 
                    "checkpoint.every_minutes=0"]
 
 
-def ppo_resume_args(models: dict, out: str, *extra: str) -> list[str]:
+# the same run with a critic-free estimator: GRPO (2 samples per prompt), KL as a loss, a Python rule reward summed
+# with the reward model, advantages whitened across ranks
+GRPO_RESUME_ARGS = ["ppo.advantage_estimator=grpo", "ppo.n_samples_per_prompt=2", "ppo.kl_loss_coef=0.05",
+                    f"reward.function={os.path.join(REPO, 'examples', 'rewards', 'builtin_rules.py')}:on_topic",
+                    "reward.weights.function=0.5", "ppo.whiten_scope=global"]
+
+
+def ppo_resume_args(models: dict, out: str, *extra: str, estimator: str = "gae") -> list[str]:
+    algo = GRPO_RESUME_ARGS if estimator == "grpo" else []
     return ["ppo", f"output_dir={out}", f"actor.model={models['gpt2']}", f"reward.model={models['gpt2_rm']}",
-            *PPO_RESUME_ARGS, *extra]
+            *PPO_RESUME_ARGS, *algo, *extra]
 
 
 @pytest.fixture(scope="session")
-def ppo_reference(tmp_path_factory) -> str:
-    """The uninterrupted PPO run that interrupted-and-resumed runs must reproduce."""
+def ppo_references(tmp_path_factory):
+    """The uninterrupted runs (by estimator) that interrupted-and-resumed runs must reproduce."""
     from dist_hybrid_models import tiny_models
 
-    models = tiny_models(tmp_path_factory)
-    out = str(tmp_path_factory.mktemp("ppo_reference") / "run")
-    run_cli(ppo_resume_args(models, out), ranks=2, timeout=400)
-    return out
+    runs: dict[str, str] = {}
+
+    def reference(estimator: str = "gae") -> str:
+        if estimator not in runs:
+            models = tiny_models(tmp_path_factory)
+            out = str(tmp_path_factory.mktemp(f"ppo_reference_{estimator}") / "run")
+            run_cli(ppo_resume_args(models, out, estimator=estimator), ranks=2, timeout=400)
+            runs[estimator] = out
+        return runs[estimator]
+
+    return reference
+
+
+@pytest.fixture(scope="session")
+def ppo_reference(ppo_references) -> str:
+    """The uninterrupted PPO (GAE) run."""
+    return ppo_references("gae")
 
 
 def ppo_metrics_by_step(run_dir: str) -> dict[int, dict]:

@@ -87,7 +87,7 @@ def run_fake_nodes(step_args: list[str], nodes: int = 2, slots: int = 1, timeout
 
 SCRIPT_KNOBS = {"NUM_GPUS", "CONFIG", "MASTER_ADDR", "MASTER_PORT", "DEEPSPEED", "PYTHON", "ENTRY_MODULE",
                 "LAUNCH_MODE", "GPUS_PER_NODE", "HOSTFILE", "NODE_RANK", "FORWARD_VARS", "DRY_RUN", "SRUN_EXTRA_ARGS",
-                "RLHF_DS_HOME", "PREEMPT_EXIT_CODE", "MAX_RESTARTS", "RLHF_DS_THREADS"}
+                "RLHF_DS_HOME", "PREEMPT_EXIT_CODE", "MAX_RESTARTS", "RLHF_DS_THREADS", "LOCAL_RANKS"}
 
 
 def run_script(name: str, *args: str, env_extra: dict | None = None, unset: tuple = (),
@@ -164,8 +164,9 @@ def test_single_node_command():
     out = run_script("single_node.sh", env_extra={"DRY_RUN": "1", "NUM_GPUS": "2", "MASTER_PORT": "29777",
                                                   "DEEPSPEED": "deepspeed"}, unset=("OMP_NUM_THREADS",)).stdout
     threads = max(1, CPUS // 2)
-    assert out.strip() == (f"OMP_NUM_THREADS={threads} deepspeed --num_gpus 2 --master_addr 127.0.0.1 "
-                           "--master_port 29777 --no_local_rank --module rlhf_ds.cli sft")
+    assert out.strip() == (f"OMP_NUM_THREADS={threads} python -m rlhf_ds.engine.launcher --ranks 2 -- deepspeed "
+                           "--num_gpus 2 --master_addr 127.0.0.1 --master_port 29777 --no_local_rank --module "
+                           "rlhf_ds.cli sft")  # under the supervisor: a killed launcher or rank is never status 0
     out = run_script("single_node.sh", "pretrain", "output_dir=/x y", env_extra={
         "DRY_RUN": "1", "NUM_GPUS": "1", "CONFIG": "run.yaml", "OMP_NUM_THREADS": "3"}).stdout
     assert out.startswith("OMP_NUM_THREADS=3 ")
@@ -182,8 +183,9 @@ def test_multi_node_hostfile_command(tmp_path):
     threads = max(1, CPUS // 4)
     assert f"env: OMP_NUM_THREADS={threads}" in lines and f"env: RLHF_DS_THREADS={threads}" in lines
     assert "env: WANDB_API_KEY=***" in lines and "secret123" not in out  # forwarded, never printed
-    assert lines[-1] == (f"deepspeed --hostfile {hostfile} --launcher pdsh --master_addr gpu-a --master_port 29500 "
-                         "--no_local_rank --module rlhf_ds.cli sft model=m")
+    assert "env: RLHF_DS_END_WITH_SSH=1" in lines  # remote ranks end with their ssh session
+    assert lines[-1] == (f"python -m rlhf_ds.engine.launcher --ranks 0 -- deepspeed --hostfile {hostfile} --launcher "
+                         "pdsh --master_addr gpu-a --master_port 29500 --no_local_rank --module rlhf_ds.cli sft model=m")
 
 
 def test_multi_node_no_ssh_command(tmp_path):
@@ -192,9 +194,9 @@ def test_multi_node_no_ssh_command(tmp_path):
     base = {"DRY_RUN": "1", "HOSTFILE": str(hostfile), "DEEPSPEED": "deepspeed", "MASTER_PORT": "29123"}
     out = run_script("multi_node_no_ssh.sh", "sft", env_extra={**base, "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.5"},
                      unset=("OMP_NUM_THREADS",)).stdout
-    assert out.strip() == (f"OMP_NUM_THREADS={CPUS} deepspeed --hostfile {hostfile} --no_ssh "
-                           "--node_rank 1 --master_addr 10.0.0.5 --master_port 29123 --no_local_rank "
-                           "--module rlhf_ds.cli sft")
+    assert out.strip() == (f"OMP_NUM_THREADS={CPUS} python -m rlhf_ds.engine.launcher --ranks 1 -- deepspeed "
+                           f"--hostfile {hostfile} --no_ssh --node_rank 1 --master_addr 10.0.0.5 --master_port 29123 "
+                           "--no_local_rank --module rlhf_ds.cli sft")
     out = run_script("multi_node_no_ssh.sh", env_extra={**base, "NODE_RANK": "0"}).stdout
     assert "--node_rank 0 --master_addr n0 " in out  # default master: the hostfile's first node
     bad = run_script("multi_node_no_ssh.sh", env_extra={**base, "NODE_RANK": "2"}, check=False)

@@ -23,7 +23,7 @@ import time
 import psutil
 import pytest
 
-from conftest import REPO, cli_env, ppo_resume_args, run_cli
+from conftest import REPO, cli_env, free_port, ppo_resume_args, run_cli
 from test_launch import CLUSTER, LAUNCH, _job_env, _read, slurm  # noqa: F401  (slurm: the cluster fixture)
 from test_resume import assert_same_run, checkpoints, finish, models, start_cli, wait_for_step  # noqa: F401
 
@@ -119,6 +119,29 @@ def hold_in_another_process(run_dir: str) -> subprocess.Popen:
                               text=True)
     assert holder.stdout.readline().strip() == "held"
     return holder
+
+
+@pytest.mark.parametrize("target", ["launch.py"])  # "runner" passes too (137); one real run keeps the suite short
+def test_bare_single_node_script_fails_when_its_launcher_is_killed(models, tmp_path, target):  # noqa: F811
+    """launch/single_node.sh runs DeepSpeed's runner under the supervisor: a killed launch.py (which the runner reports
+    as success) or runner gives a non-zero status, and no rank outlives it."""
+    out = str(tmp_path / "ppo")
+    env = {**cli_env(threads=1), "NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "PYTHON": sys.executable,
+           "DEEPSPEED": f"{sys.executable} -m deepspeed.launcher.runner"}
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "single_node.sh"), *ppo_resume_args(models, out)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(proc, out, 1)
+    supervisor = psutil.Process(proc.pid)  # the script exec'd it
+    runner = supervisor.children()[0]
+    victim = {"runner": runner, "launch.py": runner.children()[0]}[target]
+    ranks = running_ranks(proc.pid)
+    victim.kill()
+    gone = seconds_until_gone(ranks)
+    rc, log = finish(proc, timeout=60)
+    print(f"single_node.sh, kill -9 {target}: no rank left after {gone:.2f} s, exit status {rc}")
+    assert gone < RANKS_GONE_WITHIN_S
+    assert rc == {"runner": 137, "launch.py": 1}[target], log[-3000:]
+    seconds_until_gone([runner, *runner.children(recursive=True)] if runner.is_running() else [])
 
 
 def test_run_dir_lock_names_a_live_holder_and_dies_with_it(tmp_path):

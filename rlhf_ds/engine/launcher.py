@@ -32,9 +32,11 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "stopped by a signal, checkpoint saved,
 LAUNCHER_GONE_EXIT_CODE = 1  # a rank whose launcher died: an ordinary failure to whatever launcher is left
 LAUNCHER_PID_ENV = "RLHF_DS_LAUNCHER_PID"  # the outermost launcher process of this node's ranks
 EXIT_RECORDS_ENV = "RLHF_DS_EXIT_RECORDS"  # the supervisor's folder where each rank notes that it returned
+END_WITH_SSH_ENV = "RLHF_DS_END_WITH_SSH"  # "1": a rank started over ssh ends with its ssh session (pdsh mode)
 WATCH_INTERVAL_S = 0.5
 PARENT_DEATH_SIGNAL = signal.SIGHUP  # only acted on once the launcher is really gone (see watch_launcher)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_PR_SET_CHILD_SUBREAPER = 36
 _MAX_SIGNAL = 64
 
 
@@ -77,10 +79,48 @@ class LaunchResult(NamedTuple):
 def supervise(cmd: list[str], env: dict, ranks: int, launcher: bool = True) -> LaunchResult:
     """Run `cmd`, a launcher starting `ranks` ranks of `rlhf_ds.cli` on this node (`launcher=False`: the one step
     process itself), to its end."""
+    import psutil
+
+    _set_child_subreaper()  # what the launcher leaves behind when it dies is re-parented here, see _end_leftovers
+    ours = {p.pid for p in psutil.Process().children()}  # started before the launcher: not its leftovers
     with tempfile.TemporaryDirectory(prefix="rlhf_ds-exits-") as records:
         rc = call_forwarding_stop_signals(cmd, {**env, LAUNCHER_PID_ENV: str(os.getpid()), EXIT_RECORDS_ENV: records},
                                           launcher)
-        return launch_result(rc, _program(cmd), ranks - len(os.listdir(records)))
+        result = launch_result(rc, _program(cmd), ranks - len(os.listdir(records)))
+    left = _end_leftovers(ours, rank_side_too=result.status != 0)
+    if left and result.status == 0:  # e.g. pdsh killed: DeepSpeed's runner exits 0 while its ssh clients run on
+        return LaunchResult(1, f"{_program(cmd)} exited {rc} but left {', '.join(left)} running (killed now)")
+    return result
+
+
+def _end_leftovers(ours: set, rank_side_too: bool) -> list[str]:
+    """Kill (SIGKILL) the launcher processes that outlived the launcher this process started and were re-parented to
+    it (a child subreaper): DeepSpeed's `launch.py` when the runner was killed, `pdsh` and its `ssh` clients in pdsh
+    mode (their remote ranks watch their ssh session and stop with it); with `rank_side_too` also the ranks and their
+    helpers (a failed launch; after a clean one a rank's helper, e.g. a tracker's service process, ends on its own).
+    Returns the names of the launcher processes killed."""
+    import psutil
+
+    try:
+        adopted = [p for p in psutil.Process().children() if p.pid not in ours]
+        tree = {p.pid: p for top in adopted for p in [top, *top.children(recursive=True)]}
+    except psutil.NoSuchProcess:
+        return []
+    killed, names = [], []
+    for p in tree.values():
+        try:
+            rank_side = "RANK" in p.environ()
+            if not rank_side_too and (rank_side or not _is_launcher(p)):
+                continue  # after a clean launch only launcher programs are leftovers (not, e.g., a tracker's service)
+            name = _process_name(p)
+            p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        killed.append(p)
+        if not rank_side:
+            names.append(f"{name} (pid {p.pid})")
+    psutil.wait_procs(killed, timeout=5)  # reaps them: each is ours, or becomes ours as its parent dies
+    return names
 
 
 def launch_result(rc: int, program: str, unfinished: int) -> LaunchResult:
@@ -209,7 +249,11 @@ def watch_launcher(interval: float = WATCH_INTERVAL_S) -> None:
 
 def launcher_chain() -> list:
     """(pid, name, psutil.Process) of this rank's parent and each ancestor up to `$RLHF_DS_LAUNCHER_PID`; an empty
-    list when that process is no ancestor of this rank any more (it died before the watch started)."""
+    list when that process is no ancestor of this rank any more (it died before the watch started).
+
+    A rank started over ssh (pdsh mode: launch/multi_node_hostfile.sh sets `$RLHF_DS_END_WITH_SSH` on every node)
+    watches up to its ssh session's `sshd` process instead: when the launching node's runner, pdsh or ssh client dies,
+    sshd ends the session, but not the command it ran (without a terminal nothing signals it)."""
     import psutil
 
     ancestors = psutil.Process().parents()
@@ -219,9 +263,31 @@ def launcher_chain() -> list:
         if int(top) not in pids:
             return []
         ancestors = ancestors[:pids.index(int(top)) + 1]
+    elif os.environ.get(END_WITH_SSH_ENV) == "1" and any(_is_sshd(p) for p in ancestors):
+        ancestors = ancestors[:next(i for i, p in enumerate(ancestors) if _is_sshd(p)) + 1]
     else:
         ancestors = ancestors[:1]
     return [(p.pid, _process_name(p), p) for p in ancestors]
+
+
+def _is_launcher(process) -> bool:
+    """pdsh, its ssh clients, or DeepSpeed's runner / per-node `launch.py`."""
+    import psutil
+
+    try:
+        return process.name() in ("pdsh", "ssh") or any("deepspeed.launcher" in a or a.endswith("/deepspeed")
+                                                         for a in process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def _is_sshd(process) -> bool:
+    import psutil
+
+    try:  # OpenSSH >= 9.8 runs a session as `sshd-session`
+        return process.name().startswith("sshd")
+    except psutil.Error:
+        return False
 
 
 def launcher_gone(parent: int, chain: list) -> Optional[str]:
@@ -269,6 +335,14 @@ def _process_name(process) -> str:
         return _program(process.cmdline())
     except (psutil.Error, IndexError):  # gone, not ours, or no command line (a kernel thread)
         return "?"
+
+
+def _set_child_subreaper() -> bool:
+    """Have orphaned descendants re-parented to this process instead of PID 1 (Linux >= 3.4); False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def _set_parent_death_signal(signum: int) -> bool:

@@ -49,23 +49,32 @@ def setup_distributed(timeout_minutes: float = 30.0) -> None:
             _release_shm_name()
 
 
-def end_rank(code: int) -> None:
-    """Exit this rank after a run every rank finished the same way: meet the others, leave the process group, and
-    skip the interpreter's finalisers.
+def end_rank(code: int, together: bool = True) -> None:
+    """Exit this rank with status `code` without the interpreter's finalisers; every rank in a process group leaves
+    through here, whatever its status.
 
-    Left to normal interpreter shutdown, a rank whose peers had already exited sometimes aborted with "terminate
-    called without an active exception" (2 of ~80 two-rank launches in one CI run), failing a run whose outputs were
-    complete. Outputs are already written and closed when a step returns.
+    `together`: every rank ended the same way (done, or preempted after a save): meet the others and leave the process
+    group first. Otherwise (bad input, a failure) peers may never come to a barrier, so leave at once.
+
+    Left to normal interpreter shutdown with the process group alive, a rank sometimes aborts (SIGABRT, "terminate
+    called without an active exception"; 2 of ~80 two-rank launches in one CI run, and the 2-rank exit-2 paths under
+    load): gloo's worker threads still hold work objects whose tensors reference Python objects, and destroying them
+    while the interpreter is torn down kills the process, turning a complete run or a clean exit 2 into status -6/250.
+    `os._exit` runs no C++ destructor at all; the kernel closes the sockets and unmaps the shm buffers. Outputs are
+    already written and closed when a step returns; log handlers are flushed here.
     """
     import logging
     import sys
 
-    dist.barrier()
-    dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if together:
+        dist.barrier()
+        dist.destroy_process_group()
+    try:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:  # a console nobody reads any more must not keep the status from being reported
+        os._exit(code)
 
 
 def _release_shm_name() -> None:
@@ -258,6 +267,40 @@ def backward_and_step(engine, loss: torch.Tensor, step_is_finite: bool) -> None:
         for p, w in zip(params, weights):
             p.copy_(w)
     engine.optimizer.load_state_dict(optimizer_state)
+
+
+def held_bytes(engine) -> int:
+    """Bytes of the distinct tensor storages `engine` holds on this rank, each counted once: its parameters (ZeRO-3:
+    the shards and anything still gathered), buffers, and whatever its ZeRO optimizer keeps (fp32 master partitions,
+    optimizer states, gradient partitions, communication buckets)."""
+    seen: set = set()
+
+    def add(t) -> int:
+        if not torch.is_tensor(t) or t.device.type == "meta":
+            return 0
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        if storage.nbytes() == 0 or key in seen:
+            return 0
+        seen.add(key)
+        return storage.nbytes()
+
+    def walk(obj, depth: int) -> int:
+        if torch.is_tensor(obj):
+            return add(obj)
+        if depth == 0 or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.nn.Module)):
+            return 0
+        if isinstance(obj, dict):
+            return sum(walk(v, depth - 1) for v in obj.values())
+        if isinstance(obj, (list, tuple, set)):
+            return sum(walk(v, depth - 1) for v in obj)
+        return sum(walk(v, depth - 1) for v in getattr(obj, "__dict__", {}).values())
+
+    module = unwrap(engine)
+    total = sum(add(p.data) + add(getattr(p, "ds_tensor", None)) for p in module.parameters())
+    total += sum(add(b) for b in module.buffers())
+    optimizer = getattr(engine, "optimizer", None)
+    return total + (walk(optimizer, 5) if optimizer is not None else 0)
 
 
 def grad_norm(engine) -> Optional[float]:

@@ -340,6 +340,9 @@ def run(cfg: PPOConfig) -> dict:
         ctx.checkpoint.after_step(step)
     bar.close()
 
+    engines = {"actor": actor, "critic": critic, "reference": reference, "reward": reward_engine}
+    engines = {name: e for name, e in engines.items() if e is not None}
+    held = strategy.all_reduce_max(torch.tensor([float(strategy.held_bytes(e)) for e in engines.values()])).tolist()
     save_models(cfg, actor, critic, tokenizer, ema, cfg.output_dir)
     window = history[-max(1, len(history) // 10):]
     # summary figures over the last 10% of steps
@@ -354,6 +357,8 @@ def run(cfg: PPOConfig) -> dict:
         results["gold_reward_last"] = float(np.mean([h["ppo/gold_reward"] for h in window]))
     results.update(steps=p.steps, seconds=clock.seconds(), nonfinite_steps=guard.skipped,
                    advantage_estimator=p.advantage_estimator, n_samples_per_prompt=p.n_samples_per_prompt,
+                   # what the engines hold at the end, on the rank holding most (parameters, optimizer states, buffers)
+                   state_bytes_per_rank={name: int(b) for name, b in zip(engines, held)},
                    **{f"{k}_seconds": float(np.sum([h[f"timing/{k}"] for h in history]))
                       for k in ("generation", "scoring", "training")})
     return ctx.finish(results)
