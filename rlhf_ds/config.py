@@ -480,6 +480,9 @@ class RoleConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
+DEFAULT_REWARD_MODEL = "runs/rm"
+
+
 @dataclass
 class RewardConfig(RoleConfig):
     """Step 3's reward: a weighted sum of the sources given (at least one); rlhf_ds/rewards/ has one file per kind."""
@@ -513,6 +516,8 @@ class HybridConfig:
     backend: Literal["portable", "deepspeed"] = "portable"
     gather_group_size: int = 32  # parameter tensors gathered at once when syncing the generation copy
     keep_copy: bool = True  # keep the unsharded generation copy between rollouts (else free it each time)
+    # ranks of one node that decode together, each holding a tensor-parallel slice of the generation copy (1 = whole)
+    tp_size: int = 1
 
 
 @dataclass
@@ -570,7 +575,7 @@ class PPOConfig:
     critic: RoleConfig = field(default_factory=lambda: RoleConfig(None, EngineConfig(lr=1e-4, warmup_ratio=0.0, lr_schedule="constant")))
     reference: RoleConfig = field(default_factory=RoleConfig)  # None = the actor's initial weights
     # model, function and/or url; a rule or remote reward alone: reward.model=null
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig("runs/rm", EngineConfig()))
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(DEFAULT_REWARD_MODEL, EngineConfig()))
     trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -591,6 +596,13 @@ class PPOConfig:
             raise ConfigError("ppo needs a reward: reward.model (a reward model folder, default runs/rm), "
                               "reward.function (package.module:function or file.py:function) and/or reward.url (a "
                               "reward model served by `rlhf-ds serve-reward`)")
+        if r.model == DEFAULT_REWARD_MODEL and (r.function or r.url) and not os.path.exists(r.model):
+            raise ConfigError(f"reward.model is {DEFAULT_REWARD_MODEL} (the default), which does not exist; to use "
+                              "reward.function / reward.url alone set reward.model=null")
+        if r.function:
+            from rlhf_ds.rewards.function import load_function
+
+            load_function(r.function)  # import it now: a typo fails before any rank starts
         unknown = set(r.weights) - {"model", "function", "remote"}
         if unknown or set(r.weights) - set(r.sources()):
             raise ConfigError(f"reward.weights names {sorted(r.weights)}, but the reward sources given are "
@@ -627,6 +639,11 @@ class PPOConfig:
             raise ConfigError("ppo.collapse_distinct_below and ppo.collapse_distinct2_below must be in [0, 1]")
         if p.collapse_patience < 0 or p.eval_every < 0:
             raise ConfigError("ppo.collapse_patience and ppo.eval_every must be >= 0")
+        if self.hybrid.tp_size < 1:
+            raise ConfigError("hybrid.tp_size must be >= 1")
+        if self.hybrid.tp_size > 1 and self.hybrid.backend != "portable":
+            raise ConfigError("hybrid.tp_size > 1 is the portable engine's tensor-parallel mode (DeepSpeed AutoTP); "
+                              "use hybrid.backend=portable")
         for role in ("actor", "critic"):
             validate_engine(f"{role}.engine", getattr(self, role).engine)
         for role in ("reference", "reward"):

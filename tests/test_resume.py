@@ -112,6 +112,10 @@ def test_ppo_sigterm_then_resume_matches_uninterrupted_run(models, ppo_reference
         results = json.load(f)
     phases = sum(results[f"{k}_seconds"] for k in ("generation", "scoring", "training"))
     assert results["seconds"] >= phases, results
+    # the critic exists (is trained, checkpointed, saved and holds memory) only where GAE needs it
+    held = results["state_bytes_per_rank"]
+    assert ("critic" in held) == (estimator == "gae") == os.path.isdir(os.path.join(out, "critic")), held
+    assert held["actor"] > held["reference"] > 0, held  # the trained actor also holds optimizer states
 
 
 def test_kill9_one_rank_fails_fast_and_restart_resumes_from_last_complete(models, ppo_reference, tmp_path):

@@ -155,14 +155,27 @@ def test_weighted_reward_totals_and_unweighted_components():
 # ---- the in-process reward model -------------------------------------------------------------------------------------
 
 
-def rollout(tokenizer, prompts, responses):
-    """Actor ids as the PPO step holds them: left-padded prompts, then right-padded responses ending with EOS."""
+def rollout(tokenizer, prompts, responses, ended=True):
+    """Actor ids as the PPO step holds them: left-padded BOS + prompts, then right-padded responses ending with EOS (or,
+    with `ended=False`, cut at the length limit before it)."""
     from rlhf_ds.data.features import pad_batch
 
-    p_ids, p_mask = pad_batch([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id, side="left")
-    r_ids, r_mask = pad_batch([tokenizer(r)["input_ids"] + [tokenizer.eos_token_id] for r in responses],
-                              tokenizer.pad_token_id, side="right")
+    p_ids, p_mask = pad_batch([[tokenizer.bos_token_id] + tokenizer(p, add_special_tokens=False)["input_ids"]
+                               for p in prompts], tokenizer.pad_token_id, side="left")
+    r_ids, r_mask = pad_batch([tokenizer(r, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended
+                               for r in responses], tokenizer.pad_token_id, side="right")
     return torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1), p_ids.shape[1]
+
+
+def test_ended_with_eos_appends_eos_to_cut_responses_only():
+    from rlhf_ds.rewards.model import ended_with_eos
+
+    # prompt columns 0-1; row 0 ends with EOS (2) then a pad; row 1 is cut at the last column
+    seq, mask = torch.tensor([[0, 5, 6, 7, 2, 0], [4, 5, 6, 7, 8, 9]]), torch.tensor([[0, 1, 1, 1, 1, 0], [1] * 6])
+    got_seq, got_mask = ended_with_eos(seq, mask, 2, eos_token_id=2, pad_token_id=0)
+    assert got_seq.tolist() == [[0, 5, 6, 7, 2, 0, 0], [4, 5, 6, 7, 8, 9, 2]]
+    assert got_mask.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1] * 7]
+    assert ended_with_eos(seq[:1], mask[:1], 2, 2, 0)[0].equal(seq[:1])  # every response ended: nothing appended
 
 
 def test_model_reward_on_actor_ids_and_through_another_tokenizer(models):
@@ -184,6 +197,13 @@ def test_model_reward_on_actor_ids_and_through_another_tokenizer(models):
     assert got.dtype == torch.float32 and got.device.type == "cpu"
     assert got.tolist() == pytest.approx(alone, abs=1e-5)
     assert abs(rm.offset) > 0  # the fixture's normalisation is not the identity: normalise() was applied
+
+    # responses cut before their EOS are scored with EOS appended, as RM training, the offline scorer (what
+    # `rlhf-ds serve-reward` answers) and the other-tokenizer path encode every response
+    cut = RewardBatch(prompts, responses, [{}] * 6, *rollout(tok, prompts, responses, ended=False))
+    assert ModelReward(rm, tok, tok, micro_batch_size=4, max_prompt_tokens=24, max_new_tokens=16)(cut).tolist() == \
+        pytest.approx(got.tolist(), abs=1e-5)
+    assert got.tolist() == pytest.approx(RewardScorer(models["gpt2_rm"]).score(prompts, responses), abs=1e-5)
 
     # another tokenizer: decoded and re-encoded as RM training encoded texts -> the offline scorer's numbers
     scorer = RewardScorer(models["llama_rm"])

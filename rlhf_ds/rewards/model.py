@@ -1,7 +1,9 @@
 """The in-process reward model (`reward.model`): a ScalarHeadModel engine scoring the actor's rollouts.
 
-With the actor's tokenizer the RM reads the actor's ids as they are. With another tokenizer the texts are decoded and
-re-encoded the way RM training encoded them. Under ZeRO-3 the forward is collective: every rank must call this with
+With the actor's tokenizer the RM reads the actor's ids, EOS appended to a response cut at the length limit (RM
+training, `rlhf-ds serve-reward` and the other-tokenizer path all end every response with EOS: scored without it, a
+cut response reads as something the RM never saw). With another tokenizer the texts are decoded and re-encoded the
+way RM training encoded them. Under ZeRO-3 the forward is collective: every rank must call this with
 the same number of micro-batches (the PPO step gives every rank the same rollout batch size).
 """
 from __future__ import annotations
@@ -38,7 +40,8 @@ class ModelReward:
     def _scores(self, seq: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
         rm = strategy.unwrap(self.engine)
         if self.same_tokenizer:
-            return rm.normalise(self._last_token_values(seq, mask))
+            return rm.normalise(self._last_token_values(*ended_with_eos(seq, mask, P, self.tok.eos_token_id,
+                                                                         self.tok.pad_token_id)))
         prompts = self.tok.batch_decode(seq[:, :P], skip_special_tokens=True)
         responses = [self.tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(seq[:, P:], mask[:, P:])]
         # the RM's tokenizer may split the same text finer: allow it 4 tokens per generated token, within its positions
@@ -53,3 +56,19 @@ class ModelReward:
         """The engine's raw value at each sequence's last real token (the engine call, not the module: ZeRO hooks)."""
         values = self.engine(seq, mask)
         return values.gather(1, rlm.last_token_index(mask).unsqueeze(1)).squeeze(1)
+
+
+def ended_with_eos(seq: torch.Tensor, mask: torch.Tensor, prompt_len: int, eos_token_id: int,
+                   pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`seq`/`mask` with EOS after the last token of every response that has none (one column more where needed);
+    rows that end with EOS are left as they are."""
+    has_eos = ((seq[:, prompt_len:] == eos_token_id) & mask[:, prompt_len:].bool()).any(dim=1)
+    if has_eos.all():
+        return seq, mask
+    seq = torch.cat([seq, torch.full_like(seq[:, :1], pad_token_id)], dim=1)
+    mask = torch.cat([mask, torch.zeros_like(mask[:, :1])], dim=1)
+    rows = torch.nonzero(~has_eos).squeeze(1)
+    at = rlm.last_token_index(mask[rows]) + 1
+    seq[rows, at] = eos_token_id
+    mask[rows, at] = 1
+    return seq, mask

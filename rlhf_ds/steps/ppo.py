@@ -32,7 +32,9 @@ from rlhf_ds.rewards.remote import RemoteReward
 from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import get_estimator
 from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
+from rlhf_ds.rollout.base import RolloutEngine
 from rlhf_ds.rollout.hybrid import HybridEngine, check_backend
+from rlhf_ds.rollout.tensor_parallel import TensorParallelEngine, check_tp_supported
 from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, split_eval, start_step
 from rlhf_ds.tracking.metrics import progress
 from rlhf_ds.tracking.rollout_stats import collapse_starts
@@ -84,18 +86,30 @@ def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
     return actor, critic, reference, reward
 
 
-def build_reward(cfg: PPOConfig, reward_engine, tokenizer, reward_tokenizer, sources: dict) -> WeightedReward:
-    """The weighted sum of the reward sources the config names (rlhf_ds/rewards/: one file per kind); `sources` holds
-    the ones already built (a Python function is imported before any model loads, so a typo fails fast)."""
+def build_reward(cfg: PPOConfig, reward_engine, tokenizer, reward_tokenizer) -> WeightedReward:
+    """The weighted sum of the reward sources the config names (rlhf_ds/rewards/: one file per kind)."""
     r, parts = cfg.reward, []
     if reward_engine is not None:
         parts.append(("model", ModelReward(reward_engine, tokenizer, reward_tokenizer, cfg.ppo.micro_batch_size,
                                            cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens)))
     if r.function:
-        parts.append(("function", sources["function"]))
+        parts.append(("function", FunctionReward(r.function)))
     if r.url:
         parts.append(("remote", RemoteReward(r.url, r.timeout_s, r.retries, r.backoff_s, r.batch_size)))
     return WeightedReward([(name, float(r.weights.get(name, 1.0)), source) for name, source in parts])
+
+
+def build_rollout_engine(cfg: PPOConfig, actor, tokenizer) -> RolloutEngine:
+    """The actor's generation mode (rlhf_ds/rollout/): a whole copy per rank, or tensor-parallel slices (hybrid.tp_size).
+    Collective (a tensor-parallel engine creates its process groups)."""
+    h, model_type = cfg.hybrid, strategy.unwrap(actor).config.model_type
+    if h.tp_size > 1:
+        check_tp_supported(model_type)
+        return TensorParallelEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, h.tp_size,
+                                    h.gather_group_size, h.keep_copy)
+    check_backend(h.backend, model_type)
+    return HybridEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, h.backend, h.gather_group_size,
+                        h.keep_copy)
 
 
 def check_prompt_templates(cfg: PPOConfig) -> None:
@@ -276,13 +290,10 @@ def run(cfg: PPOConfig) -> dict:
     per_step = p.rollout_batch_size * world_size()
     if len(items) < per_step:
         raise DataError(f"{len(items)} prompts cannot fill one rollout of {per_step} ({p.rollout_batch_size} per rank)")
-    reward_sources = {"function": FunctionReward(cfg.reward.function)} if cfg.reward.function else {}  # fail early
 
     actor, critic, reference, reward_engine = build_models(cfg, tokenizer, reward_tokenizer)
-    check_backend(cfg.hybrid.backend, strategy.unwrap(actor).config.model_type)
-    engine = HybridEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.hybrid.backend,
-                          cfg.hybrid.gather_group_size, cfg.hybrid.keep_copy)
-    reward = build_reward(cfg, reward_engine, tokenizer, reward_tokenizer, reward_sources)
+    engine = build_rollout_engine(cfg, actor, tokenizer)
+    reward = build_reward(cfg, reward_engine, tokenizer, reward_tokenizer)
     kl_ctl = rlm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
     maker = ExperienceMaker(engine, actor, reference, critic, reward, tokenizer, p, cfg.generation, kl_ctl, gold)
     ptx = PtxBatches(cfg, tokenizer, ptx_src) if p.ptx_coef > 0 else None
@@ -298,6 +309,9 @@ def run(cfg: PPOConfig) -> dict:
         atomic_write_text(os.path.join(cfg.output_dir, "eval_prompts.jsonl"),
                           "".join(json.dumps({"prompt": text}) + "\n" for _, text, _ in eval_items))
     done = ctx.resumed.get("step", 0)
+    if eval_items and done == 0:  # the starting policy on the held-out prompts, the baseline of every later eval
+        ctx.loop_state["eval_start"] = evaluate_prompts(maker, eval_items, cfg)
+        ctx.metrics.log(ctx.loop_state["eval_start"], step=0)
     bar = progress(p.steps, "ppo", initial=done)
     for step in range(done + 1, p.steps + 1):
         # the prompts of this step: a seeded permutation per pass over the data, this rank's slice of it
@@ -352,6 +366,9 @@ def run(cfg: PPOConfig) -> dict:
                 ("reward_length_corr", "reward_length_corr"))}
     results.update(collapse_distinct_below=p.collapse_distinct_below, collapse_distinct2_below=p.collapse_distinct2_below,
                    collapse_warning_steps=[i + 1 for i in range(len(history)) if collapse_due(history[: i + 1], p)])
+    if eval_items:  # held-out prompts: the starting policy and the trained one
+        results.update({f"{k[4:]}_start": v for k, v in ctx.loop_state["eval_start"].items()})
+        results.update({k[4:]: v for k, v in history[-1].items() if k.startswith("ppo/eval_")})
     if gold is not None:
         results["gold_reward_first"] = history[0]["ppo/gold_reward"]
         results["gold_reward_last"] = float(np.mean([h["ppo/gold_reward"] for h in window]))
