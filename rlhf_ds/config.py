@@ -518,6 +518,9 @@ class HybridConfig:
     keep_copy: bool = True  # keep the unsharded generation copy between rollouts (else free it each time)
     # ranks of one node that decode together, each holding a tensor-parallel slice of the generation copy (1 = whole)
     tp_size: int = 1
+    # decoding of the portable engine: hf (HF generate, dynamic KV cache) or static_compile (static KV cache + torch.compile
+    # CUDA graphs of the decoding step; CUDA only, falls back to hf with a warning for unsupported families)
+    decode: Literal["hf", "static_compile"] = "hf"
 
 
 @dataclass

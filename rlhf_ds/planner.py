@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from rlhf_ds.config import EngineConfig
+from rlhf_ds.config import EngineConfig, HybridConfig
 
 GB = 1e9
 GIB = float(2**30)
@@ -358,6 +358,9 @@ class TrainSettings:
     lora_trainable_fraction: Optional[float] = None  # ... or as a fraction of the base model
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
+    # hybrid.tp_size: ranks of a node that decode together, each holding a tensor-parallel slice of the actor's
+    # generation copy (DeepSpeed AutoTP, rlhf_ds/rollout/tensor_parallel.py); 1 = a whole copy per rank. Actor only.
+    tp_size: int = 1
 
     def __post_init__(self):
         if self.role not in ROLES:
@@ -378,6 +381,11 @@ class TrainSettings:
             raise ValueError("offload_optimizer needs zero_stage >= 1 (ZeRO-Offload)")
         if self.lora_rank < 0:
             raise ValueError("lora_rank must be >= 0")
+        if not isinstance(self.tp_size, int) or self.tp_size < 1:
+            raise ValueError(f"tp_size must be a positive integer, got {self.tp_size!r}")
+        if self.tp_size > 1 and self.role != "actor":
+            raise ValueError(f"tp_size (hybrid.tp_size) splits the actor's generation copy; the {self.role} does "
+                             f"not generate (got tp_size={self.tp_size})")
 
     @property
     def uses_lora(self) -> bool:
@@ -438,6 +446,9 @@ class DeepSpeedKnobs:
     zero_init: bool = True  # ZeRO-3 models built under deepspeed.zero.Init
     load_bytes_per_param: int = 4  # CPU bytes/param while a rank materialises a model (fp32, as DeepSpeed)
     stage0_allreduce_bucket: int = int(5e8)  # engine.allreduce_gradients bucket (ZeRO-0)
+    # parameter tensors gathered at once while the generation copy is synced from the ZeRO-3 shards
+    # (rlhf_ds's hybrid.gather_group_size)
+    gather_group_size: int = HybridConfig.gather_group_size
 
 
 # --------------------------------------------------------------------------- per-model math
@@ -487,6 +498,134 @@ def inference_activation_bytes(batch: int, seq: int, dims: _Dims, act_bytes: int
 
 def kv_cache_bytes(batch: int, seq: int, dims: _Dims, dtype_bytes: int) -> int:
     return int(2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * batch * seq * dtype_bytes)
+
+
+# --------------------------------------------------------------------------- tensor-parallel generation copy
+
+#: families whose generation copy can be tensor-parallel (rlhf_ds.rollout.tensor_parallel.TP_FAMILIES; repeated here
+#: because the planner imports no torch): LLaMA-style layouts (``ModelSpec.arch == "llama"``)
+TP_FAMILIES = ("llama", "mistral", "qwen2")
+#: tp_size values ``recommend`` tries (those dividing gpus_per_node)
+TP_SIZES = (1, 2, 4, 8)
+#: DeepSpeed inference's ``tensor_parallel.tp_grain_size`` default (deepspeed/inference/config.py, v0.19): AutoTP
+#: splits MLP and LM-head dimensions in grains of this many features
+AUTOTP_GRAIN = 64
+
+_TP_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output features (dim 0, + bias)
+_TP_ROW = ("o_proj", "down_proj", "lm_head")  # split by input features (dim 1; bias whole)
+_TP_BY_HEADS = ("q_proj", "k_proj", "v_proj", "o_proj")  # attention: split on kv-head boundaries
+
+
+def autotp_shard_sizes(total: int, tp: int, kv_heads: Optional[int] = None, by_heads: bool = True) -> List[int]:
+    """How DeepSpeed AutoTP (v0.19, ``module_inject.tp_shard.get_shard_size_list``, inference defaults) splits a
+    dimension of ``total`` features over ``tp`` ranks: attention projections on kv-head boundaries (rank r gets
+    kv//tp heads' worth, one more while r < kv % tp); MLP and LM head in grains of 64 (rank r gets grains//tp, one more
+    while r < grains % tp, the last rank also the < 64 remainder). Index = rank within the TP group."""
+    if tp == 1:
+        return [int(total)]
+    if kv_heads and by_heads and total % kv_heads == 0:
+        return [total * (kv_heads // tp + (1 if r < kv_heads % tp else 0)) // kv_heads for r in range(tp)]
+    if total >= AUTOTP_GRAIN:
+        grains, rem = divmod(total, AUTOTP_GRAIN)
+        sizes = [(grains // tp + (1 if r < grains % tp else 0)) * AUTOTP_GRAIN for r in range(tp)]
+        sizes[-1] += rem
+        return sizes
+    return [total // tp + (1 if r < total % tp else 0) for r in range(tp)]
+
+
+def tp_supported(spec: ModelSpec) -> bool:
+    """Whether the actor's generation copy can be tensor-parallel: a LLaMA-style layout (llama/mistral/qwen2 config,
+    a bare count, or an exact listing with q_proj/gate_proj decoder layers). GPT-2 is refused by AutoTP."""
+    if spec.arch == "gpt2":
+        return False
+    if spec.arch == "llama":
+        return True
+    names = [n for n, _ in _layout(spec)]
+    return any(n.endswith("self_attn.q_proj.weight") for n in names) and any(n.endswith("mlp.gate_proj.weight")
+                                                                              for n in names)
+
+
+def check_tp(spec: ModelSpec, tp_size: int, hardware: "Hardware") -> None:
+    """Raise ValueError unless ``tp_size`` is usable for this actor on this hardware."""
+    if tp_size == 1:
+        return
+    if hardware.gpus_per_node % tp_size:
+        raise ValueError(f"tp_size={tp_size} must divide gpus_per_node ({hardware.gpus_per_node}): tensor-parallel "
+                         f"groups are formed within a node")
+    if not tp_supported(spec):
+        raise ValueError(f"tp_size > 1 does not support the actor {spec.name or ''} ({spec.arch} layout): "
+                         f"tensor-parallel generation supports {', '.join(TP_FAMILIES)} (LLaMA-style); use tp_size=1")
+
+
+def _tp_split(name: str) -> Tuple[Optional[int], bool]:
+    """(dimension AutoTP splits this parameter along or None for whole, split on kv-head boundaries)."""
+    parts = name.split(".")
+    if len(parts) < 2:
+        return None, False
+    leaf, kind = parts[-2], parts[-1]
+    if leaf in _TP_COLUMN:
+        return 0, leaf in _TP_BY_HEADS
+    if leaf in _TP_ROW and kind == "weight":
+        return 1, leaf in _TP_BY_HEADS
+    return None, False
+
+
+@lru_cache(maxsize=1024)
+def tp_copy_numel(spec: ModelSpec, tp_size: int) -> Tuple[int, ...]:
+    """Elements of the actor's generation copy each rank of a TP group holds (index = rank in the group).
+
+    Mirrors rlhf_ds.rollout.tensor_parallel (DeepSpeed AutoTP, inference mode): q/k/v/gate/up split by output
+    features, o/down by input features, the LM head by hidden features (a tied head is untied: its own split copy
+    next to the whole embedding), embeddings, norms and row-parallel biases whole on every rank. With a bare
+    parameter count the split is computed on the guessed LLaMA layout and scaled to the count."""
+    spec = dataclasses.replace(spec, value_head=False) if spec.value_head else spec
+    tensors = list(_layout(spec))
+    if tp_size == 1:
+        return (spec.total_params,)
+    if spec.tie_embeddings and not any(n.startswith("lm_head.") for n, _ in tensors):
+        d = _dims(spec)  # AutoTP unties a tied head: the copy holds the whole embedding and a split head
+        tensors.append(("lm_head.weight", (d.vocab, d.hidden)))
+    kv = _dims(spec).n_kv_heads
+    per_rank = [0] * tp_size
+    for name, shape in tensors:
+        dim, by_heads = _tp_split(name)
+        n = _numel(shape)
+        if dim is None or dim >= len(shape):
+            per_rank = [x + n for x in per_rank]
+            continue
+        sizes = autotp_shard_sizes(int(shape[dim]), tp_size, kv, by_heads)
+        rest = n // int(shape[dim])
+        per_rank = [x + s * rest for x, s in zip(per_rank, sizes)]
+    laid_out = sum(_numel(s) for _, s in _layout(spec))
+    if spec.n_params is not None and laid_out != spec.total_params:  # a count wins: scale the guessed layout's split
+        per_rank = [int(round(x * spec.total_params / laid_out)) for x in per_rank]
+    return tuple(per_rank)
+
+
+def generation_copy_bytes(spec: ModelSpec, tp_size: int = 1, precision: str = "bf16") -> List[int]:
+    """Bytes of the actor's generation copy per rank of a TP group (parameters, in the actor's dtype)."""
+    return [PRECISION_BYTES[precision] * n for n in tp_copy_numel(spec, tp_size)]
+
+
+def gather_group_numel(spec: ModelSpec, world: int, group_size: int) -> int:
+    """Largest group of ``group_size`` consecutive parameter tensors the sync gathers at once, each padded to a
+    multiple of the world size as ZeRO-3 stores it (``engine.params.iter_full_params``' flat all-gather)."""
+    tensors = [_numel(s) for n, s in _layout(dataclasses.replace(spec, value_head=False) if spec.value_head else spec)]
+    if not tensors:
+        return 0
+    g = max(1, int(group_size))
+    biggest = max(sum(world * _ceil_div(n, world) for n in tensors[i : i + g]) for i in range(0, len(tensors), g))
+    laid_out = sum(tensors)
+    if spec.n_params is not None and laid_out != spec.total_params:
+        biggest = int(round(biggest * spec.total_params / laid_out))
+    return biggest
+
+
+def generation_kv_cache_bytes(batch: int, seq: int, dims: _Dims, dtype_bytes: int, tp_size: int = 1) -> int:
+    """KV cache per rank while generating. With tp_size > 1 a rank keeps only its kv heads (⌈kv/tp⌉ on the fullest
+    rank, AutoTP's head split) but of every sequence its TP group decodes together: the group's tp × batch prompts."""
+    heads = _ceil_div(dims.n_kv_heads, tp_size)
+    return int(2 * dims.n_layers * heads * dims.head_dim * (tp_size * batch) * seq * dtype_bytes)
 
 
 @lru_cache(maxsize=4096)
@@ -712,12 +851,26 @@ def _plan_model_cached(spec: ModelSpec, st: TrainSettings, hw: Hardware, wl: Wor
     act_train = training_activation_bytes(wl.micro_batch, s_len, dims, w, wl.flash_attention,
                                           st.gradient_checkpointing, logit_width) if trained else 0
     act_infer = inference_activation_bytes(wl.gen_batch, s_len, dims, w, wl.flash_attention, logit_width)
-    kv = kv_cache_bytes(wl.gen_batch, s_len, dims, w) if (st.role == "actor" and wl.generate) else 0
-    gathered = w * total if (st.role == "actor" and wl.generate and stage == 3) else 0
+    kv = gathered = gather_group = 0
+    tp = st.tp_size
+    if st.role == "actor" and wl.generate:
+        check_tp(spec, tp, hw)
+        kv = generation_kv_cache_bytes(wl.gen_batch, s_len, dims, w, tp)
+        if tp > 1:  # the TP engine builds its own slice-only copy (any stage)
+            copy_ranks = tp_copy_numel(spec, tp)
+            gathered = w * max(copy_ranks)
+            notes.append(f"generation: hybrid.tp_size {tp}, each rank holds {_gb(gathered)} GB of the copy "
+                         f"(whole copy {_gb(w * base)} GB); ranks of a TP group decode their {tp} x {wl.gen_batch} "
+                         f"prompts together")
+        elif stage == 3:
+            gathered = w * base  # the whole architecture, LoRA fused (adapters are not part of the copy)
+        if stage == 3:  # the sync streams the shards one gather group of full tensors at a time
+            gather_group = w * gather_group_numel(spec, N, kn.gather_group_size)
     gpu_d["activations_train"] = act_train
     gpu_d["activations_inference"] = act_infer
     gpu_d["kv_cache"] = kv
     gpu_d["gathered_params"] = gathered
+    gpu_d["generation_gather_group"] = gather_group
     for k, v in list(train_buffers.items()) + list(z3_working.items()):
         gpu_d[k] = v
 
@@ -730,7 +883,7 @@ def _plan_model_cached(spec: ModelSpec, st: TrainSettings, hw: Hardware, wl: Wor
     if trained:
         phases["train"] = grads_transient + act_train + sum(train_buffers.values()) + z3_ws
     if kv or gathered:
-        phases["generation"] = kv + gathered
+        phases["generation"] = kv + gathered + gather_group
     resident = (gpu_d.get("weights", 0) + gpu_d.get("master_weights", 0) + gpu_d.get("moments", 0)
                 + grads_resident + sum(resident_buffers.values()))
 
@@ -741,7 +894,7 @@ def _plan_model_cached(spec: ModelSpec, st: TrainSettings, hw: Hardware, wl: Wor
         "activations": act_train if trained else act_infer,
         "kv_cache": kv,
         "gathered_params": gathered,
-        "buffers": sum(train_buffers.values()) + sum(resident_buffers.values()) + z3_ws,
+        "buffers": sum(train_buffers.values()) + sum(resident_buffers.values()) + z3_ws + gather_group,
     }
     cpu_node = {k: v * G for k, v in cpu_d.items()}
     cpu = {
@@ -939,7 +1092,26 @@ def _settings_label(st: TrainSettings) -> str:
         bits.append("frozen")
     if st.offload_params:
         bits.append("off-par")
+    if st.tp_size > 1:
+        bits.append(f"tp{st.tp_size}")
     return ",".join(bits)
+
+
+def describe_settings(st: TrainSettings) -> str:
+    """One model's settings in words: ZeRO stage, what is trained (LoRA), optimizer, offload, tp_size."""
+    bits = [f"ZeRO-{st.zero_stage}", st.precision]
+    if st.trained:
+        bits.append((f"LoRA rank {st.lora_rank}" if st.lora_rank else "LoRA") if st.uses_lora else "full fine-tuning")
+        bits.append("8-bit AdamW" if st.optimizer == "adamw_8bit" else "AdamW")
+        if st.gradient_checkpointing:
+            bits.append("gradient checkpointing")
+    else:
+        bits.append("frozen")
+    off = [k for k, on in (("optimizer", st.offload_optimizer and st.trained), ("params", st.offload_params)) if on]
+    bits.append("offload " + "+".join(off) if off else "no offload")
+    if st.role == "actor":
+        bits.append(f"hybrid.tp_size {st.tp_size}")
+    return ", ".join(bits)
 
 
 def format_plan(plan: Plan) -> str:
@@ -993,8 +1165,8 @@ def format_plan(plan: Plan) -> str:
 #: Memory-saving measures, cheapest (fastest / least intrusive) first.  Each measure's cost
 #: is 2**index, so a more expensive measure is only used when no combination of cheaper
 #: ones fits (lexicographic order).
-MEASURES = ("zero1", "zero2", "zero3", "gradient_checkpointing", "8bit_optimizer", "lora_actor",
-            "offload_frozen_models", "offload_optimizer", "offload_params")
+MEASURES = ("zero1", "zero2", "zero3", "gradient_checkpointing", "generation_tp2", "generation_tp4", "generation_tp8",
+            "8bit_optimizer", "lora_actor", "offload_frozen_models", "offload_optimizer", "offload_params")
 MEASURE_COST = {m: 2**i for i, m in enumerate(MEASURES)}
 
 
@@ -1020,12 +1192,24 @@ class Recommendation:
         return self.message + "\n\n" + format_plan(self.plan)
 
 
-def _candidates(pairs, lora_rank: int):
+def _tp_options(pairs, hardware: Hardware, workload: Workload) -> Tuple[int, ...]:
+    """tp_size values worth trying: divisors of gpus_per_node in TP_SIZES, for a generating LLaMA-style actor."""
+    actor = next((spec for spec, st in pairs if st.role == "actor"), None)
+    if actor is None or not workload.generate or not tp_supported(actor):
+        return (1,)
+    return tuple(t for t in TP_SIZES if hardware.gpus_per_node % t == 0)
+
+
+def _candidates(pairs, lora_rank: int, tp_sizes: Sequence[int] = (1,)):
     trained_roles = [st.role for _, st in pairs if st.trained]
     has_frozen = any(not st.trained for _, st in pairs)
     user_lora = any(st.uses_lora for _, st in pairs if st.role == "actor")
+    user_tp = max((st.tp_size for _, st in pairs if st.role == "actor"), default=1)
     has_actor = "actor" in trained_roles
-    for stage in (0, 1, 2, 3):
+    # a TP copy only pays off under ZeRO-3 (ZeRO 0-2 generate from the resident weights); a given tp_size is kept
+    stage_tp = [(stage, tp) for stage in (0, 1, 2, 3)
+                for tp in ((user_tp,) if user_tp > 1 else tuple(tp_sizes) if stage == 3 else (1,))]
+    for stage, tp in stage_tp:
         for off_opt in ((False,) if stage == 0 else (False, True)):
             for off_par in ((False, True) if stage == 3 else (False,)):
                 for gc in (False, True):
@@ -1033,6 +1217,8 @@ def _candidates(pairs, lora_rank: int):
                         for lora in ((False, True) if has_actor and not user_lora else (user_lora,)):
                             for frozen in ((0, 3, "offload") if has_frozen else (None,)):
                                 measures = set()
+                                if tp > 1 and user_tp == 1:
+                                    measures.add(f"generation_tp{tp}")
                                 if trained_roles:
                                     if stage:
                                         measures.add(f"zero{stage}")
@@ -1052,6 +1238,8 @@ def _candidates(pairs, lora_rank: int):
                                     measures.update(("zero3", "offload_frozen_models"))
                                 new = []
                                 for spec, st in pairs:
+                                    if st.role == "actor":
+                                        st = dataclasses.replace(st, tp_size=tp)
                                     if st.trained:
                                         st2 = dataclasses.replace(
                                             st, zero_stage=stage, offload_optimizer=off_opt, offload_params=off_par,
@@ -1071,7 +1259,7 @@ def _search(pairs, hardware, workload, knobs, headroom_gb, lora_rank):
     closest = None  # smallest relative overflow
     need = int(headroom_gb * GB)
     seen = set()
-    for measures, cand in _candidates(pairs, lora_rank):
+    for measures, cand in _candidates(pairs, lora_rank, _tp_options(pairs, hardware, workload)):
         key = tuple(st for _, st in cand)
         if key in seen:
             continue
@@ -1111,6 +1299,7 @@ def recommend(models: ModelsArg, hardware: Hardware = Hardware(), workload: Work
                f"headroom {_gb(plan.gpu_headroom)} GB; "
                f"CPU {_gb(plan.cpu_peak_per_node)} of {hardware.cpu_memory_gb:g} GB/node, "
                f"headroom {_gb(plan.cpu_headroom)} GB)")
+        msg += "".join(f"\n  {st.role}: {describe_settings(st)}" for _, st in cand)
         return Recommendation(True, {st.role: st for _, st in cand}, plan, list(measures), cost, msg)
     (_, cost), measures, cand, plan, gpu_over, cpu_over = closest
     nodes_needed = None
@@ -1173,6 +1362,10 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--prompt-len", type=int, default=256)
     a("--response-len", type=int, default=256)
     a("--generation-batch", type=int, default=None, help="generation batch per GPU (default: --micro-batch)")
+    a("--tp-size", type=int, default=1,
+      help="hybrid.tp_size: ranks of a node that generate together, each holding a tensor-parallel slice of the "
+           "actor's generation copy (must divide --gpus-per-node; 1 = a whole copy per rank; --recommend tries "
+           "1/2/4/8 when this is 1)")
     a("--param-persistence-threshold", type=int, default=DeepSpeedKnobs.param_persistence_threshold,
       help="ZeRO-3 parameters with fewer elements stay whole on every rank (engine.zero3_param_persistence_threshold)")
     a("--recommend", action="store_true", help="search for the cheapest settings that fit")
@@ -1194,7 +1387,8 @@ def run_plan_cli(args: argparse.Namespace) -> int:
         trained = dict(offload_optimizer=args.offload_optimizer, optimizer=args.optimizer,
                        gradient_checkpointing=args.gradient_checkpointing)
         models = {
-            "actor": (actor, TrainSettings(role="actor", lora_rank=args.lora_rank, **common, **trained)),
+            "actor": (actor, TrainSettings(role="actor", lora_rank=args.lora_rank, tp_size=args.tp_size, **common,
+                                           **trained)),
             "critic": (critic, TrainSettings(role="critic", **common, **trained)),
             "reference": (reference, TrainSettings(role="reference", **common)),
             "reward": (reward, TrainSettings(role="reward", **common)),
@@ -1208,6 +1402,7 @@ def run_plan_cli(args: argparse.Namespace) -> int:
         wl = Workload(micro_batch=args.micro_batch, prompt_len=args.prompt_len, response_len=args.response_len,
                       generation_batch=args.generation_batch)
         knobs = DeepSpeedKnobs(param_persistence_threshold=args.param_persistence_threshold)
+        check_tp(actor, args.tp_size, hw)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"rlhf-ds plan: error: {e}", file=sys.stderr)
         return 2

@@ -100,3 +100,25 @@ def test_policy_trained_across_nodes_and_reloads(ppo_run, policy_and_rm):
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 5, 6, 7]])).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+def test_tensor_parallel_generation_within_each_of_two_nodes(tmp_path_factory):
+    """4 ranks as 2 fake nodes of 2, `hybrid.tp_size=2`: each node's two ranks decode together (one TP group per node,
+    the groups' all-reduces kept within their group), and PPO runs to its end on ZeRO-3 across both nodes. Greedy
+    rollouts make step 1 a function of the tokens alone: it must equal the same run with whole copies (tp_size=1)."""
+    from dist_hybrid_models import tiny_models
+
+    models = tiny_models(tmp_path_factory)
+    runs = {}
+    for tp, steps in ((2, STEPS), (1, 1)):
+        out = str(tmp_path_factory.mktemp(f"mn_tp{tp}") / "ppo")
+        nodes = run_fake_nodes(["ppo", f"output_dir={out}", f"actor.model={models['llama']}",
+                                f"reward.model={models['llama_rm']}", f"hybrid.tp_size={tp}", *PPO_ARGS,
+                                f"ppo.steps={steps}", "ppo.rollout_batch_size=2", "ppo.micro_batch_size=2",
+                                "generation.do_sample=false"], nodes=2, slots=2, timeout=400)
+        assert all("dist_world_size=4" in n["output"] for n in nodes), nodes[0]["output"][-3000:]
+        runs[tp] = [r for r in read_metrics(out) if "ppo/kl" in r]
+    assert [r["step"] for r in runs[2]] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(r["ppo/reward"]) and r["ppo/response_length"] > 0 for r in runs[2]), runs[2]
+    for key in ("ppo/reward", "ppo/gold_reward", "ppo/response_length", "ppo/eos_rate", "ppo/kl"):
+        assert runs[2][0][key] == pytest.approx(runs[1][0][key], abs=1e-5), key

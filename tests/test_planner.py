@@ -471,3 +471,144 @@ def test_planner_matches_measured_deepspeed(measured, tmp_path_factory, index):
     elif not conf.get("offload"):
         assert all(r["gradients_left_after_step"] == 0 for r in results)  # ZeRO-0/2 free grads after step
     print(f"\n{json.dumps(conf)} planned vs measured (rank0, rank1) bytes: {report}")
+
+
+# --------------------------------------------------------------------------- TP generation (hybrid.tp_size)
+
+LLAMA_7B = ModelSpec(n_layers=32, hidden=4096, vocab=32000, n_heads=32, n_kv_heads=8, intermediate=11008)
+
+
+def test_autotp_split_mirrors_deepspeed():
+    from rlhf_ds.planner import TP_FAMILIES, autotp_shard_sizes, tp_copy_numel
+    from rlhf_ds.rollout.tensor_parallel import TP_FAMILIES as ENGINE_FAMILIES
+
+    assert TP_FAMILIES == ENGINE_FAMILIES
+    assert autotp_shard_sizes(8 * 128, 8, kv_heads=8) == [128] * 8  # one kv head each
+    assert autotp_shard_sizes(6 * 16, 4, kv_heads=2) == [48, 48, 0, 0]  # fewer kv heads than ranks
+    assert autotp_shard_sizes(200, 4, kv_heads=2, by_heads=False) == [64, 64, 64, 8]  # grains of 64, tail to the last
+    assert autotp_shard_sizes(64, 2, by_heads=False) == [64, 0]  # the tiny llama's LM head: one grain
+    # the tiny llama of tests/dist_hybrid_models.py (tied head, h 64, 2 layers): rank 0 holds the whole (untied) head
+    tiny = ModelSpec(n_layers=2, hidden=64, vocab=512, n_heads=2, intermediate=256, tie_embeddings=True)
+    assert tiny.total_params == 164_160 and tp_copy_numel(tiny, 2) == (131_392, 98_624)  # as counted there
+    # per-rank numel of DeepSpeed 0.19.8 AutoTP (tp 4, meta device, counted once on 4 CPU ranks): uneven GQA,
+    # tied qwen2 with q/k/v biases, mistral
+    gqa = ModelSpec(n_layers=2, hidden=96, vocab=300, n_heads=6, n_kv_heads=2, head_dim=16, intermediate=200)
+    assert tp_copy_numel(gqa, 4) == (109_920, 90_720, 66_144, 43_488)
+    qwen = ModelSpec(n_layers=2, hidden=128, vocab=260, n_heads=8, n_kv_heads=4, intermediate=320,
+                     tie_embeddings=True, qkv_bias=True)
+    assert tp_copy_numel(qwen, 4) == (173_568, 124_416, 107_776, 107_776)
+    mistral = ModelSpec(n_layers=1, hidden=256, vocab=500, n_heads=16, n_kv_heads=8, head_dim=16, intermediate=704)
+    assert tp_copy_numel(mistral, 4) == (357_376, 357_376, 357_376, 308_224)
+
+
+def test_generation_phase_with_tp_size():
+    from rlhf_ds.planner import gather_group_numel, tp_copy_numel
+
+    wl = Workload(micro_batch=4, prompt_len=512, response_len=512, generation_batch=8)
+    hw = Hardware(gpus_per_node=8)
+    plans = {tp: plan_job({"actor": (LLAMA_7B, TrainSettings(tp_size=tp))}, hw, wl).models["actor"] for tp in (1, 2, 8)}
+    whole, tp2, tp8 = plans[1], plans[2], plans[8]
+    assert whole.gpu["gathered_params"] == 2 * LLAMA_7B.total_params
+    emb = 32000 * 4096
+    for tp, m in ((2, tp2), (8, tp8)):
+        copy = m.gpu["gathered_params"]
+        assert copy == 2 * max(tp_copy_numel(LLAMA_7B, tp))
+        # decoder-layer projections and LM head split, embedding and norms whole (tp 8: 11008 = 172 grains of 64
+        # features split 22/21 -- the fullest rank holds a little more than 1/8 of the MLP)
+        norms = 32 * 2 * 4096 + 4096
+        split = LLAMA_7B.total_params - 2 * emb - norms
+        even = 2 * (split // tp + emb + emb // tp + norms)
+        assert copy == even if tp == 2 else 0 < copy - even < 0.02 * even
+        # one gather group of full tensors on top while syncing; KV: 1/tp of the heads, tp x the sequences
+        group = m.gpu_details["generation_gather_group"]
+        assert group == 2 * gather_group_numel(LLAMA_7B, 8, 32) > 0
+        assert m.gpu["kv_cache"] == whole.gpu["kv_cache"]
+        assert m.phases["generation"] == copy + group + m.gpu["kv_cache"]
+    assert whole.phases["generation"] > tp2.phases["generation"] > tp8.phases["generation"]
+    assert "tp8" in format_plan(plan_job({"actor": (LLAMA_7B, TrainSettings(tp_size=8))}, hw, wl))
+    with pytest.raises(ValueError, match="must divide gpus_per_node"):
+        plan_job({"actor": (LLAMA_7B, TrainSettings(tp_size=4))}, Hardware(gpus_per_node=6), wl)
+    with pytest.raises(ValueError, match="supports llama"):
+        plan_job({"actor": (ModelSpec(n_layers=2, hidden=64, vocab=100, n_heads=2, arch="gpt2"),
+                            TrainSettings(tp_size=2))}, Hardware(gpus_per_node=2), wl)
+    with pytest.raises(ValueError, match="does not generate"):
+        TrainSettings(role="critic", tp_size=2)
+
+
+def test_recommend_tries_tp_after_cheap_measures():
+    order = planner_mod.MEASURES
+    assert order.index("gradient_checkpointing") < order.index("generation_tp2") < order.index("generation_tp4") \
+        < order.index("generation_tp8") < order.index("8bit_optimizer") < order.index("lora_actor") \
+        < order.index("offload_optimizer")
+    small = recommend(_four(1.3e9), Hardware(gpus_per_node=8, gpu_memory_gb=80))
+    assert small.settings["actor"].tp_size == 1 and not any(m.startswith("generation_tp") for m in small.measures)
+    # a 4-GPU node: only divisors of the node are tried
+    pairs = planner_mod._normalize_models(_four(7e9))
+    assert planner_mod._tp_options(pairs, Hardware(gpus_per_node=4), Workload()) == (1, 2, 4)
+    assert planner_mod._tp_options(pairs, Hardware(gpus_per_node=4), Workload(generate=False)) == (1,)
+
+
+def test_70b_example_fits_with_tensor_parallel_generation(capsys):
+    """The issue's example: `rlhf-ds plan --actor 70B --gpus-per-node 8 --nodes 4 --gpu-memory-gb 80 --recommend`."""
+    hw = Hardware(gpus_per_node=8, nodes=4, gpu_memory_gb=80)
+    rec = recommend(_four(70e9), hw)
+    assert rec.fits and rec.plan.fits and rec.plan.gpu_peak <= 80 * GB
+    actor = rec.settings["actor"]
+    assert actor.tp_size > 1 and f"generation_tp{actor.tp_size}" in rec.measures
+    # the whole copy is what did not fit: the same settings with tp_size 1 overflow
+    whole = plan_job({r: (ModelSpec(n_params=70e9), dataclasses.replace(st, tp_size=1))
+                      for r, st in rec.settings.items()}, hw)
+    assert not whole.fits and whole.gpu_peak_phase == "generation"
+    rc, out = _cli(["--actor", "70B", "--gpus-per-node", "8", "--nodes", "4", "--gpu-memory-gb", "80", "--recommend"],
+                   capsys)
+    assert rc == 0 and out.out.startswith("Fits")
+    # the message names the tp_size, offload and LoRA settings it uses
+    first = out.out.split("\n\n")[0]
+    assert f"hybrid.tp_size {actor.tp_size}" in first and "offload" in first and "LoRA rank 16" in first
+    print("\n" + out.out)
+    rc, out = _cli(["--actor", "70B", "--gpus-per-node", "8", "--tp-size", "3"], capsys)
+    assert rc == 2 and "must divide" in out.err
+    rc, out = _cli(["--actor", "7B", "--gpus-per-node", "8", "--tp-size", "2", "--json"], capsys)
+    assert rc == 0 and json.loads(out.out)["models"]["actor"]["settings"]["tp_size"] == 2
+
+
+@pytest.fixture(scope="module")
+def tp_bytes(tmp_path_factory):
+    """Bytes of the generation copy TensorParallelEngine allocates per rank (ZeRO-3 tiny llama, 2 CPU ranks, tp 2)."""
+    for mod in ("deepspeed", "transformers"):
+        pytest.importorskip(mod)
+    from dist_hybrid_models import tiny_models
+
+    llama = tiny_models(tmp_path_factory)["llama"]
+    out = str(tmp_path_factory.mktemp("tp_bytes") / "result.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RLHF_DS_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank", "--master_port",
+           str(_free_port()), os.path.join(REPO, "tests", "dist_tp_bytes.py"), llama, out]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    ranks = []
+    for r in range(2):
+        with open(f"{out}.{r}", encoding="utf-8") as f:
+            ranks.append(json.load(f))
+    return llama, ranks
+
+
+def test_planned_tp_copy_matches_the_live_engine(tp_bytes):
+    from rlhf_ds.planner import generation_copy_bytes
+
+    llama, ranks = tp_bytes
+    assert [r["tp_group"] for r in ranks] == [[0, 1], [0, 1]]
+    spec = ModelSpec.from_pretrained_dir(llama)
+    precision = {4: "fp32", 2: "bf16"}[ranks[0]["element_size"]]
+    planned = generation_copy_bytes(spec, 2, precision)
+    measured = [r["bytes"] for r in ranks]  # parameters + buffers of each rank's copy
+    for want, got in zip(planned, measured):
+        assert abs(want - got) <= 0.05 * got, (planned, measured)
+    # the plan charges every rank the fullest rank's copy
+    m = plan_job({"actor": (spec, TrainSettings(precision=precision, tp_size=2))}, Hardware(gpus_per_node=2),
+                 Workload()).models["actor"]
+    assert abs(m.gpu["gathered_params"] - max(measured)) <= 0.05 * max(measured)
+    assert ranks[0]["whole_numel"] == spec.total_params
+    print(f"\nTP copy bytes per rank (tp 2): planned {planned}, measured {measured} "
+          f"(params {[r['param_bytes'] for r in ranks]} + buffers {[r['buffer_bytes'] for r in ranks]})")

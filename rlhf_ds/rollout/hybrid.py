@@ -24,6 +24,7 @@ from rlhf_ds.config import GenerationConfig
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.unsharded import build_plain, copy_into
 from rlhf_ds.rollout.base import GenerationOutput, sampling_kwargs
+from rlhf_ds.rollout.fast_decode import FastDecoder
 
 # model families DeepSpeed's inference containers support for its hybrid engine
 DEEPSPEED_HYBRID_FAMILIES = {"opt", "bloom", "gptj", "gpt_neo", "gpt_neox", "llama", "internlm"}
@@ -44,7 +45,8 @@ def check_backend(backend: str, model_type: str) -> None:
 
 class HybridEngine:
     def __init__(self, actor_engine, pad_token_id: int, eos_token_id: int, backend: str = "portable",
-                 gather_group_size: int = 32, keep_copy: bool = True, dtype: torch.dtype | None = None):
+                 gather_group_size: int = 32, keep_copy: bool = True, dtype: torch.dtype | None = None,
+                 decode: str = "hf"):
         self.actor = actor_engine
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         self.backend = backend
@@ -52,6 +54,7 @@ class HybridEngine:
         self.keep_copy = keep_copy
         self.dtype = dtype
         self._plain = None
+        self._decoder = FastDecoder(decode, backend=backend, keep_copy=keep_copy)  # hybrid.decode; refuses CPU
 
     def _generation_module(self) -> torch.nn.Module:
         module = strategy.unwrap(self.actor)
@@ -69,8 +72,8 @@ class HybridEngine:
         model = self.actor if self.backend == "deepspeed" else self._generation_module()
         t_sync = time.time() - t0
         dev = strategy.device()
-        out = model.generate(input_ids=prompt_ids.to(dev), attention_mask=prompt_mask.to(dev),
-                             **sampling_kwargs(gen, self.pad_token_id, self.eos_token_id, gen.max_new_tokens))
+        out = self._decoder.generate(model, input_ids=prompt_ids.to(dev), attention_mask=prompt_mask.to(dev),
+                                     **sampling_kwargs(gen, self.pad_token_id, self.eos_token_id, gen.max_new_tokens))
         if not self.keep_copy:
             self._plain = None
         return GenerationOutput(out, prompt_ids.shape[1], time.time() - t0, t_sync)

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from rlhf_ds.config import PPOConfig
+from rlhf_ds.config import ConfigError, PPOConfig
 from rlhf_ds.data.batching import eval_shard
 from rlhf_ds.data.formats import load_prompts, source_templates
 from rlhf_ds.data.readers import DataError
@@ -33,6 +33,7 @@ from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import get_estimator
 from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
 from rlhf_ds.rollout.base import RolloutEngine
+from rlhf_ds.rollout.fast_decode import check_decode, decode_mode
 from rlhf_ds.rollout.hybrid import HybridEngine, check_backend
 from rlhf_ds.rollout.tensor_parallel import TensorParallelEngine, check_tp_supported
 from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, split_eval, start_step
@@ -103,13 +104,19 @@ def build_rollout_engine(cfg: PPOConfig, actor, tokenizer) -> RolloutEngine:
     """The actor's generation mode (rlhf_ds/rollout/): a whole copy per rank, or tensor-parallel slices (hybrid.tp_size).
     Collective (a tensor-parallel engine creates its process groups)."""
     h, model_type = cfg.hybrid, strategy.unwrap(actor).config.model_type
+    try:  # settings this actor or machine cannot run: bad input (exit 2), said before any rollout
+        check_decode(decode_mode(h), h.backend, h.tp_size)
+        if h.tp_size > 1:
+            check_tp_supported(model_type)
+        else:
+            check_backend(h.backend, model_type)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     if h.tp_size > 1:
-        check_tp_supported(model_type)
         return TensorParallelEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, h.tp_size,
                                     h.gather_group_size, h.keep_copy)
-    check_backend(h.backend, model_type)
     return HybridEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, h.backend, h.gather_group_size,
-                        h.keep_copy)
+                        h.keep_copy, decode=decode_mode(h))
 
 
 def check_prompt_templates(cfg: PPOConfig) -> None:
