@@ -350,6 +350,190 @@ def test_multi_node_hostfile_over_pdsh(tiny_base, tmp_path):
         assert math.isfinite(json.load(f)["eval_loss"])
 
 
+PDSH_OPT_IN = pytest.mark.skipif(os.environ.get("RLHF_DS_TEST_PDSH") != "1",
+                                 reason="opt-in (RLHF_DS_TEST_PDSH=1): installs openssh-server/pdsh and starts a "
+                                        "private sshd")
+PDSH_EXIT_WITHIN_S = 60  # the script's status after a launcher process is killed
+PDSH_GONE_WITHIN_S = 10  # then: no process of the run left on either "node"
+
+
+@pytest.fixture
+def local_sshd(tmp_path):
+    """A private sshd on 127.0.0.1 (tests/cluster/ssh_localhost.py), stopped after the test."""
+    import ssh_localhost
+
+    try:
+        ssh_localhost.ensure_ssh_tools()
+    except RuntimeError as e:
+        pytest.skip(f"ssh/pdsh unavailable: {e}")
+    sshd = ssh_localhost.LocalSshd(str(tmp_path / "ssh")).start()
+    try:
+        yield sshd
+    finally:
+        sshd.stop()
+
+
+@pytest.fixture(scope="module")
+def pdsh_models(tmp_path_factory) -> dict[str, str]:
+    from dist_hybrid_models import tiny_models
+
+    return tiny_models(tmp_path_factory)
+
+
+def processes_of_run(run_dir: str) -> list:
+    """Every live process whose command line names `run_dir`: the supervisor, DeepSpeed's runner, pdsh, its ssh
+    clients, the remote shells, launch.py and the ranks (not the sshd sessions: their command line is `sshd: ...`)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        if p.pid == os.getpid() or p.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if any(run_dir in a for a in p.info["cmdline"] or ()):
+            found.append(p)
+    return found
+
+
+def _describe(processes: list) -> str:
+    import psutil
+
+    lines = []
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            lines.append(f"{p.pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:200]}")
+    return "\n".join(lines)
+
+
+def _start_pdsh_script(sshd, hostfile: str, args: list[str], log_path: str) -> tuple:
+    env = {**cli_env(threads=1), **sshd.client_env(), "HOSTFILE": hostfile, "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "LAUNCHER_ARGS": "--no_ssh_check", "TORCH_DISTRIBUTED_DEBUG": "OFF"}
+    log = open(log_path, "w", encoding="utf-8")  # a file, not a pipe: nothing upstream of pdsh may block on output
+    proc = subprocess.Popen(["bash", os.path.join(LAUNCH, "multi_node_hostfile.sh"), *args], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return proc, log
+
+
+def _is_rank(p) -> bool:
+    import psutil
+
+    try:
+        return "RANK" in p.environ() and "rlhf_ds.cli" in p.cmdline()
+    except psutil.Error:
+        return False
+
+
+def _read_log(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+@PDSH_OPT_IN
+@pytest.mark.parametrize("victim", ["runner", "pdsh"])
+def test_kill9_of_the_pdsh_launch_leaves_no_process_and_the_rerun_resumes(pdsh_models, local_sshd, tmp_path,
+                                                                          victim):
+    """issue #16 in pdsh mode: launch/multi_node_hostfile.sh runs 2-rank PPO over ssh to localhost and 127.0.0.1;
+    `kill -9` of DeepSpeed's runner (or of pdsh) must end the script with a non-zero status, leave no rank, launch.py,
+    pdsh or ssh process of the run, keep the newest checkpoint complete, and the same command must resume."""
+    import psutil
+
+    from conftest import PPO_RESUME_STEPS, ppo_metrics_by_step, ppo_resume_args
+    from test_resume import checkpoints
+
+    from rlhf_ds.checkpoint import checkpoint_problem
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = str(tmp_path / "ppo")
+    args = ppo_resume_args(pdsh_models, out, "checkpoint.every_steps=1")
+    log_path = str(tmp_path / "launch.log")
+    proc, log = _start_pdsh_script(local_sshd, str(hostfile), args, log_path)
+    try:
+        # both ranks up (one per "node", each under its own ssh session) and 2 PPO steps done (checkpoints saved)
+        deadline = time.time() + 400
+        ranks = []
+        while time.time() < deadline:
+            assert proc.poll() is None, f"run ended (exit {proc.returncode}):\n{_read_log(log_path)[-4000:]}"
+            ranks = [p for p in processes_of_run(out) if _is_rank(p)]
+            metrics = os.path.join(out, "metrics.jsonl")
+            done = os.path.exists(metrics) and any(r.get("step", 0) >= 2 and "ppo/kl" in r for r in read_metrics(out))
+            if len(ranks) == 2 and done:
+                break
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"2 ranks at step 2 not reached:\n{_describe(processes_of_run(out))}\n"
+                                 f"{_read_log(log_path)[-4000:]}")
+        assert sorted(r.environ()["RANK"] for r in ranks) == ["0", "1"]
+        supervisor = psutil.Process(proc.pid).children()[0]
+        assert "rlhf_ds.engine.launcher" in supervisor.cmdline()
+        runner = supervisor.children()[0]
+        pdsh = next(p for p in runner.children() if p.name().startswith("pdsh"))  # Debian: pdsh.bin, argv[0] pdsh
+        before = processes_of_run(out)
+        assert {p.pid for p in ranks} < {p.pid for p in before}
+        with open(local_sshd.pid_file, encoding="utf-8") as f:
+            sessions = psutil.Process(int(f.read())).children(recursive=True)
+        assert sessions, "no ssh session to the private sshd"
+
+        target = {"runner": runner, "pdsh": pdsh}[victim]
+        t0 = time.time()
+        target.kill()
+        try:
+            rc = proc.wait(timeout=PDSH_EXIT_WITHIN_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the script still runs {PDSH_EXIT_WITHIN_S} s after kill -9 {victim}:\n"
+                                 f"{_describe(processes_of_run(out))}") from None
+        exited = time.time() - t0
+        ranks_gone = everything_gone = None
+        while time.time() - t0 < exited + PDSH_GONE_WITHIN_S:
+            left = processes_of_run(out)
+            if ranks_gone is None and not [p for p in ranks if p in left]:
+                ranks_gone = time.time() - t0
+            if not left and not [s for s in sessions if s.is_running() and s.status() != psutil.STATUS_ZOMBIE]:
+                everything_gone = time.time() - t0
+                break
+            time.sleep(0.05)
+        text = _read_log(log_path)
+        print(f"pdsh mode, kill -9 {victim}: exit status {rc} after {exited:.2f} s; no rank left after "
+              f"{ranks_gone if ranks_gone is None else round(ranks_gone, 2)} s; no process of the run (nor ssh "
+              f"session) after {everything_gone if everything_gone is None else round(everything_gone, 2)} s")
+        assert everything_gone is not None, (f"{PDSH_GONE_WITHIN_S} s after the script's exit:\n"
+                                             f"{_describe(processes_of_run(out))}\n{text[-3000:]}")
+        assert rc != 0, text[-4000:]
+        if victim == "runner":
+            assert rc == 137 and "was killed by SIGKILL; exit status 137" in text, text[-3000:]
+        else:  # DeepSpeed's runner exits 0 when pdsh dies of a signal; the ssh clients it leaves give it away
+            assert rc == 1 and "left ssh" in text, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        for p in processes_of_run(out):  # never leave a run behind, whatever failed
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
+    saved = checkpoints(out)
+    assert saved and checkpoint_problem(os.path.join(out, "checkpoints", saved[-1])) is None, saved
+    time.sleep(1)
+    assert checkpoints(out) == saved  # nobody trains on
+
+    # the same command: no stale run-directory lock, resumes from the newest checkpoint and finishes
+    rerun_log = str(tmp_path / "rerun.log")
+    proc, log = _start_pdsh_script(local_sshd, str(hostfile), args, rerun_log)
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    text = _read_log(rerun_log)
+    assert rc == 0, text[-5000:]
+    assert f"resuming from checkpoint {os.path.join(out, 'checkpoints', saved[-1])}" in text, text[-3000:]
+    assert sorted(ppo_metrics_by_step(out)) == list(range(1, PPO_RESUME_STEPS + 1))
+    assert not processes_of_run(out)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # A real Slurm cluster (one host, 2 CPUs)
 # ---------------------------------------------------------------------------------------------------------------------

@@ -97,6 +97,17 @@ def test_on_topic_rule_by_hand():
     assert on_topic(batch([prompt] * 4, responses)).tolist() == [1.5, 0.0, 0.5, 0.0]
 
 
+def test_cheerful_rule_by_hand():
+    cheerful = FunctionReward(f"{RULES}:cheerful")
+    prompt = "human : describe the red fox . assistant :"
+    responses = ["the fox is happy and warm . it sings .",  # happy, warm, sings: +1.5
+                 "the fox is sad . it is happy .",  # happy -> +0.5, sad -> -0.5
+                 "the fox is happy and happy .",  # happy once +0.5, happy repeated -0.5
+                 "happy warm sweet calm gentle .",  # 5 cheerful words, capped at +1.5
+                 "the fox is dark and cold . it falls and cries ."]  # 4 gloomy words, capped at -1.5
+    assert cheerful(batch([prompt] * 5, responses)).tolist() == [1.5, 0.0, 0.0, 1.5, -1.5]
+
+
 @pytest.mark.parametrize("spec, match", [
     ("no_such_module_xyz:fn", r"'no_such_module_xyz:fn': cannot import no_such_module_xyz"),
     ("missing/file.py:fn", r"'missing/file.py:fn': no such file .*missing/file\.py"),

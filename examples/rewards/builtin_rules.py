@@ -32,6 +32,25 @@ def on_topic_score(prompt: str, response: str) -> float:
     return score - REPEAT_PENALTY * (len(content) - len(set(content)))
 
 
+CHEERFUL = frozenset({"happy", "bright", "warm", "sweet", "calm", "gentle", "fresh", "clean", "funny", "shiny",
+                      "smiles", "sings", "shines", "glows"})
+GLOOMY = frozenset({"sad", "dark", "cold", "sour", "dirty", "stale", "weak", "dull", "rough", "cries", "sinks", "falls"})
+
+
+def cheerful_score(prompt: str, response: str) -> float:
+    """A style rule: +0.5 per distinct cheerful word, -0.5 per distinct gloomy one (at most +-1.5 in all), -0.5 per
+    repeated content word (so saying "happy" twice earns nothing)."""
+    words = tokenize(response)
+    tone = 0.5 * (len(CHEERFUL.intersection(words)) - len(GLOOMY.intersection(words)))
+    content = [w for w in words if w not in FUNCTION_WORDS]
+    return max(-1.5, min(1.5, tone)) - REPEAT_PENALTY * (len(content) - len(set(content)))
+
+
+def cheerful(prompts: list[str], responses: list[str], **columns) -> list[float]:
+    """Cheerful words (+0.5 each, distinct), gloomy words (-0.5 each), -0.5 per repeated content word."""
+    return [cheerful_score(p, r) for p, r in zip(prompts, responses)]
+
+
 def on_topic(prompts: list[str], responses: list[str], **columns) -> list[float]:
     """Names the subject (+1), ends with a full stop (+0.5), -0.5 per repeated content word."""
     return [on_topic_score(p, r) for p, r in zip(prompts, responses)]

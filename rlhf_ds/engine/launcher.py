@@ -275,8 +275,9 @@ def _is_launcher(process) -> bool:
     import psutil
 
     try:
-        return process.name() in ("pdsh", "ssh") or any("deepspeed.launcher" in a or a.endswith("/deepspeed")
-                                                         for a in process.cmdline())
+        cmdline = process.cmdline()  # Debian's /usr/bin/pdsh execs pdsh.bin as `pdsh`: its name is pdsh.bin
+        return (process.name() in ("pdsh", "pdsh.bin", "ssh") or [os.path.basename(a) for a in cmdline[:1]] == ["pdsh"]
+                or any("deepspeed.launcher" in a or a.endswith("/deepspeed") for a in cmdline))
     except psutil.Error:
         return False
 
