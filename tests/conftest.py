@@ -69,15 +69,16 @@ PPO_RESUME_ARGS = [f"ppo.steps={PPO_RESUME_STEPS}", "ppo.rollout_batch_size=4", 
 
 
 # the same run with a critic-free estimator: GRPO (2 samples per prompt), KL as a loss, a Python rule reward summed
-# with the reward model, advantages whitened across ranks
+# with the reward model, advantages whitened across ranks; "tp2": the LLaMA-style models with tensor-parallel generation
 GRPO_RESUME_ARGS = ["ppo.advantage_estimator=grpo", "ppo.n_samples_per_prompt=2", "ppo.kl_loss_coef=0.05",
                     f"reward.function={os.path.join(REPO, 'examples', 'rewards', 'builtin_rules.py')}:on_topic",
                     "reward.weights.function=0.5", "ppo.whiten_scope=global"]
 
 
 def ppo_resume_args(models: dict, out: str, *extra: str, estimator: str = "gae") -> list[str]:
-    algo = GRPO_RESUME_ARGS if estimator == "grpo" else []
-    return ["ppo", f"output_dir={out}", f"actor.model={models['gpt2']}", f"reward.model={models['gpt2_rm']}",
+    algo = GRPO_RESUME_ARGS if estimator == "grpo" else ["hybrid.tp_size=2"] if estimator == "tp2" else []
+    arch = "llama" if estimator == "tp2" else "gpt2"
+    return ["ppo", f"output_dir={out}", f"actor.model={models[arch]}", f"reward.model={models[arch + '_rm']}",
             *PPO_RESUME_ARGS, *algo, *extra]
 
 
