@@ -12,13 +12,12 @@ import logging
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import REPO, cli_env
-from rlhf_ds.rollout.fast_decode import (DECODE_MODES, FastDecoder, check_decode, decode_mode, fast_generate_kwargs,
+from rlhf_ds.rollout.fast_decode import (DECODE_MODES, FastDecoder, check_decode, fast_generate_kwargs,
                                          static_cache_support)
 
 
@@ -33,12 +32,15 @@ def tiny_llama(seed: int = 0):
 
 
 def test_config_key_defaults_to_hf_and_is_validated():
+    from rlhf_ds.config import ConfigError, HybridConfig, load_config
+
     assert DECODE_MODES == ("hf", "static_compile")
-    assert decode_mode(SimpleNamespace(backend="portable")) == "hf"  # a HybridConfig without the key
-    assert decode_mode(None) == "hf"
-    assert decode_mode(SimpleNamespace(decode="static_compile")) == "static_compile"
+    assert HybridConfig().decode == "hf"
+    assert load_config("ppo", None, ["hybrid.decode=static_compile"]).hybrid.decode == "static_compile"
+    with pytest.raises(ConfigError, match="hybrid.decode"):
+        load_config("ppo", None, ["hybrid.decode=vllm"])
     with pytest.raises(ValueError, match="hybrid.decode must be one of hf, static_compile"):
-        decode_mode(SimpleNamespace(decode="vllm"))
+        check_decode("vllm")
 
 
 def test_static_compile_is_refused_on_cpu_with_a_clear_message():

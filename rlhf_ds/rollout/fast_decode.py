@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -40,14 +40,6 @@ DECODE_MODES = ("hf", "static_compile")
 
 # errors at the first static/compiled call that mean "this family cannot do it" -> fall back to "hf"
 _FALLBACK_ERRORS = (NotImplementedError, ValueError, TypeError, AttributeError, RuntimeError, AssertionError)
-
-
-def decode_mode(cfg_hybrid: Any) -> str:
-    """`hybrid.decode` from a HybridConfig that may predate the key ("hf" then); validated."""
-    mode = getattr(cfg_hybrid, "decode", "hf") if cfg_hybrid is not None else "hf"
-    if mode not in DECODE_MODES:
-        raise ValueError(f"hybrid.decode must be one of {', '.join(DECODE_MODES)}, got {mode!r}")
-    return mode
 
 
 def accelerator_name() -> str:

@@ -33,7 +33,7 @@ from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import get_estimator
 from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
 from rlhf_ds.rollout.base import RolloutEngine
-from rlhf_ds.rollout.fast_decode import check_decode, decode_mode
+from rlhf_ds.rollout.fast_decode import check_decode
 from rlhf_ds.rollout.hybrid import HybridEngine, check_backend
 from rlhf_ds.rollout.tensor_parallel import TensorParallelEngine, check_tp_supported
 from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, split_eval, start_step
@@ -105,7 +105,7 @@ def build_rollout_engine(cfg: PPOConfig, actor, tokenizer) -> RolloutEngine:
     Collective (a tensor-parallel engine creates its process groups)."""
     h, model_type = cfg.hybrid, strategy.unwrap(actor).config.model_type
     try:  # settings this actor or machine cannot run: bad input (exit 2), said before any rollout
-        check_decode(decode_mode(h), h.backend, h.tp_size)
+        check_decode(h.decode, h.backend, h.tp_size)
         if h.tp_size > 1:
             check_tp_supported(model_type)
         else:
@@ -116,7 +116,7 @@ def build_rollout_engine(cfg: PPOConfig, actor, tokenizer) -> RolloutEngine:
         return TensorParallelEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, h.tp_size,
                                     h.gather_group_size, h.keep_copy)
     return HybridEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, h.backend, h.gather_group_size,
-                        h.keep_copy, decode=decode_mode(h))
+                        h.keep_copy, decode=h.decode)
 
 
 def check_prompt_templates(cfg: PPOConfig) -> None:
