@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+from dataclasses import dataclass
 
 import pytest
 
@@ -109,3 +113,46 @@ def ppo_reference(ppo_references) -> str:
 def ppo_metrics_by_step(run_dir: str) -> dict[int, dict]:
     """The algorithm's per-step figures (timings and throughput excluded: they are wall-clock measurements)."""
     return {row["step"]: {k: v for k, v in row.items() if k.startswith("ppo/")} for row in read_metrics(run_dir)}
+
+
+@dataclass
+class Server:
+    """A running `rlhf-ds serve-reward` subprocess (tests/test_rewards.py, tests/test_step3_components.py)."""
+
+    proc: subprocess.Popen
+    url: str
+    port: int
+    log: str
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_reward_server(model_dir: str, log_path: str, port: int = 0, *options: str) -> Server:
+    """`rlhf-ds serve-reward MODEL --port PORT [OPTIONS]` and the URL of its "listening on" line (port 0: a free one)."""
+    cmd = [sys.executable, "-m", "rlhf_ds.cli", "serve-reward", model_dir, "--port", str(port), *options]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(threads=1), stdout=subprocess.PIPE,
+                            stderr=open(log_path, "w"), text=True)
+    found = {}
+
+    def read():  # readline blocks: a thread, so that a server that never comes up fails the test instead of hanging it
+        for line in proc.stdout:
+            m = re.match(r"rlhf-ds serve-reward: listening on (http://127\.0\.0\.1:(\d+)) \(model ", line)
+            if m:
+                found["url"], found["port"] = m.group(1), int(m.group(2))
+                break
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=120)
+    if "url" not in found:
+        proc.kill()
+        raise AssertionError(f"no 'listening on' line; server log:\n{open(log_path).read()[-3000:]}")
+    assert port in (0, found["port"])
+    return Server(proc, found["url"], found["port"], log_path)

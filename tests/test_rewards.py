@@ -9,8 +9,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from conftest import REPO, cli_env
+from conftest import REPO, start_reward_server
 from dist_hybrid_models import tiny_models
 from rlhf_ds import cli
 from rlhf_ds.config import ConfigError
@@ -309,29 +307,6 @@ def test_remote_url_must_be_http():
 # ---- rlhf-ds serve-reward --------------------------------------------------------------------------------------------
 
 
-def start_server(model_dir: str, log_path) -> tuple[subprocess.Popen, str]:
-    """`rlhf-ds serve-reward MODEL --port 0` and the URL its "listening on" line names."""
-    cmd = [sys.executable, "-m", "rlhf_ds.cli", "serve-reward", model_dir, "--port", "0", "--batch-size", "3"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(threads=1), stdout=subprocess.PIPE,
-                            stderr=open(log_path, "w"), text=True)
-    found = {}
-
-    def read():  # a thread: readline blocks, and the test must not wait forever for a server that never comes up
-        for line in proc.stdout:
-            m = re.match(r"rlhf-ds serve-reward: listening on (http://127\.0\.0\.1:\d+) \(model ", line)
-            if m:
-                found["url"] = m.group(1)
-                break
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout=60)
-    if "url" not in found:
-        proc.kill()
-        raise AssertionError(f"no 'listening on' line; server log:\n{open(log_path).read()[-3000:]}")
-    return proc, found["url"]
-
-
 def post(url: str, body: bytes) -> tuple[int, dict]:
     import urllib.error
     import urllib.request
@@ -348,7 +323,8 @@ def test_serve_reward_scores_refuses_bad_requests_and_stops_on_sigterm(models, t
 
     from rlhf_ds.models.scalar_head import RewardScorer
 
-    proc, url = start_server(models["gpt2_rm"], tmp_path / "server.log")
+    server = start_reward_server(models["gpt2_rm"], str(tmp_path / "server.log"), 0, "--batch-size", "3")
+    proc, url = server.proc, server.url
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=10) as r:
             assert json.loads(r.read()) == {"status": "ok", "model": models["gpt2_rm"]}

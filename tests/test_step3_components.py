@@ -16,18 +16,15 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from typing import Optional
 
 import pytest
 import yaml
 
-from conftest import REPO, cli_env, free_port, ppo_metrics_by_step, read_metrics
+from conftest import REPO, cli_env, free_port, ppo_metrics_by_step, read_metrics, start_reward_server
 from dist_hybrid_models import tiny_models
 
 from rlhf_ds import cli
@@ -48,47 +45,6 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen
-    url: str
-    port: int
-    log: str
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_server(model_dir: str, log_path: str, port: int = 0) -> Server:
-    """`rlhf-ds serve-reward MODEL --port PORT` and the URL of its "listening on" line (port 0: a free one)."""
-    cmd = [sys.executable, "-m", "rlhf_ds.cli", "serve-reward", model_dir, "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(threads=1), stdout=subprocess.PIPE,
-                            stderr=open(log_path, "w"), text=True)
-    found = {}
-
-    def read():  # readline blocks: a thread, so that a server that never comes up fails the test instead of hanging it
-        for line in proc.stdout:
-            m = re.match(r"rlhf-ds serve-reward: listening on (http://127\.0\.0\.1:(\d+)) \(model ", line)
-            if m:
-                found["url"], found["port"] = m.group(1), int(m.group(2))
-                break
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout=120)
-    if "url" not in found:
-        proc.kill()
-        raise AssertionError(f"no 'listening on' line; server log:\n{open(log_path).read()[-3000:]}")
-    assert port in (0, found["port"])
-    return Server(proc, found["url"], found["port"], log_path)
 
 
 def ppo_command(models: dict, out: str, *extra: str) -> list[str]:
@@ -129,7 +85,7 @@ def assert_finite_rewards(run_dir: str) -> dict[int, dict]:
 def server(models, tmp_path_factory):
     """`rlhf-ds serve-reward` of the LLaMA RM; the kill test below kills it (and starts its own on the same port)."""
     logs = tmp_path_factory.mktemp("serve_reward")
-    srv = start_server(models["llama_rm"], str(logs / "server.log"))
+    srv = start_reward_server(models["llama_rm"], str(logs / "server.log"))
     yield srv
     srv.stop()
 
@@ -208,7 +164,7 @@ def test_server_killed_mid_run_then_resumed_once_it_is_back(models, server, remo
     assert not [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith(".tmp")]
 
     # the server back on the same port, the same command: it resumes from that checkpoint and finishes
-    back = start_server(models["llama_rm"], str(tmp_path / "server2.log"), port=server.port)
+    back = start_reward_server(models["llama_rm"], str(tmp_path / "server2.log"), port=server.port)
     try:
         rc, stdout, stderr = run(cmd, str(tmp_path), "resumed")
     finally:
