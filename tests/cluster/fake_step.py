@@ -5,7 +5,7 @@
   writes DIR/preempted.<rank> ("checkpoint saved") and exits 75;
 * a requeued run (SLURM_RESTART_COUNT >= 1): writes DIR/resumed.<rank> and exits 0;
 * with `kill=rank` or `kill=launcher`, the first run writes DIR/ready.<rank> and then every rank SIGKILLs itself, or
-  rank 0 its parent (DeepSpeed's launch.py in launcher mode), after which each ends as a real rank does when its
+  rank 0, once every rank's ready file is there, its parent (DeepSpeed's launch.py in launcher mode), after which each ends as a real rank does when its
   launcher dies.
 Every start is appended to DIR/events.log. Like `rlhf_ds.cli`, it watches its launcher and records its exit for the
 supervisor (rlhf_ds.engine.launcher).
@@ -36,6 +36,12 @@ def main() -> int:
         if args["kill"] == "rank":
             os.kill(os.getpid(), signal.SIGKILL)
         elif rank == "0":
+            # every rank must be up first: a rank that launch.py had not yet started would never write its ready file
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            deadline = time.time() + 60
+            while time.time() < deadline and not all(os.path.exists(os.path.join(out, f"ready.{r}"))
+                                                     for r in range(world)):
+                time.sleep(0.05)
             os.kill(os.getppid(), signal.SIGKILL)  # launch.py (launcher mode); every rank then sees it gone
         time.sleep(60)  # the launcher watch ends this rank first
         return 3
