@@ -86,6 +86,12 @@ class TrainConfig(LoopConfig):
     max_steps: int = 0  # optimizer steps; 0 = run the epochs
     eval_every: int = 50  # evaluate every N optimizer steps (and at the end)
     eval_batch_size: int = 16  # per rank, for evaluation
+    # padding-free: each micro-batch's sequences run as one row with position ids restarting per sequence and
+    # attention kept within each sequence (a varlen kernel where the attention implementation has one); same losses
+    packing: bool = False
+    # > 0: micro-batches hold at most this many tokens (per rank) instead of micro_batch_size sequences; a step still
+    # takes micro_batch_size x grad_accum x ranks sequences, and its loss is normalised over the whole step
+    max_tokens_per_micro_batch: int = 0
 
 
 @dataclass
@@ -533,6 +539,7 @@ class PPOAlgoConfig:
     n_samples_per_prompt: int = 1  # responses sampled per prompt (a group, kept on one rank); > 1 for group estimators
     micro_batch_size: int = 8  # per rank, for scoring and training forward passes
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
+    packing: bool = False  # padding-free scoring and training forwards (train.packing)
     ppo_epochs: int = 2  # passes over each rollout batch
     kl_coef: float = 0.1  # beta of the KL in the reward (DeepSpeed-Chat: 0.1); 0 disables it (e.g. GRPO with kl_loss_coef)
     # per-token KL: k1 log-ratio, k2 squared log-ratio / 2, k3 ratio - 1 - log-ratio
