@@ -90,7 +90,7 @@ def test_sequence_logps_by_hand_and_padding_invariant():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from rlhf_ds.data.features import pad_batch
-    from rlhf_ds.models.scalar_head import position_ids
+    from rlhf_ds.models.inputs import position_ids
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=32, n_embd=32, n_layer=2, n_head=2,

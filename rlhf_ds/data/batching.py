@@ -8,7 +8,7 @@ lets a resumed run continue from a (epoch, step) position.
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -48,3 +48,18 @@ def eval_batches(n_items: int, batch_size: int, world: int, rank: int) -> Iterat
 def eval_shard(n_items: int, world: int, rank: int) -> list[int]:
     """A rank's share of an evaluation set (strided, every item exactly once over all ranks)."""
     return list(range(rank, n_items, world))
+
+
+def token_budget_groups(indices: list[int], lengths: Mapping[int, int], budget: int) -> list[list[int]]:
+    """`indices` (in order) cut into micro-batches of at most `budget` tokens (`lengths[i]` tokens for item i); an item
+    longer than the budget gets a micro-batch of its own."""
+    groups: list[list[int]] = []
+    tokens = 0
+    for i in indices:
+        if groups and groups[-1] and tokens + lengths[i] <= budget:
+            groups[-1].append(i)
+            tokens += lengths[i]
+        else:
+            groups.append([i])
+            tokens = lengths[i]
+    return groups

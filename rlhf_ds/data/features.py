@@ -211,6 +211,11 @@ def collate_sft(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pair_tokens(feature: dict) -> int:
+    """Tokens of a preference example: its chosen and its rejected sequence."""
+    return len(feature["chosen_ids"]) + len(feature["rejected_ids"])
+
+
 def collate_preferences(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """One [2B, T] batch, chosen rows first then rejected, so a single forward scores both. Features that carry
     precomputed reference log-probs (`ref_chosen`, `ref_rejected`: DPO) add them as `ref_logps` [2B], in row order."""

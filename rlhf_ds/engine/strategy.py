@@ -328,6 +328,26 @@ def load_engine(engine, folder: str, tag: str) -> None:
         raise FileNotFoundError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks (every rank sees the same numbers)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        summed = values.detach().to(device(), dtype=torch.float64, copy=True)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed.to(values.device, values.dtype)
+    return values
+
+
+def gradient_accumulation_steps(engine) -> int:
+    """The micro-batches DeepSpeed divides each backward by (its configured accumulation steps)."""
+    return engine.gradient_accumulation_steps()
+
+
+def set_accumulation_boundary(engine, is_last: bool) -> None:
+    """Mark whether the next backward ends the optimizer step, for steps whose micro-batch count varies (token
+    budgets) and so cannot follow DeepSpeed's fixed gradient_accumulation_steps."""
+    engine.set_gradient_accumulation_boundary(is_last)
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Average a small tensor of metrics over ranks (every rank sees the same numbers)."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -16,17 +16,13 @@ from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import (ModelLoadError, check_safetensors, load_pretrained, load_tokenizer,
                                      resolve_model_dir)
 from rlhf_ds.engine.params import full_state_dict, is_peft
+from rlhf_ds.models.inputs import token_outputs
 from rlhf_ds.models.unsharded import copy_into
 from rlhf_ds.rl.math import last_token_index
 from rlhf_ds.utils import atomic_directory, barrier, is_rank0
 
 HEAD_WEIGHTS = "scalar_head.safetensors"
 HEAD_META = "scalar_head.json"
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so left padding does not shift them (pad invariance)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class ScalarHeadModel(torch.nn.Module):
@@ -42,16 +38,14 @@ class ScalarHeadModel(torch.nn.Module):
         base = self.backbone.get_base_model() if is_peft(self.backbone) else self.backbone
         return base.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Raw scalar per token, [B, T] in fp32."""
-        hidden = self.backbone(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        ).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packing: bool = False) -> torch.Tensor:
+        """Raw scalar per token, [B, T] in fp32 (`packing`: padding-free, models/inputs.py)."""
+        hidden = token_outputs(self.backbone, input_ids, attention_mask, packing, output="last_hidden_state")
         return self.head(hidden).squeeze(-1).float()
 
-    def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packing: bool = False) -> torch.Tensor:
         """Raw value at the last real token of each sequence (left or right padding), [B]."""
-        values = self(input_ids, attention_mask)
+        values = self(input_ids, attention_mask, packing)
         return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:

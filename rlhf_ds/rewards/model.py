@@ -20,8 +20,8 @@ class ModelReward:
     name = "model"
 
     def __init__(self, engine, tokenizer, reward_tokenizer, micro_batch_size: int, max_prompt_tokens: int,
-                 max_new_tokens: int):
-        self.engine = engine
+                 max_new_tokens: int, packing: bool = False):
+        self.engine, self.packing = engine, packing
         self.tok, self.rm_tok = tokenizer, reward_tokenizer
         self.same_tokenizer = tokenizer.get_vocab() == reward_tokenizer.get_vocab()
         self.micro_batch_size = micro_batch_size
@@ -54,7 +54,7 @@ class ModelReward:
 
     def _last_token_values(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The engine's raw value at each sequence's last real token (the engine call, not the module: ZeRO hooks)."""
-        values = self.engine(seq, mask)
+        values = self.engine(seq, mask, self.packing)
         return values.gather(1, rlm.last_token_index(mask).unsqueeze(1)).squeeze(1)
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf_ds.config import GenerationConfig, PPOAlgoConfig
-from rlhf_ds.models.scalar_head import position_ids
+from rlhf_ds.models.inputs import token_outputs
 from rlhf_ds.rewards.base import RewardBatch, WeightedReward
 from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import AdvantageInputs, explained_variance, get_estimator, group_stats
@@ -41,12 +41,12 @@ class Experience:
 
 
 def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                      temperature: float, with_entropy: bool = False):
+                      temperature: float, with_entropy: bool = False, packing: bool = False):
     """Log-probs (and entropies) of the response tokens under `model`, logits divided by the sampling temperature.
 
-    position_ids count real tokens only, so a left-padded batch gives each sequence the log-probs it has alone.
+    Positions count real tokens only, so a left-padded batch gives each sequence the log-probs it has alone.
     """
-    logits = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+    logits = token_outputs(model, sequences, attention_mask, packing)
     logits = logits[:, prompt_len - 1 : -1]
     logp = rlm.logprobs_from_logits(logits, sequences[:, prompt_len:], temperature)
     if with_entropy:
@@ -54,9 +54,10 @@ def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tens
     return logp
 
 
-def token_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> torch.Tensor:
+def token_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
+                 packing: bool = False) -> torch.Tensor:
     """V(state before each response token): the critic's value at the preceding position."""
-    return critic(sequences, attention_mask)[:, prompt_len - 1 : -1]
+    return critic(sequences, attention_mask, packing)[:, prompt_len - 1 : -1]
 
 
 def _chunks(n: int, size: int):
@@ -76,12 +77,13 @@ class ExperienceMaker:
     @torch.no_grad()
     def _forward_all(self, seq: torch.Tensor, mask: torch.Tensor, P: int):
         T = self.gen.temperature if self.gen.do_sample else 1.0
+        packing = self.ppo.packing
         old, ref, values = [], [], []
         for s in _chunks(seq.shape[0], self.ppo.micro_batch_size):
-            old.append(sequence_logprobs(self.actor, seq[s], mask[s], P, T))
-            ref.append(sequence_logprobs(self.reference, seq[s], mask[s], P, T))
+            old.append(sequence_logprobs(self.actor, seq[s], mask[s], P, T, packing=packing))
+            ref.append(sequence_logprobs(self.reference, seq[s], mask[s], P, T, packing=packing))
             if self.critic is not None:
-                values.append(token_values(self.critic, seq[s], mask[s], P))
+                values.append(token_values(self.critic, seq[s], mask[s], P, packing))
         return torch.cat(old), torch.cat(ref), torch.cat(values) if values else None
 
     def make(self, prompt_ids: list[list[int]], prompt_texts: list[str], rows: Optional[list[dict]] = None,

@@ -28,11 +28,11 @@ from typing import Callable, Optional
 import torch
 
 from rlhf_ds.config import DPOConfig
-from rlhf_ds.data.features import collate_preferences
+from rlhf_ds.data.features import collate_preferences, pair_tokens
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_model_dir, \
     save_causal_lm
-from rlhf_ds.models.scalar_head import position_ids
+from rlhf_ds.models.inputs import token_outputs
 from rlhf_ds.rl.math import weighted_mean
 from rlhf_ds.rl.preference import preference_loss, sequence_logps
 from rlhf_ds.steps import loop
@@ -44,10 +44,10 @@ log = logging.getLogger("rlhf_ds")
 CACHE_VERSION = "1"
 
 
-def pair_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch: dict, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed response log-probs, response token counts) of the [2B] rows of a collated preference batch."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+    logits = token_outputs(model, ids, mask, packing)
     return sequence_logps(logits, ids, mask, batch["prompt_lens"].repeat(2))
 
 
@@ -121,7 +121,8 @@ def precompute_reference(cfg: DPOConfig, tokenizer, sets: dict[str, list[dict]])
             n = len(feats)
 
             def sums(idx: list[int]) -> torch.Tensor:  # this batch's values at their places of a [2, n] table
-                logps, _ = pair_logps(reference, loop.to_device(collate_preferences([feats[i] for i in idx], pad)))
+                batch = loop.to_device(collate_preferences([feats[i] for i in idx], pad))
+                logps, _ = pair_logps(reference, batch, cfg.train.packing)
                 out = torch.zeros(2, n, dtype=torch.float64)
                 out[:, idx] = logps.detach().to("cpu", torch.float64).view(2, len(idx))
                 return out.view(-1)
@@ -150,12 +151,12 @@ EVAL_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "rewar
 
 
 def evaluate_dpo(engine, reference: Callable[[dict], Optional[torch.Tensor]], d, features: list[dict], pad_id: int,
-                 batch_size: int) -> dict:
+                 batch_size: int, packing: bool = False) -> dict:
     """Held-out pairs: preference loss (pair-weighted), implicit rewards, margin, accuracy, summed log-probs."""
 
     def sums(idx: list[int]) -> torch.Tensor:
         batch = loop.to_device(collate_preferences([features[i] for i in idx], pad_id))
-        policy, counts = pair_logps(engine, batch)
+        policy, counts = pair_logps(engine, batch, packing)
         losses, chosen, rejected = pair_terms(d, policy, counts, reference(batch))
         w, half = batch["weight"].double(), len(idx)
         return torch.tensor([(losses.double() * w).sum().item(), w.sum().item(), chosen.sum().item(),
@@ -205,16 +206,16 @@ def run(cfg: DPOConfig) -> dict:
         if "ref_logps" in batch:
             return batch["ref_logps"].float()  # cached float32 values, exactly (float32 -> float64 -> float32)
         if source == "engine":
-            return pair_logps(ref_engine, batch)[0]
+            return pair_logps(ref_engine, batch, train.packing)[0]
         if source == "adapters_off":
             with strategy.unwrap(engine).disable_adapter():
-                return pair_logps(engine, batch)[0]
+                return pair_logps(engine, batch, train.packing)[0]
         return None
 
     log.info("dpo: %s loss, beta %g; reference log-probs: %s", d.loss, d.beta, source)
 
     def loss(batch: dict):
-        policy, counts = pair_logps(engine, batch)
+        policy, counts = pair_logps(engine, batch, train.packing)
         losses, chosen, rejected = pair_terms(d, policy, counts, reference(batch))
         value = weighted_mean(losses, batch["weight"])
         half = chosen.shape[0]
@@ -233,8 +234,9 @@ def run(cfg: DPOConfig) -> dict:
     ctx.begin({"model": engine})
     task = loop.TrainTask(
         name="dpo", features=train_feats, collate=lambda feats: collate_preferences(feats, pad), loss=loss,
-        count=lambda batch: len(batch["weight"]), unit="pairs", postfix=("loss", "reward_accuracy", "logp_chosen"),
-        evaluate=(lambda: evaluate_dpo(engine, reference, d, eval_feats, pad, train.eval_batch_size))
+        count=lambda batch: len(batch["weight"]), weight=lambda batch: batch["weight"].sum().item(),
+        length=pair_tokens, unit="pairs", postfix=("loss", "reward_accuracy", "logp_chosen"),
+        evaluate=(lambda: evaluate_dpo(engine, reference, d, eval_feats, pad, train.eval_batch_size, train.packing))
         if eval_feats else None)
     results = loop.run(engine, task, train, ctx)
     results.update(trainable_params=trainable, total_params=total_params, loss_type=d.loss, beta=d.beta,

@@ -8,13 +8,14 @@ import torch
 
 from rlhf_ds.config import TrainConfig
 from rlhf_ds.data.features import collate_sft
+from rlhf_ds.models.inputs import token_outputs
 from rlhf_ds.steps import loop
 from rlhf_ds.steps.common import StepContext
 
 
-def lm_loss(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(engine, batch: dict, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed token NLL, number of labelled tokens) for one micro-batch."""
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = token_outputs(engine, batch["input_ids"], batch["attention_mask"], packing)
     shift_logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     nll = torch.nn.functional.cross_entropy(
@@ -23,11 +24,15 @@ def lm_loss(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return nll, (labels != -100).sum()
 
 
-def evaluate_lm(engine, features: list[dict], pad_id: int, batch_size: int) -> dict:
+def labelled_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def evaluate_lm(engine, features: list[dict], pad_id: int, batch_size: int, packing: bool = False) -> dict:
     """Token-weighted loss over the whole eval set (exact across ranks), and perplexity."""
 
     def sums(idx: list[int]) -> torch.Tensor:
-        nll, n = lm_loss(engine, loop.to_device(collate_sft([features[i] for i in idx], pad_id)))
+        nll, n = lm_loss(engine, loop.to_device(collate_sft([features[i] for i in idx], pad_id)), packing)
         return torch.tensor([nll.item(), n.item()], dtype=torch.float64)
 
     total = loop.eval_sums(engine, len(features), batch_size, sums)
@@ -40,12 +45,14 @@ def train_lm(engine, train_features: list[dict], eval_features: list[dict], pad_
     """Next-token training of `engine` (metrics as "<desc>/..."); returns the loop's figures."""
 
     def loss(batch: dict):
-        nll, n = lm_loss(engine, batch)
+        nll, n = lm_loss(engine, batch, train.packing)
         mean = nll / n.clamp(min=1)
         return mean, {"loss": mean.item()}
 
     task = loop.TrainTask(
         name=desc, features=train_features, collate=lambda feats: collate_sft(feats, pad_id), loss=loss,
-        count=lambda batch: int(batch["attention_mask"].sum()), unit="tokens",
-        evaluate=(lambda: evaluate_lm(engine, eval_features, pad_id, train.eval_batch_size)) if eval_features else None)
+        count=lambda batch: int(batch["attention_mask"].sum()), weight=labelled_tokens,
+        length=lambda f: len(f["input_ids"]), unit="tokens",
+        evaluate=(lambda: evaluate_lm(engine, eval_features, pad_id, train.eval_batch_size, train.packing))
+        if eval_features else None)
     return loop.run(engine, task, train, ctx)

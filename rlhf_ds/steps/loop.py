@@ -5,6 +5,12 @@ The loop owns everything that is the same for all of them: this rank's micro-bat
 cadence (before training, every `train.eval_every` steps, at the end), metrics and throughput, the progress bar. A step
 describes itself with a `TrainTask`: its examples, how they are collated, the loss of one micro-batch, and its
 held-out evaluation.
+
+A step's loss is the mean over all the units (labelled tokens, pairs) of its global batch, whatever the micro-batches:
+each micro-batch's mean loss is weighted by its share of the step's units. So SFT is a true token mean over the step,
+and a step cut into micro-batches by a token budget (`train.max_tokens_per_micro_batch`; every rank then runs as many
+micro-batches as the rank that needs most, stand-ins weighted 0, because ZeRO-3 forwards are collective) has the
+gradient of the same step cut by sample count.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf_ds.config import TrainConfig
-from rlhf_ds.data.batching import eval_batches, micro_batches, steps_per_epoch
+from rlhf_ds.data.batching import eval_batches, micro_batches, steps_per_epoch, token_budget_groups
 from rlhf_ds.engine import strategy
 from rlhf_ds.steps.common import StepContext
 from rlhf_ds.tracking.metrics import progress
@@ -31,6 +37,9 @@ class TrainTask:
     # the figures are averaged over the micro-batches of a step and over ranks, and logged as "<name>/<figure>"
     loss: Callable[[dict], tuple[torch.Tensor, dict]]
     count: Callable[[dict], int]  # how many `unit`s a batch holds (throughput)
+    # what the loss of a batch is a mean over (labelled tokens, pair weights): a micro-batch's share of the step
+    weight: Callable[[dict], float]
+    length: Callable[[dict], int]  # tokens of one example (token-budget micro-batches)
     unit: str = "tokens"
     evaluate: Optional[Callable[[], dict]] = None  # held-out figures (collective: every rank calls it)
     what: str = ""  # names the loss in non-finite-loss messages (default: name)
@@ -46,6 +55,21 @@ def total_optimizer_steps(n_train: int, train: TrainConfig) -> int:
         )
     total = per_epoch * train.epochs
     return min(total, train.max_steps) if train.max_steps else total
+
+
+def step_batches(task: TrainTask, micro: list[list[int]], max_tokens: int) -> tuple[list[tuple[dict, bool]], bool]:
+    """This rank's collated micro-batches of one step as (batch, counted), and whether a token budget cut them.
+
+    Under a budget the step's examples are regrouped into micro-batches of at most `max_tokens` tokens, and every rank
+    runs as many as the rank needing most: the missing ones are stand-ins (its first example, not counted)."""
+    if not max_tokens:
+        return [(task.collate([task.features[i] for i in indices]), True) for indices in micro], False
+    indices = [i for m in micro for i in m]
+    groups = token_budget_groups(indices, {i: task.length(task.features[i]) for i in indices}, max_tokens)
+    most = int(strategy.all_reduce_max(torch.tensor(float(len(groups)))).item())
+    batches = [(task.collate([task.features[i] for i in g]), True) for g in groups]
+    stand_in = task.collate([task.features[indices[0]]])
+    return batches + [(stand_in, False)] * (most - len(groups)), True
 
 
 def to_device(batch: dict) -> dict:
@@ -99,17 +123,26 @@ def run(engine, task: TrainTask, train: TrainConfig, ctx: StepContext) -> dict:
                                       epoch, start_step=step - epoch * per_epoch):
             if step >= total:
                 break
+            batches, budgeted = step_batches(task, micro, train.max_tokens_per_micro_batch)
+            weights = [task.weight(b) if counted else 0.0 for b, counted in batches]
+            total_weight = strategy.all_reduce_sum(torch.tensor(sum(weights), dtype=torch.float64)).item()
+            # DeepSpeed divides each backward by its accumulation steps and averages gradients over ranks
+            scale = world_size() * strategy.gradient_accumulation_steps(engine) / max(total_weight, 1e-12)
             sums: dict[str, float] = {}
-            for indices in micro:
-                batch = to_device(task.collate([task.features[i] for i in indices]))
-                loss, stats = task.loss(batch)
-                guard.backward_and_step(engine, loss, step + 1, task.what or name)  # optimizer at the boundary
+            for j, ((batch, counted), w) in enumerate(zip(batches, weights)):
+                if budgeted:
+                    strategy.set_accumulation_boundary(engine, j == len(batches) - 1)
+                loss, stats = task.loss(to_device(batch))
+                # optimizer at the boundary
+                guard.backward_and_step(engine, loss * (w * scale), step + 1, task.what or name)
                 for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                done += task.count(batch)
+                    sums[k] = sums.get(k, 0.0) + v * w
+                done += task.count(batch) if counted else 0
             step += 1
-            means = strategy.all_reduce_mean(torch.tensor([v / len(micro) for v in sums.values()], dtype=torch.float64))
-            figures = dict(zip(sums, means.tolist()))
+            figures = dict(zip(sums, (strategy.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
+                                      / max(total_weight, 1e-12)).tolist()))
+            if budgeted:
+                figures["micro_batches"] = len(batches)  # per rank, stand-ins included
             bar.update(1)
             bar.set_postfix({k: f"{figures[k]:.4f}" for k in task.postfix if k in figures})
             if step % train.log_every == 0 or step == total:

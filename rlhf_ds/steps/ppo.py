@@ -23,6 +23,7 @@ from rlhf_ds.data.readers import DataError
 from rlhf_ds.data.features import collate_sft, prompt_features, render_prompt
 from rlhf_ds.engine import strategy
 from rlhf_ds.engine.ema import ShardedEMA
+from rlhf_ds.models.inputs import token_outputs
 from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer, resolve_model_dir, save_causal_lm
 from rlhf_ds.models.scalar_head import load_scalar_head_model, read_saved_head, save_scalar_head_model
 from rlhf_ds.rewards.base import WeightedReward
@@ -92,7 +93,8 @@ def build_reward(cfg: PPOConfig, reward_engine, tokenizer, reward_tokenizer) -> 
     r, parts = cfg.reward, []
     if reward_engine is not None:
         parts.append(("model", ModelReward(reward_engine, tokenizer, reward_tokenizer, cfg.ppo.micro_batch_size,
-                                           cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens)))
+                                           cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens,
+                                           cfg.ppo.packing)))
     if r.function:
         parts.append(("function", FunctionReward(r.function)))
     if r.url:
@@ -187,7 +189,8 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
         for start in range(0, n, p.micro_batch_size):
             mb = exp.minibatch(order[start : start + p.micro_batch_size])
             seq, attn, m = mb["sequences"], mb["attention_mask"], mb["action_mask"]
-            logp, entropy = sequence_logprobs(actor, seq, attn, exp.prompt_len, T, with_entropy=True)
+            logp, entropy = sequence_logprobs(actor, seq, attn, exp.prompt_len, T, with_entropy=True,
+                                              packing=p.packing)
             pg_loss, pg = rlm.policy_loss(logp, mb["old_logp"], mb["advantages"], m, clip_low, clip_high, **agg)
             loss = pg_loss
             figures = {"policy_loss": pg_loss.item(), "clipfrac": float(pg["clipfrac"]), "approx_kl": float(pg["approx_kl"]),
@@ -198,7 +201,7 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
                 figures.update(kl_loss=kl_loss.item(), kl_loss_token_mean=float(kl_mean))
             if ptx is not None:
                 batch = {k: v.to(dev) for k, v in ptx.batch(step, count).items()}
-                logits = actor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+                logits = token_outputs(actor, batch["input_ids"], batch["attention_mask"], p.packing)[:, :-1]
                 ptx_loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
                                                              batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
                 loss = loss + p.ptx_coef * ptx_loss
@@ -206,7 +209,7 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
             figures["actor_grad_norm"] = _step_and_grad_norm(guard, actor, loss, step, "actor")
 
             if critic is not None:
-                values = token_values(critic, seq, attn, exp.prompt_len)
+                values = token_values(critic, seq, attn, exp.prompt_len, p.packing)
                 vf_loss, vf_clipfrac = rlm.value_loss(values, mb["old_values"], mb["returns"], m, p.value_clip)
                 figures.update(value_loss=vf_loss.item(), value_clipfrac=float(vf_clipfrac),
                                critic_grad_norm=_step_and_grad_norm(guard, critic, p.vf_coef * vf_loss, step, "critic"))

@@ -13,7 +13,7 @@ import os
 import torch
 
 from rlhf_ds.config import RMConfig
-from rlhf_ds.data.features import collate_preferences
+from rlhf_ds.data.features import collate_preferences, pair_tokens
 from rlhf_ds.data.formats import source_templates
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_tokenizer
@@ -25,19 +25,19 @@ from rlhf_ds.steps.common import preference_data, start_step
 log = logging.getLogger("rlhf_ds")
 
 
-def pair_scores(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_scores(engine, batch: dict, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw scores of the chosen and rejected halves of a collated preference batch."""
     dev = strategy.device()
-    scores = strategy.unwrap(engine).raw_scores(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+    scores = strategy.unwrap(engine).raw_scores(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), packing)
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
 
-def evaluate_rm(engine, features: list[dict], pad_id: int, batch_size: int) -> dict:
+def evaluate_rm(engine, features: list[dict], pad_id: int, batch_size: int, packing: bool = False) -> dict:
     """Pairwise accuracy, BT loss and mean chosen/rejected scores over the whole eval set (exact across ranks)."""
 
     def sums(idx: list[int]) -> torch.Tensor:
-        chosen, rejected = pair_scores(engine, collate_preferences([features[i] for i in idx], pad_id))
+        chosen, rejected = pair_scores(engine, collate_preferences([features[i] for i in idx], pad_id), packing)
         diff = (chosen - rejected).double()
         return torch.tensor([(diff > 0).sum().item(), (-torch.nn.functional.logsigmoid(diff)).sum().item(),
                              chosen.sum().item(), rejected.sum().item(), len(idx)], dtype=torch.float64)
@@ -47,11 +47,12 @@ def evaluate_rm(engine, features: list[dict], pad_id: int, batch_size: int) -> d
             "rejected_score": rejected / n, "score_gap": (chosen - rejected) / n}
 
 
-def reference_normalisation(engine, features: list[dict], pad_id: int, batch_size: int, with_gain: bool) -> tuple[float, float]:
+def reference_normalisation(engine, features: list[dict], pad_id: int, batch_size: int, with_gain: bool,
+                            packing: bool = False) -> tuple[float, float]:
     """Offset (mean) and gain (1/std) of the raw scores of the chosen responses of `features`."""
 
     def sums(idx: list[int]) -> torch.Tensor:
-        c = pair_scores(engine, collate_preferences([features[i] for i in idx], pad_id))[0].double()
+        c = pair_scores(engine, collate_preferences([features[i] for i in idx], pad_id), packing)[0].double()
         return torch.tensor([c.sum().item(), (c * c).sum().item(), len(idx)], dtype=torch.float64)
 
     s, s2, n = loop.eval_sums(engine, len(features), batch_size, sums).tolist()
@@ -77,15 +78,17 @@ def run(cfg: RMConfig) -> dict:
     pad = tokenizer.pad_token_id
 
     def loss(batch: dict):
-        chosen, rejected = pair_scores(engine, batch)
+        chosen, rejected = pair_scores(engine, batch, train.packing)
         value = bradley_terry_loss(chosen, rejected, batch["margin"], batch["weight"])
         return value, {"loss": value.item(), "accuracy": (chosen > rejected).float().mean().item()}
 
     ctx.begin({"model": engine})
     task = loop.TrainTask(
         name="rm", features=train_feats, collate=lambda feats: collate_preferences(feats, pad), loss=loss,
-        count=lambda batch: len(batch["margin"]), unit="pairs", what="reward-model", postfix=("loss", "accuracy"),
-        evaluate=(lambda: evaluate_rm(engine, eval_feats, pad, train.eval_batch_size)) if eval_feats else None)
+        count=lambda batch: len(batch["margin"]), weight=lambda batch: batch["weight"].sum().item(),
+        length=pair_tokens, unit="pairs", what="reward-model", postfix=("loss", "accuracy"),
+        evaluate=(lambda: evaluate_rm(engine, eval_feats, pad, train.eval_batch_size, train.packing))
+        if eval_feats else None)
     results = loop.run(engine, task, train, ctx)
     results.update(trainable_params=trainable, total_params=total_params)
     if builtin:
@@ -96,7 +99,8 @@ def run(cfg: RMConfig) -> dict:
 
     unwrapped = strategy.unwrap(engine)
     if cfg.normalize_on == "chosen":
-        unwrapped.offset, unwrapped.gain = reference_normalisation(engine, eval_feats, pad, train.eval_batch_size, cfg.normalize_gain)
+        unwrapped.offset, unwrapped.gain = reference_normalisation(engine, eval_feats, pad, train.eval_batch_size,
+                                                                   cfg.normalize_gain, train.packing)
     results.update(score_offset=unwrapped.offset, score_gain=unwrapped.gain)
     save_scalar_head_model(unwrapped, tokenizer, os.path.join(cfg.output_dir, "model"),
                            {"normalize_on": cfg.normalize_on, "eval_accuracy": results.get("eval_accuracy"),
