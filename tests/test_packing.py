@@ -250,5 +250,23 @@ def test_token_budget_step_has_the_gradient_of_the_fixed_batch_step(runs, budget
         step_figures(runs["sft_padded"], "sft/loss")[1], rel=1e-6)
 
 
+def test_packed_ppo_scores_its_first_rollout_as_the_padded_run(ppo_reference, tmp_path_factory, tmp_path):
+    """PPO with packed scoring and training forwards (4 ZeRO-3 engines, 2 ranks) against the padded reference run: the
+    same first rollout (generation is not packed) gets the same rewards, values, returns and KL; both steps train."""
+    from conftest import ppo_metrics_by_step, ppo_resume_args, run_cli
+    from dist_hybrid_models import tiny_models
+
+    models = tiny_models(tmp_path_factory)  # the reference's models, already built
+    out = str(tmp_path / "ppo_packed")
+    run_cli(ppo_resume_args(models, out, "ppo.packing=true", "ppo.steps=2"), ranks=2, timeout=400)
+    packed, padded = ppo_metrics_by_step(out), ppo_metrics_by_step(ppo_reference)
+    assert sorted(packed) == [1, 2]
+    # step 1's losses too: its forwards all run before the second optimizer update, at the peak learning rate both ways
+    for key in ("ppo/reward", "ppo/value_mean", "ppo/return_mean", "ppo/gold_reward", "ppo/response_length",
+                "ppo/policy_loss", "ppo/value_loss", "ppo/ptx_loss", "ppo/entropy"):
+        assert packed[1][key] == pytest.approx(padded[1][key], rel=1e-5, abs=1e-6), key
+    assert packed[1]["ppo/kl"] == padded[1]["ppo/kl"] == 0.0
+
+
 if __name__ == "__main__":
     sys.exit(rank_main(sys.argv[1:]))
