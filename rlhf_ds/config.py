@@ -56,9 +56,18 @@ class EngineConfig:
     # forward (biases, norms, small heads). DeepSpeed's own default is 1e5; 1e4 (DeepSpeed-Chat's) measured the
     # faster PPO scoring phase here (benchmarks/README.md) and the planner counts the bytes it keeps per rank.
     zero3_param_persistence_threshold: int = 10000
+    # ZeRO-1/2/3, trained: reduce gradients while backward runs; DeepSpeed-Chat's choice, a wash on CPU (benchmarks/)
+    overlap_comm: bool = True
+    # ZeRO-1/2/3, trained: gradient elements per reduce (a resident bucket); 5e6 ran faster than 5e7 here, 340 MB less
+    reduce_bucket_size: int = 5_000_000
+    allgather_bucket_size: int = 50_000_000  # ZeRO-1/2: elements per post-step all-gather (the former template value)
+    # ZeRO-3: parameter elements gathered ahead of use; 5e6 scored faster than 5e7 here (GPU runs may want 3e7-5e7)
+    zero3_prefetch_bucket_size: int = 5_000_000
+    zero3_max_live_parameters: int = 1_000_000_000  # ZeRO-3: most gathered parameter elements per rank (DeepSpeed's)
+    zero3_max_reuse_distance: int = 1_000_000_000  # ZeRO-3: keep gathered what is reused within N (DeepSpeed's)
     # a JSON file of DeepSpeed keys merged over the generated config (examples in ds_configs/); the merged config is
-    # saved in the run directory. Keys the run config owns (batch sizes, stage, precision, offload, clipping) are
-    # refused there: set them here instead.
+    # saved in the run directory. Keys the run config owns (batch sizes, stage, precision, offload, clipping, the ZeRO
+    # knobs above) are refused there: set them here instead.
     ds_config: Optional[str] = None
 
 
@@ -366,8 +375,8 @@ def validate(cfg) -> None:
         for k in ("log_every", *batching):
             if getattr(train, k) <= 0:
                 raise ConfigError(f"train.{k} must be > 0, got {getattr(train, k)}")
-        if getattr(train, "max_steps", 0) < 0:
-            raise ConfigError("train.max_steps must be >= 0")
+        if getattr(train, "max_steps", 0) < 0 or getattr(train, "max_tokens_per_micro_batch", 0) < 0:
+            raise ConfigError("train.max_steps and train.max_tokens_per_micro_batch must be >= 0")
         if train.max_nonfinite_steps < 0 or train.collective_timeout_minutes <= 0:
             raise ConfigError("train.max_nonfinite_steps must be >= 0 and train.collective_timeout_minutes > 0")
     ckpt = getattr(cfg, "checkpoint", None)
@@ -423,6 +432,10 @@ def validate_engine(name: str, eng: EngineConfig) -> None:
         raise ConfigError(f"{name}.lora.rank must be > 0")
     if eng.zero3_param_persistence_threshold < 0:
         raise ConfigError(f"{name}.zero3_param_persistence_threshold must be >= 0")
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "zero3_prefetch_bucket_size",
+                "zero3_max_live_parameters", "zero3_max_reuse_distance"):
+        if getattr(eng, key) <= 0:
+            raise ConfigError(f"{name}.{key} must be > 0 (elements), got {getattr(eng, key)}")
     if eng.ds_config is not None:
         from rlhf_ds.engine.ds_config import read_user_ds_config  # lazy: it imports torch
 

@@ -432,16 +432,19 @@ class Workload:
 
 @dataclass(frozen=True)
 class DeepSpeedKnobs:
-    """DeepSpeed settings that size buffers (defaults = DeepSpeed's own, v0.19, except where rlhf_ds sets its own)."""
+    """DeepSpeed settings that size buffers (defaults = what rlhf_ds's `engine.*` keys give DeepSpeed, else
+    DeepSpeed's own, v0.19)."""
 
-    reduce_bucket_size: int = int(5e8)  # elements
-    allgather_bucket_size: int = int(5e8)  # elements (ZeRO-1/2 all-gather is in place: no buffer)
-    prefetch_bucket_size: int = int(5e7)  # elements, ZeRO-3 stage3_prefetch_bucket_size
-    max_live_parameters: int = int(1e9)  # elements, ZeRO-3 stage3_max_live_parameters
+    reduce_bucket_size: int = EngineConfig.reduce_bucket_size  # elements, engine.reduce_bucket_size
+    # elements, engine.allgather_bucket_size (ZeRO-1/2 all-gather is in place: no buffer)
+    allgather_bucket_size: int = EngineConfig.allgather_bucket_size
+    prefetch_bucket_size: int = EngineConfig.zero3_prefetch_bucket_size  # elements, engine.zero3_prefetch_bucket_size
+    max_live_parameters: int = EngineConfig.zero3_max_live_parameters  # elements, engine.zero3_max_live_parameters
     # elements, ZeRO-3 stage3_param_persistence_threshold: rlhf_ds's engine.zero3_param_persistence_threshold
     param_persistence_threshold: int = EngineConfig.zero3_param_persistence_threshold
     sub_group_size: int = int(1e9)  # elements, ZeRO-3 optimizer step granularity
-    overlap_comm: Optional[bool] = None  # None: DeepSpeed default (True only for ZeRO-3)
+    # engine.overlap_comm (ZeRO-1/2: a second reduce bucket); None: DeepSpeed's default (True only for ZeRO-3)
+    overlap_comm: Optional[bool] = EngineConfig.overlap_comm
     contiguous_gradients: bool = True
     zero_init: bool = True  # ZeRO-3 models built under deepspeed.zero.Init
     load_bytes_per_param: int = 4  # CPU bytes/param while a rank materialises a model (fp32, as DeepSpeed)
@@ -1338,6 +1341,17 @@ def _model_arg(text: str) -> ModelSpec:
     return ModelSpec.from_param_count(text)
 
 
+def _elements(text: str) -> int:
+    """A positive element count: 5000000, 5e6 or 5M."""
+    try:
+        value = parse_param_count(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a positive number of elements (5000000, 5e6, 5M), got {text!r}")
+    return value
+
+
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``rlhf-ds plan`` options to ``parser``."""
     a = parser.add_argument
@@ -1368,6 +1382,15 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
            "1/2/4/8 when this is 1)")
     a("--param-persistence-threshold", type=int, default=DeepSpeedKnobs.param_persistence_threshold,
       help="ZeRO-3 parameters with fewer elements stay whole on every rank (engine.zero3_param_persistence_threshold)")
+    a("--reduce-bucket-size", type=_elements, default=DeepSpeedKnobs.reduce_bucket_size,
+      help="elements of gradient reduced at once; one bucket per rank, two under ZeRO-1/2 with overlap_comm "
+           "(engine.reduce_bucket_size)")
+    a("--prefetch-bucket-size", type=_elements, default=DeepSpeedKnobs.prefetch_bucket_size,
+      help="ZeRO-3 parameter elements gathered ahead of use (engine.zero3_prefetch_bucket_size)")
+    a("--max-live-parameters", type=_elements, default=DeepSpeedKnobs.max_live_parameters,
+      help="ZeRO-3 cap on gathered parameter elements per rank (engine.zero3_max_live_parameters)")
+    a("--overlap-comm", action=argparse.BooleanOptionalAction, default=DeepSpeedKnobs.overlap_comm,
+      help="overlap gradient reduction with backward (engine.overlap_comm)")
     a("--recommend", action="store_true", help="search for the cheapest settings that fit")
     a("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -1401,7 +1424,9 @@ def run_plan_cli(args: argparse.Namespace) -> int:
                       cpu_memory_gb=args.cpu_memory_gb)
         wl = Workload(micro_batch=args.micro_batch, prompt_len=args.prompt_len, response_len=args.response_len,
                       generation_batch=args.generation_batch)
-        knobs = DeepSpeedKnobs(param_persistence_threshold=args.param_persistence_threshold)
+        knobs = DeepSpeedKnobs(param_persistence_threshold=args.param_persistence_threshold,
+                               reduce_bucket_size=args.reduce_bucket_size, prefetch_bucket_size=args.prefetch_bucket_size,
+                               max_live_parameters=args.max_live_parameters, overlap_comm=args.overlap_comm)
         check_tp(actor, args.tp_size, hw)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"rlhf-ds plan: error: {e}", file=sys.stderr)

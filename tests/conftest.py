@@ -45,6 +45,20 @@ def run_cli(args: list[str], ranks: int = 1, timeout: int = 600, check: bool = T
     return proc
 
 
+RUN_SEPARATOR = "::"  # several CLI runs in one launch (one process group): `sft a=1 ... :: sft b=2 ...`
+
+
+def split_runs(argv: list[str]) -> list[list[str]]:
+    """The CLI commands of a rank script's `::`-separated arguments."""
+    runs: list[list[str]] = [[]]
+    for a in argv:
+        if a == RUN_SEPARATOR:
+            runs.append([])
+        else:
+            runs[-1].append(a)
+    return runs
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

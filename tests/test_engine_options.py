@@ -23,7 +23,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, cli_env, free_port, read_metrics
+from conftest import REPO, RUN_SEPARATOR, cli_env, free_port, read_metrics, split_runs
 
 STEPS = 5
 MAX_PROMPT, MAX_SEQ = 24, 48
@@ -82,9 +82,6 @@ def _describe_engine(engine, calls: dict) -> dict:
     }
 
 
-RUN_SEPARATOR = "::"  # several runs in one launch (one process group): `sft a=1 ... :: sft b=2 ...`
-
-
 def probe_main(argv: list[str]) -> int:
     """Run each `::`-separated CLI command in turn in this rank; after each, write `<output_dir>.probe.rank<N>.json`.
 
@@ -96,15 +93,7 @@ def probe_main(argv: list[str]) -> int:
     from rlhf_ds.utils import rank
 
     original = strategy.init_trainable
-    runs, current = [], []
-    for a in argv:
-        if a == RUN_SEPARATOR:
-            runs.append(current)
-            current = []
-        else:
-            current.append(a)
-    runs.append(current)
-    for args in runs:
+    for args in split_runs(argv):
         seen: dict = {}
         calls = {"training": 0}
 

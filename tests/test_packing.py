@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, cli_env, free_port, read_metrics
+from conftest import REPO, RUN_SEPARATOR, cli_env, free_port, read_metrics, split_runs
 
 ARCHS = ("gpt2", "llama", "opt")
 
@@ -135,7 +135,6 @@ def test_token_budget_groups():
 # ---------------------------------------------------------------------------------------------------------------------
 # Real runs: this file as the rank script
 # ---------------------------------------------------------------------------------------------------------------------
-RUN_SEPARATOR = "::"
 STEPS = 3
 SMALL = ["data.max_seq_len=48", "data.max_prompt_tokens=24", "train.micro_batch_size=4", "train.log_every=1",
          "train.eval_batch_size=50", f"train.max_steps={STEPS}", "train.eval_every=0"]
@@ -152,15 +151,7 @@ def rank_main(argv: list[str]) -> int:
     from rlhf_ds.utils import rank
 
     original = strategy.backward_and_step
-    runs, current = [], []
-    for a in argv:
-        if a == RUN_SEPARATOR:
-            runs.append(current)
-            current = []
-        else:
-            current.append(a)
-    runs.append(current)
-    for args in runs:
+    for args in split_runs(argv):
         out_dir = next(a.split("=", 1)[1] for a in args if a.startswith("output_dir="))
         seen = {"saved": False}
 

@@ -17,6 +17,7 @@ from rlhf_ds.planner import (GB, GIB, DeepSpeedKnobs, Hardware, ModelSpec, Train
                              activation_bytes_per_layer, add_plan_arguments, bytes_per_param, format_plan,
                              parse_param_count, plan_job, recommend, run_plan_cli)
 from rlhf_ds import planner as planner_mod
+from rlhf_ds.config import EngineConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_GEN = Workload(generate=False)
@@ -385,6 +386,47 @@ def test_cli_json_and_table(tmp_path, capsys):
     assert rc == 2 and "error" in out.err
 
 
+def test_bucket_knobs_size_the_buffers_deepspeed_allocates(capsys):
+    """The knobs default to what `engine.*` gives DeepSpeed; the buckets are counted as DeepSpeed allocates them:
+    ZeRO-1/2 a reduce bucket per rank, a second one with overlap_comm (ipg double buffer); ZeRO-3 one resident reduce
+    bucket whatever overlap_comm, and a prefetch bucket capped by the model and max live parameters."""
+    eng = EngineConfig()
+    assert (DeepSpeedKnobs().reduce_bucket_size, DeepSpeedKnobs().allgather_bucket_size,
+            DeepSpeedKnobs().prefetch_bucket_size, DeepSpeedKnobs().max_live_parameters,
+            DeepSpeedKnobs().overlap_comm) == (eng.reduce_bucket_size, eng.allgather_bucket_size,
+                                               eng.zero3_prefetch_bucket_size, eng.zero3_max_live_parameters,
+                                               eng.overlap_comm)
+    spec, hw = ModelSpec(n_layers=32, hidden=4096, vocab=32000, n_heads=32, arch="llama"), Hardware(gpus_per_node=8)
+    g = w = 2  # bf16 gradients and weights
+
+    def details(stage, **knobs):
+        st = TrainSettings(role="actor", zero_stage=stage)
+        return plan_job({"actor": (spec, st)}, hw, NO_GEN, DeepSpeedKnobs(**knobs)).models["actor"].gpu_details
+
+    for size in (5_000_000, 50_000_000):
+        assert details(2, reduce_bucket_size=size, overlap_comm=False)["reduce_bucket"] == g * size
+        assert details(2, reduce_bucket_size=size, overlap_comm=True)["reduce_bucket"] == 2 * g * size
+        for overlap in (False, True):
+            assert details(3, reduce_bucket_size=size, overlap_comm=overlap)["reduce_bucket"] == g * size
+        assert details(3, prefetch_bucket_size=size)["zero3_prefetch_bucket"] == w * size
+    assert details(3, prefetch_bucket_size=50_000_000, max_live_parameters=30_000_000)["zero3_prefetch_bucket"] \
+        == w * 30_000_000
+    # the CLI passes the options through: a smaller bucket plans fewer bytes
+    planned = {}
+    for opts in (["--reduce-bucket-size", "5e8", "--overlap-comm"], ["--reduce-bucket-size", "5M", "--overlap-comm"],
+                 ["--reduce-bucket-size", "5M", "--no-overlap-comm"]):
+        rc, out = _cli(["--actor", "7B", "--zero-stage", "2", "--gpu-memory-gb", "1000", "--json", *opts], capsys)
+        assert rc == 0
+        planned[" ".join(opts[1:])] = json.loads(out.out)["models"]["actor"]["gpu_details_bytes"]["reduce_bucket"]
+    assert planned == {"5e8 --overlap-comm": 2 * g * 500_000_000, "5M --overlap-comm": 2 * g * 5_000_000,
+                       "5M --no-overlap-comm": g * 5_000_000}
+    rc, out = _cli(["--actor", "7B", "--json", "--prefetch-bucket-size", "1e6"], capsys)
+    assert json.loads(out.out)["models"]["actor"]["gpu_details_bytes"]["zero3_prefetch_bucket"] == w * 1_000_000
+    with pytest.raises(SystemExit):
+        _cli(["--actor", "7B", "--reduce-bucket-size", "0"], capsys)
+    assert "positive number of elements" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- measured (real engines)
 
 MEASURE_CONFIGS = [
@@ -397,8 +439,9 @@ MEASURE_CONFIGS = [
 ]
 if importlib.util.find_spec("bitsandbytes") is not None:
     MEASURE_CONFIGS += [{"stage": s, "optimizer": "adamw_8bit"} for s in (0, 2, 3)]
+# what tests/dist_measure_model_states.py gives DeepSpeed (overlap_comm unset: DeepSpeed's default)
 MEASURE_KNOBS = DeepSpeedKnobs(reduce_bucket_size=100_000, allgather_bucket_size=100_000,
-                               prefetch_bucket_size=100_000, param_persistence_threshold=0)
+                               prefetch_bucket_size=100_000, param_persistence_threshold=0, overlap_comm=None)
 
 
 def _free_port():

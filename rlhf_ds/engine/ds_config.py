@@ -1,9 +1,10 @@
 """DeepSpeed JSON: the package's templates (`rlhf_ds/ds_templates/`), filled from the run config (the one source of
 truth), then a user's `engine.ds_config` file merged over it.
 
-Templates hold what rarely changes (bucket sizes, ZeRO-3 knobs); batch sizes, precision, stage, offload, clipping and
-the persistence threshold always come from `EngineConfig`/`TrainConfig`, so they cannot disagree with what the trainer
-does, and a user's file may not set them (examples of such files: `ds_configs/`).
+Templates hold what rarely changes (contiguous gradients, logging); batch sizes, precision, stage, offload, clipping and
+the ZeRO knobs that trade memory for speed (overlap_comm, bucket sizes, ZeRO-3 prefetch/live/reuse/persistence) always
+come from `EngineConfig`/`TrainConfig`, so they cannot disagree with what the trainer does or what the planner
+counts, and a user's file may not set them (examples of such files: `ds_configs/`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ OWNED_KEYS = {
     "zero_optimization.offload_param": "engine.offload_params",
     "zero_optimization.offload_optimizer": "engine.offload_optimizer",
     "zero_optimization.stage3_param_persistence_threshold": "engine.zero3_param_persistence_threshold",
+    "zero_optimization.overlap_comm": "engine.overlap_comm",
+    "zero_optimization.reduce_bucket_size": "engine.reduce_bucket_size",
+    "zero_optimization.allgather_bucket_size": "engine.allgather_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size": "engine.zero3_prefetch_bucket_size",
+    "zero_optimization.stage3_max_live_parameters": "engine.zero3_max_live_parameters",
+    "zero_optimization.stage3_max_reuse_distance": "engine.zero3_max_reuse_distance",
 }
 
 
@@ -63,9 +70,9 @@ def build_ds_config(
         cfg["gradient_clipping"] = engine.grad_clip
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage"] = engine.zero_stage
+    zero.update(zero_knobs(engine, inference))
     if engine.zero_stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True} if engine.offload_params else {"device": "none"}
-        zero["stage3_param_persistence_threshold"] = engine.zero3_param_persistence_threshold
     if not inference and engine.zero_stage >= 1:
         zero["offload_optimizer"] = (
             {"device": "cpu", "pin_memory": True} if engine.offload_optimizer else {"device": "none"}
@@ -81,6 +88,22 @@ def build_ds_config(
     if leftover:
         raise ValueError(f"DeepSpeed template {template_name(engine, inference)} leaves 'auto' for: {leftover}")
     return cfg
+
+
+def zero_knobs(engine: EngineConfig, inference: bool = False) -> dict:
+    """The `zero_optimization` knobs `engine.*` sets, those that apply to its stage: ZeRO-3's parameter gathering
+    (also for a frozen ZeRO-3 model), gradient reduction for a trained model, the ZeRO-1/2 all-gather bucket."""
+    knobs: dict = {}
+    if engine.zero_stage == 3:
+        knobs.update(stage3_prefetch_bucket_size=engine.zero3_prefetch_bucket_size,
+                     stage3_max_live_parameters=engine.zero3_max_live_parameters,
+                     stage3_max_reuse_distance=engine.zero3_max_reuse_distance,
+                     stage3_param_persistence_threshold=engine.zero3_param_persistence_threshold)
+    if engine.zero_stage >= 1 and not inference:
+        knobs.update(overlap_comm=engine.overlap_comm, reduce_bucket_size=engine.reduce_bucket_size)
+    if engine.zero_stage in (1, 2):
+        knobs["allgather_bucket_size"] = engine.allgather_bucket_size
+    return knobs
 
 
 def _walk(d: dict, prefix: str = ""):

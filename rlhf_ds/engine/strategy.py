@@ -211,13 +211,23 @@ def unwrap(engine_or_module) -> torch.nn.Module:
     return getattr(engine_or_module, "module", engine_or_module)
 
 
-def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise max over ranks: how ranks agree on a flag any one of them raised (stop signal, bad loss)."""
+def _all_reduce(values: torch.Tensor, op) -> torch.Tensor:
+    """A small tensor reduced over ranks in float64 (every rank sees the same numbers), in its own device and dtype."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         out = values.detach().to(device(), dtype=torch.float64, copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        dist.all_reduce(out, op=op)
         return out.to(values.device, values.dtype)
     return values
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise max over ranks: how ranks agree on a flag any one of them raised (stop signal, bad loss)."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
 
 
 def broadcast_object(obj, src: int = 0):
@@ -328,15 +338,6 @@ def load_engine(engine, folder: str, tag: str) -> None:
         raise FileNotFoundError(f"{folder}/{tag}: DeepSpeed found no checkpoint to load")
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over ranks (every rank sees the same numbers)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        summed = values.detach().to(device(), dtype=torch.float64, copy=True)
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return summed.to(values.device, values.dtype)
-    return values
-
-
 def gradient_accumulation_steps(engine) -> int:
     """The micro-batches DeepSpeed divides each backward by (its configured accumulation steps)."""
     return engine.gradient_accumulation_steps()
@@ -351,7 +352,5 @@ def set_accumulation_boundary(engine, is_last: bool) -> None:
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Average a small tensor of metrics over ranks (every rank sees the same numbers)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        summed = values.detach().to(device(), dtype=torch.float64, copy=True)
-        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-        return (summed / dist.get_world_size()).to(values.device, values.dtype)
+        return (_all_reduce(values.to(torch.float64), dist.ReduceOp.SUM) / dist.get_world_size()).to(values.dtype)
     return values
