@@ -44,11 +44,13 @@ def start_cli(args: list[str], ranks: int = 2) -> subprocess.Popen:
                             text=True)
 
 
-def wait_for_step(proc: subprocess.Popen, run_dir: str, step: int, timeout: float = TIMEOUT) -> None:
+def wait_for_step(proc: subprocess.Popen, run_dir: str, step: int, timeout: float = TIMEOUT, since: float = 0.0) -> None:
+    """Until the run has logged PPO step `step` (in a metrics file written after `since`: a re-run's own rows)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if os.path.exists(path) and any(r.get("step", 0) >= step and "ppo/kl" in r for r in read_metrics(run_dir)):
+        if os.path.exists(path) and os.path.getmtime(path) > since and \
+                any(r.get("step", 0) >= step and "ppo/kl" in r for r in read_metrics(run_dir)):
             return
         if proc.poll() is not None:
             raise AssertionError(f"run ended (exit {proc.returncode}) before step {step}:\n{proc.stdout.read()[-4000:]}")
@@ -112,6 +114,12 @@ def test_ppo_sigterm_then_resume_matches_uninterrupted_run(models, ppo_reference
         results = json.load(f)
     phases = sum(results[f"{k}_seconds"] for k in ("generation", "scoring", "training"))
     assert results["seconds"] >= phases, results
+    # and every summary figure is the uninterrupted run's (they come from the whole run's restored history)
+    with open(os.path.join(ppo_reference, "results.json"), encoding="utf-8") as f:
+        expected = json.load(f)
+    for key in ("reward_mean", "kl", "beta", "response_length", "eos_rate", "distinct_2", "collapse_warning_steps",
+                "gold_reward_first", "gold_reward_last"):
+        assert results[key] == expected[key], (key, results[key], expected[key])
     # the critic exists (is trained, checkpointed, saved and holds memory) only where GAE needs it
     held = results["state_bytes_per_rank"]
     assert ("critic" in held) == (estimator != "grpo") == os.path.isdir(os.path.join(out, "critic")), held

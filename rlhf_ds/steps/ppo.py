@@ -309,12 +309,13 @@ def run(cfg: PPOConfig) -> dict:
     ptx = PtxBatches(cfg, tokenizer, ptx_src) if p.ptx_coef > 0 else None
     ema = ShardedEMA(strategy.unwrap(actor), p.ema_decay) if p.ema_decay > 0 else None
 
-    clock, history, guard = RunClock(), ctx.loop_state.setdefault("history", []), ctx.guard
+    clock, guard = RunClock(), ctx.guard
     ctx.checkpoint.register("kl_controller", kl_ctl)
     ctx.checkpoint.register("clock", clock)
     if ema is not None:
         ctx.checkpoint.register("ema", ema, per_rank=True)
     ctx.begin({"actor": actor, **({"critic": critic} if critic is not None else {})})
+    history = ctx.loop_state.setdefault("history", [])  # after begin: a resumed run's rows are restored there
     if eval_items and is_rank0():
         atomic_write_text(os.path.join(cfg.output_dir, "eval_prompts.jsonl"),
                           "".join(json.dumps({"prompt": text}) + "\n" for _, text, _ in eval_items))
