@@ -6,8 +6,9 @@ it is, positions counted over real tokens only (so padding never shifts them). P
 of all B sequences run as one row of N tokens with positions restarting at 0 for each sequence, and attention kept
 within each sequence: flash-attention's variable-length kernels read the sequence boundaries from the position ids;
 sdpa and eager attention get a block-diagonal causal mask through transformers' custom 4-D mask input (not every family
-passes position ids to its mask builder: OPT does not). The padding then costs nothing. Either way the caller gets per-token outputs back in the
-`[B, T, ...]` layout of its batch (zeros at padding), so losses are written once for both.
+passes position ids to its mask builder: OPT does not). That mask is N x N: a token budget per micro-batch bounds it.
+Either way the caller gets per-token outputs back in the `[B, T, ...]` layout of its batch (zeros at padding), so
+losses are written once for both.
 """
 from __future__ import annotations
 

@@ -34,7 +34,8 @@ class TrainTask:
     features: list  # training examples
     collate: Callable[[list], dict]  # examples -> a batch of CPU tensors
     # a batch (on the device) -> (the loss to backpropagate, figures of this micro-batch as floats, "loss" among them);
-    # the figures are averaged over the micro-batches of a step and over ranks, and logged as "<name>/<figure>"
+    # the figures are averaged over the step's micro-batches on all ranks, each weighted as its loss (`weight`), and
+    # logged as "<name>/<figure>"
     loss: Callable[[dict], tuple[torch.Tensor, dict]]
     count: Callable[[dict], int]  # how many `unit`s a batch holds (throughput)
     # what the loss of a batch is a mean over (labelled tokens, pair weights): a micro-batch's share of the step
