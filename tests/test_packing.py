@@ -196,6 +196,10 @@ def runs(tiny_base, tmp_path_factory) -> dict[str, str]:
         "sft_budget_padded": [*sft, "engine.zero_stage=3", "train.max_tokens_per_micro_batch=130"],
         "rm_padded": [*rm, "engine.zero_stage=3"],
         "rm_packed": [*rm, "engine.zero_stage=3", "train.packing=true"],
+        # pairs of 40-90 tokens (chosen + rejected) under a budget of 150: one to three pairs per micro-batch
+        "rm_budget_packed": [*rm, "engine.zero_stage=3", "train.packing=true", "train.max_tokens_per_micro_batch=150"],
+        # the same global batch of 8 pairs as 2 accumulated micro-batches of 2 per rank
+        "rm_accum": [*rm, "engine.zero_stage=3", "train.micro_batch_size=2", "train.grad_accum=2"],
     }
     one = {"sft_packed_zero0": ["sft", f"model={tiny_base}", *SMALL, "train.grad_accum=4", "engine.zero_stage=0",
                                 "train.packing=true"]}
@@ -216,6 +220,19 @@ def test_packed_training_losses_equal_padded(runs, step, key):
     for s in padded:
         assert packed[s] == pytest.approx(padded[s], rel=1e-5, abs=0), (s, packed, padded)
     assert len({round(v, 5) for v in padded.values()}) == STEPS  # training moves the loss
+
+
+@pytest.mark.parametrize("regrouped", ["rm_budget_packed", "rm_accum"])
+def test_regrouped_rm_trains_as_the_fixed_batch_run(runs, regrouped):
+    """The reward model's loss is a pair-weighted mean over the step: the same pairs cut into other micro-batches (by a
+    token budget, or accumulated) give the same trajectory. (Its forward once went to the module instead of the
+    engine, which left ZeRO-3 overwriting, not adding, the gradients of a step's earlier micro-batches: these runs
+    caught it, at step 2.)"""
+    fixed, other = step_figures(runs["rm_padded"], "rm/loss"), step_figures(runs[regrouped], "rm/loss")
+    for s in range(1, STEPS + 1):
+        assert other[s] == pytest.approx(fixed[s], rel=1e-5, abs=0), (s, other, fixed)
+    if regrouped == "rm_budget_packed":  # not the fixed run's one micro-batch of 4 pairs
+        assert step_figures(runs[regrouped], "rm/micro_batches")[1] >= 2
 
 
 def test_packed_zero3_two_ranks_equals_zero0_one_rank(runs):

@@ -45,11 +45,18 @@ class ScalarHeadModel(torch.nn.Module):
 
     def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packing: bool = False) -> torch.Tensor:
         """Raw value at the last real token of each sequence (left or right padding), [B]."""
-        values = self(input_ids, attention_mask, packing)
-        return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
+        return last_token_scores(self, input_ids, attention_mask, packing)
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         return self.gain * (raw - self.offset)
+
+
+def last_token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, packing: bool = False):
+    """`model`'s raw value at the last real token of each sequence, [B]. `model` is a ScalarHeadModel or its DeepSpeed
+    engine; a trained one must be called through the engine, whose forward advances ZeRO-3's gradient-accumulation
+    count (called on the module, every micro-batch's gradient replaces the previous one instead of adding to it)."""
+    values = model(input_ids, attention_mask, packing)
+    return values.gather(1, last_token_index(attention_mask).unsqueeze(1)).squeeze(1)
 
 
 def load_scalar_head_model(

@@ -12,6 +12,7 @@ import torch
 
 from rlhf_ds.data.features import pad_batch, pair_ids
 from rlhf_ds.engine import strategy
+from rlhf_ds.models.scalar_head import last_token_scores
 from rlhf_ds.rl import math as rlm
 from rlhf_ds.rewards.base import RewardBatch
 
@@ -40,8 +41,8 @@ class ModelReward:
     def _scores(self, seq: torch.Tensor, mask: torch.Tensor, P: int) -> torch.Tensor:
         rm = strategy.unwrap(self.engine)
         if self.same_tokenizer:
-            return rm.normalise(self._last_token_values(*ended_with_eos(seq, mask, P, self.tok.eos_token_id,
-                                                                         self.tok.pad_token_id)))
+            seq, mask = ended_with_eos(seq, mask, P, self.tok.eos_token_id, self.tok.pad_token_id)
+            return rm.normalise(last_token_scores(self.engine, seq, mask, self.packing))
         prompts = self.tok.batch_decode(seq[:, :P], skip_special_tokens=True)
         responses = [self.tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(seq[:, P:], mask[:, P:])]
         # the RM's tokenizer may split the same text finer: allow it 4 tokens per generated token, within its positions
@@ -50,12 +51,7 @@ class ModelReward:
         ids = pair_ids(self.rm_tok, prompts, responses, min(4 * self.max_prompt_tokens, max_len // 2), max_len)
         rm_seq, rm_mask = pad_batch(ids, self.rm_tok.pad_token_id, side="right")
         dev = strategy.device()
-        return rm.normalise(self._last_token_values(rm_seq.to(dev), rm_mask.to(dev)))
-
-    def _last_token_values(self, seq: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The engine's raw value at each sequence's last real token (the engine call, not the module: ZeRO hooks)."""
-        values = self.engine(seq, mask, self.packing)
-        return values.gather(1, rlm.last_token_index(mask).unsqueeze(1)).squeeze(1)
+        return rm.normalise(last_token_scores(self.engine, rm_seq.to(dev), rm_mask.to(dev), self.packing))
 
 
 def ended_with_eos(seq: torch.Tensor, mask: torch.Tensor, prompt_len: int, eos_token_id: int,

@@ -17,7 +17,7 @@ from rlhf_ds.data.features import collate_preferences, pair_tokens
 from rlhf_ds.data.formats import source_templates
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_tokenizer
-from rlhf_ds.models.scalar_head import load_scalar_head_model, save_scalar_head_model
+from rlhf_ds.models.scalar_head import last_token_scores, load_scalar_head_model, save_scalar_head_model
 from rlhf_ds.rl.math import bradley_terry_loss
 from rlhf_ds.steps import loop
 from rlhf_ds.steps.common import preference_data, start_step
@@ -28,7 +28,7 @@ log = logging.getLogger("rlhf_ds")
 def pair_scores(engine, batch: dict, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw scores of the chosen and rejected halves of a collated preference batch."""
     dev = strategy.device()
-    scores = strategy.unwrap(engine).raw_scores(batch["input_ids"].to(dev), batch["attention_mask"].to(dev), packing)
+    scores = last_token_scores(engine, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), packing)
     half = scores.shape[0] // 2
     return scores[:half], scores[half:]
 
