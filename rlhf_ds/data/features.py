@@ -216,6 +216,11 @@ def pair_tokens(feature: dict) -> int:
     return len(feature["chosen_ids"]) + len(feature["rejected_ids"])
 
 
+def pair_weight(batch: dict) -> float:
+    """What a collated preference batch's loss is a mean over: the sum of its pair weights."""
+    return batch["weight"].sum().item()
+
+
 def collate_preferences(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """One [2B, T] batch, chosen rows first then rejected, so a single forward scores both. Features that carry
     precomputed reference log-probs (`ref_chosen`, `ref_rejected`: DPO) add them as `ref_logps` [2B], in row order."""

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf_ds.config import DPOConfig
-from rlhf_ds.data.features import collate_preferences, pair_tokens
+from rlhf_ds.data.features import collate_preferences, pair_tokens, pair_weight
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_model_dir, \
     save_causal_lm
@@ -234,7 +234,7 @@ def run(cfg: DPOConfig) -> dict:
     ctx.begin({"model": engine})
     task = loop.TrainTask(
         name="dpo", features=train_feats, collate=lambda feats: collate_preferences(feats, pad), loss=loss,
-        count=lambda batch: len(batch["weight"]), weight=lambda batch: batch["weight"].sum().item(),
+        count=lambda batch: len(batch["weight"]), weight=pair_weight,
         length=pair_tokens, unit="pairs", postfix=("loss", "reward_accuracy", "logp_chosen"),
         evaluate=(lambda: evaluate_dpo(engine, reference, d, eval_feats, pad, train.eval_batch_size, train.packing))
         if eval_feats else None)

@@ -69,8 +69,9 @@ def step_batches(task: TrainTask, micro: list[list[int]], max_tokens: int) -> tu
     groups = token_budget_groups(indices, {i: task.length(task.features[i]) for i in indices}, max_tokens)
     most = int(strategy.all_reduce_max(torch.tensor(float(len(groups)))).item())
     batches = [(task.collate([task.features[i] for i in g]), True) for g in groups]
-    stand_in = task.collate([task.features[indices[0]]])
-    return batches + [(stand_in, False)] * (most - len(groups)), True
+    if most > len(groups):
+        batches += [(task.collate([task.features[indices[0]]]), False)] * (most - len(groups))
+    return batches, True
 
 
 def to_device(batch: dict) -> dict:

@@ -13,7 +13,7 @@ import os
 import torch
 
 from rlhf_ds.config import RMConfig
-from rlhf_ds.data.features import collate_preferences, pair_tokens
+from rlhf_ds.data.features import collate_preferences, pair_tokens, pair_weight
 from rlhf_ds.data.formats import source_templates
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_tokenizer
@@ -85,7 +85,7 @@ def run(cfg: RMConfig) -> dict:
     ctx.begin({"model": engine})
     task = loop.TrainTask(
         name="rm", features=train_feats, collate=lambda feats: collate_preferences(feats, pad), loss=loss,
-        count=lambda batch: len(batch["margin"]), weight=lambda batch: batch["weight"].sum().item(),
+        count=lambda batch: len(batch["margin"]), weight=pair_weight,
         length=pair_tokens, unit="pairs", what="reward-model", postfix=("loss", "accuracy"),
         evaluate=(lambda: evaluate_rm(engine, eval_feats, pad, train.eval_batch_size, train.packing))
         if eval_feats else None)
