@@ -3,8 +3,11 @@
     python benchmarks/zero_settings.py --model llama20m        # today / overlap / overlap with 5e6 and 1e6 buckets
     python benchmarks/zero_settings.py --setting old:actor.engine.zero3_param_persistence_threshold=0 \\
         --setting new:actor.engine.overlap_comm=true,actor.engine.reduce_bucket_size=5000000 --rounds 3
+    python benchmarks/zero_settings.py --model llama20m --before 5c79075 --setting new:ppo.packing=false
 
 Each setting is a name and PPO config overrides (applied on top of 2-rank PPO with ZeRO-3 for all four engines).
+`--before REV` adds the code of git revision REV (exported to the work folder) with its own defaults as one more
+setting, "before": code and settings as they were, against the settings of the code here.
 `--model tiny` runs the tiny GPT-2 models of tests/dist_hybrid_models.py; `llama20m` / `opt20m` build (once, in the
 work folder, random init) a ~20M-parameter LLaMA-style or OPT-style actor with the byte-level tokenizer, and the reward
 model is the same folder with a new scalar head. Settings run in turn, `--rounds` times, so that load on the machine
@@ -89,8 +92,20 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
     return name, overrides.split(",")
 
 
-def run_ppo(models: dict, out: str, overrides: list[str], args) -> dict[str, list[float]]:
-    """Per-step seconds of each phase (step 1 left out) and, under "state_mb", the MB the engines hold per rank."""
+def export_revision(rev: str, work: str) -> str:
+    """A folder holding the package as it is at git revision `rev` (git archive, once)."""
+    folder = os.path.join(work, f"code_{rev}")
+    if not os.path.isdir(folder):
+        archive = subprocess.run(["git", "-C", REPO, "archive", rev], capture_output=True, check=True).stdout
+        os.makedirs(folder + ".part")
+        subprocess.run(["tar", "-x", "-C", folder + ".part"], input=archive, check=True)
+        os.replace(folder + ".part", folder)
+    return folder
+
+
+def run_ppo(models: dict, out: str, overrides: list[str], args, code: str = REPO) -> dict[str, list[float]]:
+    """Per-step seconds of each phase (step 1 left out) and, under "state_mb", the MB the engines hold per rank;
+    `code`: the repository whose rlhf_ds runs."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), "--no_local_rank",
            "--master_port", str(args.master_port), "--module", "rlhf_ds.cli", "ppo", f"output_dir={out}",
            f"actor.model={models['actor']}", f"reward.model={models['reward']}", f"ppo.steps={args.steps}",
@@ -99,8 +114,8 @@ def run_ppo(models: dict, out: str, overrides: list[str], args) -> dict[str, lis
            "checkpoint.every_minutes=0", "checkpoint.resume=never",
            *[f"{role}.engine.zero_stage=3" for role in ROLES], *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="offline", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+               PYTHONPATH=code + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"PPO failed ({proc.returncode}) with {overrides}:\n{proc.stderr[-3000:]}")
     with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
@@ -112,12 +127,13 @@ def run_ppo(models: dict, out: str, overrides: list[str], args) -> dict[str, lis
     return {**times, "state_mb": [sum(held.values()) / 2**20]}
 
 
-def alternate(models: dict, work: str, settings: dict[str, list[str]], args) -> dict[str, dict[str, list[float]]]:
-    """Every setting in turn, `args.rounds` times: setting -> figure -> values."""
+def alternate(models: dict, work: str, settings: dict[str, list[str]], args,
+              code: dict[str, str]) -> dict[str, dict[str, list[float]]]:
+    """Every setting in turn, `args.rounds` times: setting -> figure -> values; `code`: setting -> repository."""
     times: dict[str, dict[str, list[float]]] = {name: {p: [] for p in (*PHASES, "state_mb")} for name in settings}
     for r in range(args.rounds):
         for name, overrides in settings.items():
-            got = run_ppo(models, os.path.join(work, f"{name}_{r}"), overrides, args)
+            got = run_ppo(models, os.path.join(work, f"{name}_{r}"), overrides, args, code.get(name, REPO))
             for key, values in got.items():
                 times[name][key] += values
             print(f"round {r + 1}/{args.rounds} {name}: " + ", ".join(
@@ -147,12 +163,18 @@ def main() -> None:
     parser.add_argument("--master-port", type=int, default=29731)
     parser.add_argument("--workdir", default=None, help="keep models and runs here (default: a temporary folder)")
     parser.add_argument("--json", default=None, help="also write every per-step figure to this file")
+    parser.add_argument("--before", default=None, metavar="REV",
+                        help="also run the code of this git revision, with its own defaults, as setting 'before'")
     args = parser.parse_args()
     settings = dict(args.setting) if args.setting else DEFAULT_SETTINGS
 
     work = args.workdir or tempfile.mkdtemp(prefix="zero_settings_")
+    code = {}
+    if args.before:
+        settings = {"before": [], **settings}
+        code["before"] = export_revision(args.before, work)
     models = build_models(os.path.join(work, "models"), args.model)
-    times = alternate(models, os.path.join(work, args.model), settings, args)
+    times = alternate(models, os.path.join(work, args.model), settings, args, code)
     print(f"\nmedian seconds per PPO step ({args.model}, {args.ranks} ranks, ZeRO-3 x4, rollout {args.batch}/rank, "
           f"{args.new_tokens} new tokens, {args.rounds} alternated rounds of {args.steps} steps, step 1 left out)")
     print_table(times)

@@ -440,6 +440,7 @@ class DeepSpeedKnobs:
     allgather_bucket_size: int = EngineConfig.allgather_bucket_size
     prefetch_bucket_size: int = EngineConfig.zero3_prefetch_bucket_size  # elements, engine.zero3_prefetch_bucket_size
     max_live_parameters: int = EngineConfig.zero3_max_live_parameters  # elements, engine.zero3_max_live_parameters
+    max_reuse_distance: int = EngineConfig.zero3_max_reuse_distance  # elements, engine.zero3_max_reuse_distance
     # elements, ZeRO-3 stage3_param_persistence_threshold: rlhf_ds's engine.zero3_param_persistence_threshold
     param_persistence_threshold: int = EngineConfig.zero3_param_persistence_threshold
     sub_group_size: int = int(1e9)  # elements, ZeRO-3 optimizer step granularity
@@ -840,6 +841,8 @@ def _plan_model_cached(spec: ModelSpec, st: TrainSettings, hw: Hardware, wl: Wor
         largest = spec.largest_layer()
         z3_working["zero3_live_layer"] = largest * (w + (g if trained else 0))
         z3_working["zero3_prefetch_bucket"] = w * min(kn.prefetch_bucket_size, total, kn.max_live_parameters)
+        if trained:  # what a forward keeps gathered for its backward to reuse (all within the reuse distance)
+            z3_working["zero3_reuse_held"] = w * min(total, kn.max_reuse_distance)
         if spec.layout_known:
             small = sum(_numel(s) for _, s in _layout(spec) + lora_tensors
                         if _numel(s) <= kn.param_persistence_threshold)
@@ -1024,7 +1027,8 @@ def plan_job(models: ModelsArg, hardware: Hardware = Hardware(), workload: Workl
     """Plan memory for ``models`` (role -> (ModelSpec, TrainSettings), or (spec, settings) pairs).
 
     GPU peak = sum of every model's resident bytes + the largest phase (generation, each
-    model's experience forward, each trained model's training step) + reserved.  CPU per
+    model's experience forward, each trained model's training step; the last two with what
+    trained ZeRO-3 models keep gathered from a forward to its backward) + reserved.  CPU per
     node = offloaded states, with each model's load-time peak added while it is built
     (models are built in the order given).
     """
@@ -1040,6 +1044,12 @@ def plan_job(models: ModelsArg, hardware: Hardware = Hardware(), workload: Workl
                 phase_extra["generation"] = phase_extra.get("generation", 0) + v
             else:
                 phase_extra[f"{ph}:{role}"] = v
+    # a trained ZeRO-3 model keeps what its forward gathered until its backward: in step 3 from its scoring forward to
+    # its training pass, while the other models score and train
+    held = {role: p.gpu_details.get("zero3_reuse_held", 0) for role, p in plans.items()}
+    for ph in phase_extra:
+        if ph != "generation":
+            phase_extra[ph] += sum(held.values()) - (held[ph.split(":")[1]] if ph.startswith("train:") else 0)
     reserved = int(hardware.gpu_reserved_gb * GB)
     phase_peaks = {ph: resident + v for ph, v in phase_extra.items()}
     peak_phase = max(phase_extra, key=phase_extra.get) if phase_extra else "resident"
@@ -1389,6 +1399,9 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
       help="ZeRO-3 parameter elements gathered ahead of use (engine.zero3_prefetch_bucket_size)")
     a("--max-live-parameters", type=_elements, default=DeepSpeedKnobs.max_live_parameters,
       help="ZeRO-3 cap on gathered parameter elements per rank (engine.zero3_max_live_parameters)")
+    a("--max-reuse-distance", type=_elements, default=DeepSpeedKnobs.max_reuse_distance,
+      help="ZeRO-3 keeps a gathered parameter that is used again within this many elements: a trained model's "
+           "forward holds up to this much for its backward (engine.zero3_max_reuse_distance)")
     a("--overlap-comm", action=argparse.BooleanOptionalAction, default=DeepSpeedKnobs.overlap_comm,
       help="overlap gradient reduction with backward (engine.overlap_comm)")
     a("--recommend", action="store_true", help="search for the cheapest settings that fit")
@@ -1426,7 +1439,8 @@ def run_plan_cli(args: argparse.Namespace) -> int:
                       generation_batch=args.generation_batch)
         knobs = DeepSpeedKnobs(param_persistence_threshold=args.param_persistence_threshold,
                                reduce_bucket_size=args.reduce_bucket_size, prefetch_bucket_size=args.prefetch_bucket_size,
-                               max_live_parameters=args.max_live_parameters, overlap_comm=args.overlap_comm)
+                               max_live_parameters=args.max_live_parameters, overlap_comm=args.overlap_comm,
+                               max_reuse_distance=args.max_reuse_distance)
         check_tp(actor, args.tp_size, hw)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"rlhf-ds plan: error: {e}", file=sys.stderr)

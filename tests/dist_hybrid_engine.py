@@ -11,6 +11,7 @@ lists where ranks differ); tests/test_hybrid_engine.py asserts on them. Sections
   flat         the flat shard all-gather the engine uses for plain ZeRO-3 vs DeepSpeed's GatheredParameters: same copy
   group        gather_group_size 1 vs all tensors at once: same generation copy (bitwise) and same tokens
   ragged       different prompts, batch sizes and max_new_tokens per rank, sampling, a training step after each rollout
+  trace        a scoring forward then a training pass, as in PPO: ZeRO-3's recorded module order stays whole
   ema          ShardedEMA shards vs the EMA computed on gathered weights; training state bit-identical after swapped_in()
   lora         peft LoRA on the ZeRO-3 actor (adapters trained one step): fused generation vs peft merge_and_unload()
 """
@@ -35,6 +36,7 @@ from rlhf_ds.engine.ema import ShardedEMA  # noqa: E402
 from rlhf_ds.engine.params import _shard_layout, full_state_dict  # noqa: E402
 from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer  # noqa: E402
 from rlhf_ds.models.unsharded import build_plain, copy_into  # noqa: E402
+from rlhf_ds.rl.experience import sequence_logprobs  # noqa: E402
 from rlhf_ds.rollout.hybrid import HybridEngine  # noqa: E402
 
 NEW_TOKENS = 16
@@ -117,6 +119,12 @@ def all_partitioned(actor) -> bool:
 
     return all(hasattr(p, "ds_id") and p.ds_status == ZeroParamStatus.NOT_AVAILABLE
                for p in strategy.unwrap(actor).parameters())
+
+
+def gathered_fraction(engine) -> float:
+    """The share of the partitioned parameter elements now gathered (those ZeRO-3 keeps whole are left out)."""
+    params = [p for p in strategy.unwrap(engine).parameters() if not p.ds_persist]
+    return sum(p.ds_numel for p in params if p.ds_status.name != "NOT_AVAILABLE") / sum(p.ds_numel for p in params)
 
 
 def plain_from(path: str, full: dict | None = None):
@@ -209,6 +217,27 @@ def main() -> None:
     res["ragged_seconds"] = time.time() - t0
     res["ragged_widths"] = widths
     res["ragged_lengths"] = lengths
+
+    # ---- PPO's pattern on the trained engine: a no-grad scoring forward, then a training pass, three times. After
+    # forward_only_pass_done, ZeRO-3's recorded module order covers the training pass, so the backward prefetches and
+    # reuses what the forward gathered. What a forward keeps gathered for that reuse (zero3_max_reuse_distance
+    # elements; all of a small model) stays so from the scoring forward to the training backward, which releases it.
+    fresh = build_actor(gpt2, tok)  # a new engine has recorded no order yet, as at the start of a PPO run
+    fresh_hybrid = HybridEngine(fresh, tok.pad_token_id, tok.eos_token_id)
+    coordinator = fresh.optimizer.parameter_offload.get_param_coordinator()
+    res["trace_complete"], res["trace_gathered_after_scoring"], res["trace_gathered_after_training"] = [], [], []
+    for _ in range(3):
+        o = fresh_hybrid.generate(ids[:4], mask[:4], GenerationConfig(NEW_TOKENS, do_sample=False))
+        attn = torch.cat([mask[:4], (o.sequences[:, o.prompt_len:] != tok.pad_token_id).long()], dim=1)
+        with torch.no_grad():
+            sequence_logprobs(fresh, o.sequences, attn, o.prompt_len, 1.0)
+        strategy.forward_only_pass_done(fresh)
+        res["trace_gathered_after_scoring"].append(gathered_fraction(fresh))
+        train_step(fresh, {"input_ids": o.sequences, "attention_mask": attn,
+                           "labels": o.sequences.masked_fill(attn == 0, -100)})
+        res["trace_complete"].append(coordinator.is_complete_trace())
+        res["trace_gathered_after_training"].append(gathered_fraction(fresh))
+    del fresh, fresh_hybrid
 
     # ---- EMA: shards vs the EMA of gathered weights; swapped_in() restores training state exactly
     ema = ShardedEMA(strategy.unwrap(actor), decay=0.5)

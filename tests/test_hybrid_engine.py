@@ -230,6 +230,16 @@ def test_ranks_with_different_prompts_and_lengths_do_not_hang(dist_results):
     assert r0["ragged_seconds"] < 120
 
 
+def test_scoring_forward_keeps_zero3_training_order(dist_results):
+    for r in dist_results:
+        # without forward_only_pass_done each round's backward drops a forward-only recording: [False, False, False]
+        assert r["trace_complete"] == [False, True, True]  # the first training pass records, the later ones follow
+        # the first scoring forward records and releases layer by layer; later ones keep the model gathered for the
+        # backward (DeepSpeed's zero3_max_reuse_distance is above its size), which releases all of it
+        assert r["trace_gathered_after_scoring"] == [0.0, 1.0, 1.0]
+        assert r["trace_gathered_after_training"] == [0.0, 0.0, 0.0]
+
+
 def test_sharded_ema_and_swap_back(dist_results):
     for r in dist_results:
         assert r["ema_max_diff"] == 0.0  # shard-wise EMA == EMA of the gathered weights

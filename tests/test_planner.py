@@ -655,3 +655,29 @@ def test_planned_tp_copy_matches_the_live_engine(tp_bytes):
     assert ranks[0]["whole_numel"] == spec.total_params
     print(f"\nTP copy bytes per rank (tp 2): planned {planned}, measured {measured} "
           f"(params {[r['param_bytes'] for r in ranks]} + buffers {[r['buffer_bytes'] for r in ranks]})")
+
+
+def test_reuse_distance_counts_what_a_trained_forward_keeps_for_its_backward(capsys):
+    """ZeRO-3 keeps a gathered parameter that is used again within `zero3_max_reuse_distance` elements, so a trained
+    model's forward holds up to that much for its backward (all of a model below it; tests/dist_hybrid_engine.py
+    measures it); in step 3 from the scoring forward to the training pass, while the other models score and train."""
+    assert DeepSpeedKnobs().max_reuse_distance == EngineConfig().zero3_max_reuse_distance
+    big = ModelSpec(n_layers=32, hidden=4096, vocab=32000, n_heads=32, arch="llama")
+    small = ModelSpec(n_layers=12, hidden=768, vocab=32000, n_heads=12, arch="llama")
+    hw, w = Hardware(gpus_per_node=8), 2
+    models = {"actor": (big, TrainSettings(role="actor")), "critic": (small, TrainSettings(role="critic")),
+              "reference": (big, TrainSettings(role="reference", trained=False)),
+              "reward": (small, TrainSettings(role="reward", trained=False))}
+    plan = plan_job(models, hw, Workload())
+    held = {role: m.gpu_details.get("zero3_reuse_held", 0) for role, m in plan.models.items()}
+    critic_params = plan.models["critic"].n_params
+    assert held == {"actor": w * 1_000_000_000, "critic": w * critic_params, "reference": 0, "reward": 0}
+    alone = {role: m.phases for role, m in plan.models.items()}
+    assert plan.gpu_phase_peaks["experience:reference"] - plan.gpu_resident \
+        == alone["reference"]["experience"] + held["actor"] + held["critic"]
+    assert plan.gpu_phase_peaks["train:actor"] - plan.gpu_resident == alone["actor"]["train"] + held["critic"]
+    assert plan.gpu_phase_peaks["generation"] - plan.gpu_resident == alone["actor"]["generation"]
+    smaller = plan_job(models, hw, Workload(), DeepSpeedKnobs(max_reuse_distance=10_000_000))
+    assert smaller.models["actor"].gpu_details["zero3_reuse_held"] == w * 10_000_000
+    rc, out = _cli(["--actor", "7B", "--json", "--max-reuse-distance", "1e8"], capsys)
+    assert rc == 0 and json.loads(out.out)["models"]["actor"]["gpu_details_bytes"]["zero3_reuse_held"] == w * 100_000_000

@@ -195,6 +195,20 @@ def init_frozen(model: torch.nn.Module, ds_config: dict):
     return ds_engine
 
 
+def forward_only_pass_done(engine) -> None:
+    """Call after a forward-only (no-grad) pass of an engine that is also trained (PPO's scoring, held-out evaluation).
+
+    ZeRO-3 records the order in which one pass (from a forward to the next) runs the modules, then prefetches parameters
+    by that order and keeps gathered those the pass uses again (the backward). A recording made in a forward-only pass
+    has no backward, so the training pass that follows drops it in its backward, the next forward-only pass records
+    again, and every backward gathers each layer anew without prefetch (PPO at ~20M parameters trained 1.4x slower).
+    Dropping a forward-only recording makes the next training pass record the whole pass; forward-only passes then
+    follow it as a prefix and keep it. A no-op for frozen engines and below ZeRO-3."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is not None and offload.get_param_coordinator().is_record_trace():
+        offload.get_param_coordinator()._invalidate_trace()  # DeepSpeed 0.19.8 has no public call for this
+
+
 def is_partitioned(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
 

@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from rlhf_ds.config import GenerationConfig, PPOAlgoConfig
+from rlhf_ds.engine import strategy
 from rlhf_ds.models.inputs import token_outputs
 from rlhf_ds.rewards.base import RewardBatch, WeightedReward
 from rlhf_ds.rl import math as rlm
@@ -84,6 +85,8 @@ class ExperienceMaker:
             ref.append(sequence_logprobs(self.reference, seq[s], mask[s], P, T, packing=packing))
             if self.critic is not None:
                 values.append(token_values(self.critic, seq[s], mask[s], P, packing))
+        for trained in (self.actor, self.critic):
+            strategy.forward_only_pass_done(trained)
         return torch.cat(old), torch.cat(ref), torch.cat(values) if values else None
 
     def make(self, prompt_ids: list[list[int]], prompt_texts: list[str], rows: Optional[list[dict]] = None,

@@ -93,6 +93,7 @@ def eval_sums(engine, n_items: int, batch_size: int, sums_of: Callable[[list[int
         total = torch.zeros_like(sums) if total is None else total
         if counts:
             total += sums
+    strategy.forward_only_pass_done(engine)
     engine.train()
     if total is None:
         raise ValueError("the evaluation set is empty")
