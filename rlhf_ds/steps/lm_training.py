@@ -13,18 +13,18 @@ from rlhf_ds.steps import loop
 from rlhf_ds.steps.common import StepContext
 
 
-def lm_loss(engine, batch: dict, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss(engine, batch: dict, packing: bool = False) -> tuple[torch.Tensor, int]:
     """(summed token NLL, number of labelled tokens) for one micro-batch."""
     logits = token_outputs(engine, batch["input_ids"], batch["attention_mask"], packing)
     shift_logits = logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
     nll = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum"
-    )
-    return nll, (labels != -100).sum()
+        shift_logits.reshape(-1, shift_logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
+        reduction="sum")
+    return nll, labelled_tokens(batch)
 
 
 def labelled_tokens(batch: dict) -> int:
+    """Tokens with a next-token label (the unit of the LM loss)."""
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
@@ -33,7 +33,7 @@ def evaluate_lm(engine, features: list[dict], pad_id: int, batch_size: int, pack
 
     def sums(idx: list[int]) -> torch.Tensor:
         nll, n = lm_loss(engine, loop.to_device(collate_sft([features[i] for i in idx], pad_id)), packing)
-        return torch.tensor([nll.item(), n.item()], dtype=torch.float64)
+        return torch.tensor([nll.item(), n], dtype=torch.float64)
 
     total = loop.eval_sums(engine, len(features), batch_size, sums)
     loss = (total[0] / total[1].clamp(min=1)).item()
@@ -46,7 +46,7 @@ def train_lm(engine, train_features: list[dict], eval_features: list[dict], pad_
 
     def loss(batch: dict):
         nll, n = lm_loss(engine, batch, train.packing)
-        mean = nll / n.clamp(min=1)
+        mean = nll / max(n, 1)
         return mean, {"loss": mean.item()}
 
     task = loop.TrainTask(

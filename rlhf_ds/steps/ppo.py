@@ -23,7 +23,6 @@ from rlhf_ds.data.readers import DataError
 from rlhf_ds.data.features import collate_sft, prompt_features, render_prompt
 from rlhf_ds.engine import strategy
 from rlhf_ds.engine.ema import ShardedEMA
-from rlhf_ds.models.inputs import token_outputs
 from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer, resolve_model_dir, save_causal_lm
 from rlhf_ds.models.scalar_head import load_scalar_head_model, read_saved_head, save_scalar_head_model
 from rlhf_ds.rewards.base import WeightedReward
@@ -38,6 +37,7 @@ from rlhf_ds.rollout.fast_decode import check_decode
 from rlhf_ds.rollout.hybrid import HybridEngine, check_backend
 from rlhf_ds.rollout.tensor_parallel import TensorParallelEngine, check_tp_supported
 from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, split_eval, start_step
+from rlhf_ds.steps.lm_training import lm_loss
 from rlhf_ds.tracking.metrics import progress
 from rlhf_ds.tracking.rollout_stats import collapse_starts
 from rlhf_ds.utils import atomic_write_text, is_rank0, rank, world_size
@@ -200,10 +200,8 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
                 loss = loss + p.kl_loss_coef * kl_loss
                 figures.update(kl_loss=kl_loss.item(), kl_loss_token_mean=float(kl_mean))
             if ptx is not None:
-                batch = {k: v.to(dev) for k, v in ptx.batch(step, count).items()}
-                logits = token_outputs(actor, batch["input_ids"], batch["attention_mask"], p.packing)[:, :-1]
-                ptx_loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)),
-                                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+                nll, tokens = lm_loss(actor, {k: v.to(dev) for k, v in ptx.batch(step, count).items()}, p.packing)
+                ptx_loss = nll / max(tokens, 1)
                 loss = loss + p.ptx_coef * ptx_loss
                 figures["ptx_loss"] = ptx_loss.item()
             figures["actor_grad_norm"] = _step_and_grad_norm(guard, actor, loss, step, "actor")
