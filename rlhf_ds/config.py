@@ -513,6 +513,8 @@ class RewardConfig(RoleConfig):
     retries: int = 3  # remote: attempts after the first one fails (connection refused, timeout, HTTP 5xx)
     backoff_s: float = 1.0  # remote: first wait between attempts; doubles each retry
     batch_size: int = 64  # remote: responses per request
+    # remote: a file holding the shared secret that `rlhf-ds serve-reward --token-file` expects (sent as a bearer token)
+    token_file: Optional[str] = None
 
     def sources(self) -> list[str]:
         """The reward sources given, as the names `weights` uses."""
@@ -562,11 +564,17 @@ class PPOAlgoConfig:
     kl_horizon: int = 10000  # adaptive controller: horizon in samples
     kl_loss_coef: float = 0.0  # KL to the reference as a loss term instead of (or besides) in the reward (GRPO: 0.001)
     kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token estimate used by the KL loss
+    # the KL loss's per-token log-ratio is clamped to +-this before the estimate (k3 grows as exp(-log-ratio));
+    # OpenRLHF's and verl's 10; null = no clamp
+    kl_loss_log_ratio_clip: Optional[float] = 10.0
     gamma: float = 1.0  # discount per token
     lam: float = 0.95  # GAE lambda
     clip_eps: float = 0.2  # PPO clip range of the probability ratio
     clip_eps_low: Optional[float] = None  # lower clip range (ratio >= 1 - clip_eps_low); null = clip_eps
     clip_eps_high: Optional[float] = None  # upper clip range (ratio <= 1 + clip_eps_high; DAPO: 0.28); null = clip_eps
+    # dual-clip PPO: for negative advantages the policy loss is at most dual_clip x |advantage| per token (a constant
+    # > 1; verl's default 3.0); null = off
+    dual_clip: Optional[float] = None
     # how the per-token policy loss is averaged: token-mean, seq-mean-token-sum, seq-mean-token-mean, or Dr. GRPO's
     # seq-mean-token-sum-norm (token sum over a constant: generation.max_new_tokens)
     loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
@@ -647,9 +655,11 @@ class PPOConfig:
                               "added to the score of responses that never end)")
         if p.kl_coef < 0 or p.kl_loss_coef < 0:
             raise ConfigError("ppo.kl_coef and ppo.kl_loss_coef must be >= 0")
-        for name in ("clip_eps", "clip_eps_low", "clip_eps_high"):
-            if getattr(p, name) is not None and getattr(p, name) <= 0:
-                raise ConfigError(f"ppo.{name} must be > 0")
+        for name in ("clip_eps", "clip_eps_low", "clip_eps_high", "kl_loss_log_ratio_clip"):
+            if getattr(p, name) is not None and not getattr(p, name) > 0:
+                raise ConfigError(f"ppo.{name} must be > 0, got {getattr(p, name)}")
+        if p.dual_clip is not None and not p.dual_clip > 1:
+            raise ConfigError(f"ppo.dual_clip must be > 1 (verl: 3.0) or null, got {p.dual_clip}")
         if (p.rollout_batch_size * p.n_samples_per_prompt) % (p.micro_batch_size * p.grad_accum):
             raise ConfigError(f"ppo.rollout_batch_size x ppo.n_samples_per_prompt ({p.rollout_batch_size} x "
                               f"{p.n_samples_per_prompt} responses per rank) must be a multiple of "
