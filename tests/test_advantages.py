@@ -118,6 +118,79 @@ def test_zero_signal_groups():
     assert group_stats(t([1.0, 1.0, 0.0, 0.5]), torch.tensor([0, 0, 1, 1]))["zero_signal_groups"] == 0.5
 
 
+# --------------------------------------------------------------------------- constant groups in float32 (#22)
+
+F32 = torch.float32
+
+
+def constant_batch(values_and_sizes, width=3, dtype=F32):
+    """One group per (value, n): n samples that all scored `value`, KL 0, beta 0."""
+    scores = torch.cat([torch.full((n,), v, dtype=dtype) for v, n in values_and_sizes])
+    groups = torch.cat([torch.full((n,), i) for i, (_, n) in enumerate(values_and_sizes)])
+    b = len(scores)
+    return AdvantageInputs(scores, torch.zeros(b, width, dtype=dtype), torch.ones(b, width, dtype=dtype), groups, None,
+                           beta=0.0)
+
+
+@pytest.mark.parametrize("name, n", [("grpo", 6), ("grpo", 8), ("dr_grpo", 6), ("rloo", 8)])
+def test_constant_group_gives_exact_zero_advantages_in_float32(name, n):
+    # n float32 copies of 7.3 (7.30000019): their float32 mean is one ulp lower (7.29999971), so R - mean = +4.77e-7 on
+    # every sample. Before the fix: grpo 4.77e-7 / (std 5.22e-7 + 1e-6) = +0.3132 on all six (+0.3158 at n = 8),
+    # dr_grpo +4.77e-7, rloo (n = 8) +4.77e-7; while zero_signal_groups called the group signal-free.
+    inp = constant_batch([(7.3, n)])
+    assert (inp.scores.sum() / n).item() != inp.scores[0].item()  # the rounding this is about
+    adv, ret = run(name, inp)
+    assert torch.equal(adv, torch.zeros(n, 3, dtype=F32))  # exactly 0, not 1e-7 and not 0.3
+    assert torch.equal(ret, adv)
+    assert group_stats(inp.scores, inp.group_ids) == {"zero_signal_groups": 1.0}
+
+
+def test_reinforce_pp_baseline_constant_groups_centre_to_exact_zero():
+    # Two constant groups, KL 0: score - group mean must be exactly 0, so returns are 0 and so is everything whitened.
+    # Before the fix the returns were the means' rounding errors (+4.77e-7 for 7.3, -7.45e-9 for 0.1) and batch whitening
+    # (var 5.9e-14 << eps 1e-8) blew them up to advantages of +-0.00242.
+    inp = constant_batch([(7.3, 8), (0.1, 8)])
+    adv, ret = run("reinforce_pp_baseline", inp)
+    assert torch.equal(ret, torch.zeros(16, 3, dtype=F32))
+    assert torch.equal(adv, torch.zeros(16, 3, dtype=F32))
+
+
+def old_group_formula(name, reward, group_ids, eps=1e-6):
+    """The group formulas as they were before the constant-group fix, op for op (index_add_ group sums)."""
+    _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(len(counts), dtype=reward.dtype).index_add_(0, inverse, reward)
+    centred = reward - (sums / counts.to(reward.dtype))[inverse]
+    if name == "dr_grpo":
+        return centred
+    if name == "grpo":
+        sq = torch.zeros(len(counts), dtype=reward.dtype).index_add_(0, inverse, centred * centred)
+        return centred / ((sq / (counts - 1).to(reward.dtype)).sqrt()[inverse] + eps)
+    return reward - (sums[inverse] - reward) / (counts[inverse] - 1).to(reward.dtype)  # rloo
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_constant_group_is_zero_and_the_other_group_keeps_its_bits(name):
+    # float32, interleaved: group 2 has six identical samples (score 7.1, the same KL row -> R = 7.08 bit for bit, whose
+    # group mean and leave-one-out means are one ulp off: R - mean = -4.77e-7),
+    # group 5 six random ones of different lengths; beta 0.05, so R = score - 0.05 * sum of the KL.
+    g = torch.Generator().manual_seed(4)
+    groups = torch.tensor([2, 5] * 6)
+    scores = torch.where(groups == 2, torch.tensor(7.1), 3 * torch.randn(12, generator=g))
+    kl = torch.where((groups == 2)[:, None], torch.tensor([0.3, -0.1, 0.2]), torch.randn(12, 3, generator=g))
+    mask = torch.ones(12, 3)
+    mask[[1, 5, 9], 2] = 0
+    kl[[1, 5, 9], 2] = NAN
+    inp = AdvantageInputs(scores, kl, mask, groups, None, beta=0.05)
+    reward = scores - 0.05 * torch.where(mask.bool(), kl, torch.zeros_like(kl)).sum(1)
+    old = old_group_formula(name, reward, groups)
+    assert (old[groups == 2] != 0).all()  # what it was: the group mean's rounding error (grpo: over its std + eps)
+    adv, _ = run(name, inp)
+    assert torch.equal(adv[groups == 2], torch.zeros(6, 3))
+    other = groups == 5
+    assert torch.equal(adv[other], torch.where(mask[other].bool(), old[other][:, None], torch.tensor(0.0)))
+    assert group_stats(scores, groups) == {"zero_signal_groups": 0.5}
+
+
 # --------------------------------------------------------------------------- REINFORCE++
 
 # Row 0: kl [1, 0, 0], score 1; row 1: kl [0, 2, pad], score 0; beta 0.1, gamma 1.

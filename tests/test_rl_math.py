@@ -12,6 +12,7 @@ from rlhf_ds.rl.math import (
     bradley_terry_loss,
     entropy_from_logits,
     gae,
+    kl_loss,
     kl_per_token,
     last_token_index,
     logprobs_from_logits,
@@ -205,6 +206,61 @@ def test_policy_loss_ignores_pads_and_has_gradient():
     loss.backward()
     close(loss, -1.5)
     close(logp.grad, [[-0.5, -1.0, 0.0]])
+
+
+def test_dual_clip_hand_example():
+    # eps 0.2, c 3 (verl: clip_ratio_c). Per token: L = max(-A rho, -A clip(rho, 0.8, 1.2)); with A < 0, min(L, -3A).
+    # t0 A -1, rho 400: L = 400 -> 3 (dual-clipped)     t1 A -1, rho 2.5: L = 2.5 < 3 -> 2.5
+    # t2 A -2, rho 3.5: L = 7 -> 6 (dual-clipped)        t3 A +1, rho 4: L = max(-4, -1.2) = -1.2 (A > 0: untouched)
+    # t4 A -1, rho 0.5: L = max(0.5, 0.8) = 0.8 < 3      t5 pad (A -5, rho e^10): ignored
+    adv = t([[-1.0, -1.0, -2.0, 1.0, -1.0, -5.0]])
+    rho = t([[400.0, 2.5, 3.5, 4.0, 0.5, math.exp(10.0)]])
+    old = t([[-3.0, -2.0, -1.5, -4.0, -0.7, -9.0]])
+    mask = t([[1, 1, 1, 1, 1, 0]])
+    logp = (old + rho.log()).requires_grad_()
+    loss, stats = policy_loss(logp, old, adv, mask, clip_eps=0.2, dual_clip=3.0)
+    close(loss, (3.0 + 2.5 + 6.0 - 1.2 + 0.8) / 5)  # 2.22
+    close(stats["dual_clipfrac"], 2 / 5)  # t0, t2
+    close(stats["clipfrac"], 2 / 5)  # t3, t4: unchanged by the dual clip
+    loss.backward()
+    # only t1 is neither clipped nor dual-clipped: d(-A rho)/d logp = -A rho = 2.5, over 5 tokens
+    close(logp.grad, [[0.0, 0.5, 0.0, 0.0, 0.0, 0.0]])
+    # off (the default): [400, 2.5, 7, -1.2, 0.8] -> 81.82, and no dual_clipfrac figure
+    loss, stats = policy_loss(logp.detach(), old, adv, mask, clip_eps=0.2)
+    close(loss, (400.0 + 2.5 + 7.0 - 1.2 + 0.8) / 5)
+    assert "dual_clipfrac" not in stats
+
+
+def test_kl_loss_clamps_the_log_ratio_before_the_estimate():
+    # d = logp - ref = [-25, 0.5]. Unclamped k3 = e^25 - 26 = 7.2e10 on token 0: loss (token mean) 3.6e10, gradient
+    # (1 - e^25) / 2 = -3.6e10. Clamped to [-10, 10] (the default, ppo.kl_loss_log_ratio_clip):
+    # k3 = [e^10 - 1 - 10, e^-0.5 - 1 + 0.5] = [22015.465795, 0.106531] -> mean 11007.786163
+    logp = t([[-30.0, -1.0, 3.0]]).requires_grad_()
+    ref = t([[-5.0, -1.5, float("nan")]])
+    mask = t([[1, 1, 0]])
+    loss, mean_kl = kl_loss(logp, ref, mask)
+    close(loss, (math.exp(10) - 11 + math.exp(-0.5) - 0.5) / 2)
+    close(loss, 11007.786163, atol=1e-6)
+    close(mean_kl, loss.detach())
+    loss.backward()
+    close(logp.grad, [[0.0, (1 - math.exp(-0.5)) / 2, 0.0]])  # the clamped token gives no gradient; the other as before
+    # null: the old, unbounded value
+    loss, _ = kl_loss(logp.detach(), ref, mask, log_ratio_clip=None)
+    close(loss / 3.6e10, (math.exp(25) - 26 + math.exp(-0.5) - 0.5) / 2 / 3.6e10)  # 3.6002e10
+    # k1 and k2 are clamped the same way: d -> [-10, 0.5]
+    close(kl_loss(logp.detach(), ref, mask, "k1")[0], (-10 + 0.5) / 2)
+    close(kl_loss(logp.detach(), ref, mask, "k2")[0], (50 + 0.125) / 2)
+    # float32, d = -100: e^100 overflowed to inf (loss and gradient); clamped it is e^10 - 11, gradient finite
+    logp32 = torch.tensor([[-101.0, -1.0]], requires_grad=True)
+    ref32, mask32 = torch.tensor([[-1.0, -1.5]]), torch.ones(1, 2)
+    assert torch.isinf(kl_loss(logp32.detach(), ref32, mask32, log_ratio_clip=None)[0])
+    loss32, _ = kl_loss(logp32, ref32, mask32)
+    torch.testing.assert_close(loss32.double(), torch.tensor((math.exp(10) - 11 + math.exp(-0.5) - 0.5) / 2, dtype=D),
+                               rtol=1e-6, atol=0)
+    loss32.backward()
+    assert torch.isfinite(logp32.grad).all()
+    # the reward's KL (kl_per_token, no clip argument) is unchanged: k3 at d = -25 stays e^25 - 26
+    close(kl_per_token(t(-30.0), t(-5.0), "k3") / math.exp(25), (math.exp(25) - 26) / math.exp(25))
 
 
 def test_value_clip_hand_example():

@@ -132,6 +132,30 @@ def _spread(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(m, a[:, None].expand(m.shape), torch.zeros((), dtype=a.dtype, device=a.device))
 
 
+def _constant_groups(x: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """[n_groups] bool: every value of the group is bitwise the same (max == min)."""
+    hi = torch.full((n_groups,), float("-inf"), dtype=x.dtype, device=x.device)
+    lo = torch.full((n_groups,), float("inf"), dtype=x.dtype, device=x.device)
+    return hi.scatter_reduce(0, inverse, x, reduce="amax") == lo.scatter_reduce(0, inverse, x, reduce="amin")
+
+
+def _zero_in_constant_groups(a: torch.Tensor, x: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``a`` with exact zeros for the samples of groups whose ``x`` are all equal (bitwise).
+
+    A group mean rounds: six float32 copies of 7.3 sum to 43.799999 and their mean lies one ulp below
+    7.3, so x - mean is +4.8e-7 on every sample, and GRPO's division by (std + eps), std 5.2e-7, turns
+    that into +0.313 for all six (a third or more of such groups at n = 8 for random values; verl and OpenRLHF
+    compute the same). Such a group teaches nothing (``zero_signal_groups`` counts it), so it gets 0.
+    A select, not a different formula: every other group keeps its arithmetic, and so its bits.
+    """
+    return torch.where(_constant_groups(x, inverse, n_groups)[inverse], torch.zeros_like(a), a)
+
+
+def _centre(x: torch.Tensor, baseline: torch.Tensor, inverse: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """x - baseline (a group baseline), exactly 0 in groups whose x are all equal."""
+    return _zero_in_constant_groups(x - baseline, x, inverse, n_groups)
+
+
 def group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> dict:
     """``zero_signal_groups``: share of prompts whose samples all scored the same.
 
@@ -139,11 +163,7 @@ def group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> dict:
     nothing; a high share means the task is too easy or too hard for the current policy.
     """
     ids, inverse = torch.unique(group_ids, return_inverse=True)
-    hi = torch.full((len(ids),), float("-inf"), dtype=scores.dtype, device=scores.device)
-    lo = torch.full((len(ids),), float("inf"), dtype=scores.dtype, device=scores.device)
-    hi = hi.scatter_reduce(0, inverse, scores, reduce="amax")
-    lo = lo.scatter_reduce(0, inverse, scores, reduce="amin")
-    return {"zero_signal_groups": (hi == lo).float().mean().item()}
+    return {"zero_signal_groups": _constant_groups(scores, inverse, len(ids)).float().mean().item()}
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -177,12 +197,14 @@ def gae_estimator(inp: AdvantageInputs, cfg):
 
 @register("grpo", needs_groups=True)
 def grpo_estimator(inp: AdvantageInputs, cfg):
-    """GRPO: (R - group mean) / (group std + eps), std unbiased (n-1) as in OpenRLHF and most GRPO code."""
+    """GRPO: (R - group mean) / (group std + eps), std unbiased (n-1) as in OpenRLHF and most GRPO code; 0 for a
+    group whose R are all equal (not its mean's rounding error over (that error's std + eps))."""
     inverse, counts = _groups(inp.group_ids)
     reward = _sequence_reward(inp)
     centred = reward - _group_mean(reward, inverse, counts)
     var = _group_sum(centred * centred, inverse, len(counts)) / (counts - 1).to(reward.dtype)
-    a = _spread(centred / (var.sqrt()[inverse] + cfg.group_std_eps), inp.mask)
+    a = _zero_in_constant_groups(centred / (var.sqrt()[inverse] + cfg.group_std_eps), reward, inverse, len(counts))
+    a = _spread(a, inp.mask)
     return a, a
 
 
@@ -191,7 +213,7 @@ def dr_grpo_estimator(inp: AdvantageInputs, cfg):
     """Dr. GRPO: R - group mean; dividing by the std up-weights prompts that are nearly solved or nearly hopeless."""
     inverse, counts = _groups(inp.group_ids)
     reward = _sequence_reward(inp)
-    a = _spread(reward - _group_mean(reward, inverse, counts), inp.mask)
+    a = _spread(_centre(reward, _group_mean(reward, inverse, counts), inverse, len(counts)), inp.mask)
     return a, a
 
 
@@ -201,7 +223,7 @@ def rloo_estimator(inp: AdvantageInputs, cfg):
     inverse, counts = _groups(inp.group_ids)
     reward = _sequence_reward(inp)
     others = (_group_sum(reward, inverse, len(counts))[inverse] - reward) / (counts[inverse] - 1).to(reward.dtype)
-    a = _spread(reward - others, inp.mask)
+    a = _spread(_centre(reward, others, inverse, len(counts)), inp.mask)
     return a, a
 
 
@@ -223,4 +245,4 @@ def reinforce_pp_baseline_estimator(inp: AdvantageInputs, cfg):
     """REINFORCE++ with the prompt's mean score subtracted first, so easy and hard prompts start level."""
     inverse, counts = _groups(inp.group_ids)
     scores = inp.scores.to(inp.kl.dtype)
-    return _reinforce_pp(scores - _group_mean(scores, inverse, counts), inp, cfg)
+    return _reinforce_pp(_centre(scores, _group_mean(scores, inverse, counts), inverse, len(counts)), inp, cfg)

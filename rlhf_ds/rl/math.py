@@ -84,13 +84,18 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
 
 
-def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1",
+                 log_ratio_clip=None) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy.
 
     With d = logp - ref_logp: k1 = d (unbiased, noisy, can be negative), k2 = d^2/2
     (biased, low variance), k3 = exp(-d) - 1 + d (unbiased, low variance, always >= 0).
+    ``log_ratio_clip`` (None: none) clamps d to [-clip, clip] first: k3 grows as exp(-d), 7.2e10 at
+    d = -25 and inf in float32 below about -88; a clamped token has no gradient through d.
     """
     d = logp - ref_logp
+    if log_ratio_clip is not None:
+        d = d.clamp(-log_ratio_clip, log_ratio_clip)
     if estimator == "k1":
         return d
     if estimator == "k2":
@@ -185,16 +190,23 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, norm_l
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_eps: float = 0.2, clip_eps_high=None, agg: str = "token-mean", norm_length=None):
+                clip_eps: float = 0.2, clip_eps_high=None, agg: str = "token-mean", norm_length=None, dual_clip=None):
     """PPO clipped surrogate: agg(max(-A * rho, -A * clip(rho, 1-eps_low, 1+eps_high))).
 
     ``clip_eps`` is the low side; ``clip_eps_high`` (None: same as ``clip_eps``) lets the ratio of
     tokens with positive advantage grow further, so rare good tokens are not clipped as early
     (DAPO's clip-higher). ``agg`` is an :func:`aggregate_loss` mode.
 
+    ``dual_clip`` (c > 1, None: off; Ye et al. 2020, verl's ``clip_ratio_c``, on there at 3): on tokens
+    with A < 0 the clipped surrogate above is bounded by -c * A, i.e. min(max(...), -c * A), so a token
+    whose ratio has grown far past 1 + eps cannot push the loss (and its gradient) without bound; such a
+    token gives no gradient. Tokens with A >= 0 are unchanged.
+
     Stats (detached 0-dim tensors, token means whatever ``agg`` is):
     - ``clipfrac``: share of real tokens where the clipped term is strictly the larger one,
       i.e. the token gives no gradient because of clipping;
+    - ``dual_clipfrac`` (only with ``dual_clip``): share of real tokens with A < 0 whose clipped surrogate
+      is strictly above -c * A, i.e. bounded by the dual clip (verl's ``pg_clipfrac_lower``);
     - ``approx_kl``: masked mean of the k3 estimate of KL(old || new) from samples of the
       old policy, exp(r) - 1 - r with r = logp - old_logp (unbiased and >= 0);
     - ``ratio_mean``: masked mean of rho.
@@ -204,25 +216,36 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_eps, 1.0 + high)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, agg, norm_length)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        negative = advantages < 0
+        dual_clipped = negative & (per_token > bound)
+        per_token = torch.where(negative, torch.minimum(per_token, bound), per_token)
+    loss = aggregate_loss(per_token, mask, agg, norm_length)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
             "approx_kl": masked_mean(kl_per_token(old_logp, logp, "k3"), mask),
             "ratio_mean": masked_mean(ratio, mask),
         }
+        if dual_clip is not None:
+            stats["dual_clipfrac"] = masked_mean(dual_clipped.to(ratio.dtype), mask)
     return loss, stats
 
 
 def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k3",
-            agg: str = "token-mean", norm_length=None):
+            agg: str = "token-mean", norm_length=None, log_ratio_clip=10.0):
     """KL(policy || reference) as a loss term (GRPO) instead of a penalty inside the reward.
 
     k3 is the usual choice: unbiased, >= 0, and its gradient pulls towards the reference on
-    every token. Returns ``(loss, mean per-token KL)``, the second detached, a token mean.
+    every token. ``log_ratio_clip`` (``ppo.kl_loss_log_ratio_clip``, None: off) clamps each token's
+    logp - ref_logp to [-clip, clip] before the estimate, so one token the policy has all but ruled out
+    cannot make the loss inf: k3 is at most e^10 - 11 = 22015.5 per token at 10, and the clamped token
+    gives no gradient. Returns ``(loss, mean per-token KL)``, the second detached, a token mean.
     """
     # pads are filled before the exp: a nan pad would otherwise turn its zero gradient into nan
-    kl = kl_per_token(_fill_pads(logp, mask), _fill_pads(ref_logp, mask), estimator)
+    kl = kl_per_token(_fill_pads(logp, mask), _fill_pads(ref_logp, mask), estimator, log_ratio_clip)
     loss = aggregate_loss(kl, mask, agg, norm_length)
     with torch.no_grad():
         mean_kl = masked_mean(kl, mask)

@@ -191,12 +191,16 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
             seq, attn, m = mb["sequences"], mb["attention_mask"], mb["action_mask"]
             logp, entropy = sequence_logprobs(actor, seq, attn, exp.prompt_len, T, with_entropy=True,
                                               packing=p.packing)
-            pg_loss, pg = rlm.policy_loss(logp, mb["old_logp"], mb["advantages"], m, clip_low, clip_high, **agg)
+            pg_loss, pg = rlm.policy_loss(logp, mb["old_logp"], mb["advantages"], m, clip_low, clip_high, **agg,
+                                          dual_clip=p.dual_clip)
             loss = pg_loss
             figures = {"policy_loss": pg_loss.item(), "clipfrac": float(pg["clipfrac"]), "approx_kl": float(pg["approx_kl"]),
                        "ratio": float(pg["ratio_mean"]), "entropy": rlm.masked_mean(entropy, m).item()}
+            if "dual_clipfrac" in pg:  # ppo.dual_clip set
+                figures["dual_clipfrac"] = float(pg["dual_clipfrac"])
             if p.kl_loss_coef > 0:
-                kl_loss, kl_mean = rlm.kl_loss(logp, mb["ref_logp"], m, p.kl_loss_estimator, **agg)
+                kl_loss, kl_mean = rlm.kl_loss(logp, mb["ref_logp"], m, p.kl_loss_estimator, **agg,
+                                               log_ratio_clip=p.kl_loss_log_ratio_clip)
                 loss = loss + p.kl_loss_coef * kl_loss
                 figures.update(kl_loss=kl_loss.item(), kl_loss_token_mean=float(kl_mean))
             if ptx is not None:
