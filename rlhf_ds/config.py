@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -226,8 +228,46 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+# a number as YAML 1.2 writes it; PyYAML (YAML 1.1) reads `1e-4` (no dot) as a string
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_NONFINITE = re.compile(r"[-+]?\.?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def _describe(tp: Any) -> str:
+    """What a value of annotation `tp` looks like, in the words of an error message."""
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is list:
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if origin is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, _type_name(tp))
+
+
+def _same_kind(value: Any, tp: Any) -> bool:
+    """Whether `value` is the kind of thing `tp` holds (a mapping for a section, a list for a list, a number or text for a
+    number ...), so that of a Union's members the one the user meant reports the error."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
+    if tp in (int, float):
+        return not isinstance(value, (bool, dict, list))
+    if tp is str or origin is Literal:
+        return isinstance(value, str)
+    return False
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`, converting only what is lossless (int -> float, dict -> dataclass)."""
+    """Check `value` against the annotation `tp`, converting only what is lossless (int -> float, dict -> dataclass,
+    a YAML 1.2 number PyYAML left as text -> float). Every error names the full key path (`data.train[0].weight`).
+
+    A float must be finite, for every float key: NaN passes every `x <= 0` check after it, and no key gives nan or
+    inf a meaning ("off" is 0 or null wherever a key has it)."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -240,8 +280,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {_type_name(tp)}")
+                errors.append((arg, str(e)))
+        meant = [e for arg, e in errors if _same_kind(value, arg)]
+        if meant:  # e.g. a mapping in a list of sources: the source's own error, naming its key
+            raise ConfigError(meant[-1])  # int or float: the float's (the wider) error
+        if len(errors) == 1:
+            raise ConfigError(errors[0][1])
+        raise ConfigError(f"{key}: {value!r} is none of: {', '.join(_describe(a) for a in args)}")
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
@@ -267,9 +312,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and (_DECIMAL.fullmatch(value.strip()) or _NONFINITE.fullmatch(value.strip())):
+            value = float(value.strip().replace(".nan", "nan").replace(".inf", "inf"))
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            number = math.copysign(math.inf, value)
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: {number} is not a finite number")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -402,6 +455,8 @@ def validate(cfg) -> None:
 
 
 def validate_data(data: DataConfig) -> None:
+    """The data section alone. How many examples `eval_split` may hold out depends on the data: counted once it is read,
+    before any model loads (rlhf_ds.steps.common.split_eval)."""
     split = data.eval_split
     if split < 0 or (isinstance(split, float) and split >= 1):
         raise ConfigError(f"data.eval_split must be a fraction in [0, 1) or a count >= 1, got {split}")
@@ -411,8 +466,15 @@ def validate_data(data: DataConfig) -> None:
             if not value:
                 raise ConfigError(f"data.{key}: an empty list of sources")
             for i, src in enumerate(value):
-                if isinstance(src, SourceConfig) and (not src.path or src.weight <= 0 or src.limit < 0):
-                    raise ConfigError(f"data.{key}[{i}]: needs a path, weight > 0 and limit >= 0")
+                if not isinstance(src, SourceConfig):
+                    continue
+                where = f"data.{key}[{i}]"
+                if not src.path:
+                    raise ConfigError(f"{where}.path: a source needs a path")
+                if not src.weight > 0:
+                    raise ConfigError(f"{where}.weight must be > 0, got {src.weight}")
+                if src.limit < 0:
+                    raise ConfigError(f"{where}.limit must be >= 0, got {src.limit}")
 
 
 def validate_engine(name: str, eng: EngineConfig) -> None:
@@ -428,8 +490,18 @@ def validate_engine(name: str, eng: EngineConfig) -> None:
         raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {eng.warmup_ratio}")
     if len(eng.adam_betas) != 2:
         raise ConfigError(f"{name}.adam_betas must have two values")
+    if not all(0 <= b < 1 for b in eng.adam_betas):
+        raise ConfigError(f"{name}.adam_betas must be two values in [0, 1), got {eng.adam_betas}")
+    if eng.weight_decay < 0:
+        raise ConfigError(f"{name}.weight_decay must be >= 0, got {eng.weight_decay}")
+    if eng.grad_clip < 0:
+        raise ConfigError(f"{name}.grad_clip must be >= 0 (0 = no clipping), got {eng.grad_clip}")
     if eng.lora.enabled and eng.lora.rank <= 0:
         raise ConfigError(f"{name}.lora.rank must be > 0")
+    if eng.lora.alpha <= 0:
+        raise ConfigError(f"{name}.lora.alpha must be > 0, got {eng.lora.alpha}")
+    if not 0 <= eng.lora.dropout < 1:
+        raise ConfigError(f"{name}.lora.dropout must be in [0, 1), got {eng.lora.dropout}")
     if eng.zero3_param_persistence_threshold < 0:
         raise ConfigError(f"{name}.zero3_param_persistence_threshold must be >= 0")
     for key in ("reduce_bucket_size", "allgather_bucket_size", "zero3_prefetch_bucket_size",
@@ -440,6 +512,13 @@ def validate_engine(name: str, eng: EngineConfig) -> None:
         from rlhf_ds.engine.ds_config import read_user_ds_config  # lazy: it imports torch
 
         read_user_ds_config(eng.ds_config)
+
+
+def validate_generation(name: str, gen: "GenerationConfig") -> None:
+    if not 0 < gen.top_p <= 1:
+        raise ConfigError(f"{name}.top_p must be in (0, 1], got {gen.top_p}")
+    if gen.top_k < 0:
+        raise ConfigError(f"{name}.top_k must be >= 0 (0 = off), got {gen.top_k}")
 
 
 def validate_frozen_engine(name: str, eng: EngineConfig) -> None:
@@ -477,7 +556,8 @@ class RMConfig:
     model: str = "runs/sft"  # backbone: any local causal-LM folder (SFT output, a base model, another architecture)
     trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
     # offset (and gain) stored with the model so the mean score of this reference set is 0 (and its std 1 with gain):
-    # "chosen" = the chosen responses of the evaluation pairs, "none" = keep raw scores
+    # "chosen" = the chosen responses of the evaluation pairs (of the training pairs when none are held out: logged, and
+    # recorded as normalize_pairs in results.json and scalar_head.json), "none" = keep raw scores
     normalize_on: Literal["chosen", "none"] = "chosen"
     normalize_gain: bool = False  # also scale the scores to std 1 on the reference set
     data: DataConfig = field(default_factory=DataConfig)
@@ -666,6 +746,18 @@ class PPOConfig:
                               f"ppo.micro_batch_size x ppo.grad_accum ({p.micro_batch_size} x {p.grad_accum})")
         if self.generation.temperature <= 0:
             raise ConfigError("generation.temperature must be > 0")
+        validate_generation("generation", self.generation)
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(p, name) <= 1:
+                raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(p, name)}")
+        for name in ("vf_coef", "ptx_coef", "group_std_eps"):
+            if getattr(p, name) < 0:
+                raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(p, name)}")
+        for name in ("score_clip", "value_clip"):
+            if getattr(p, name) is not None and not getattr(p, name) > 0:
+                raise ConfigError(f"ppo.{name} must be > 0 or null, got {getattr(p, name)}")
+        if p.kl_target <= 0 or p.kl_horizon <= 0:
+            raise ConfigError(f"ppo.kl_target and ppo.kl_horizon must be > 0, got {p.kl_target} and {p.kl_horizon}")
         if not 0 <= p.ema_decay < 1:
             raise ConfigError("ppo.ema_decay must be in [0, 1)")
         if not (0 <= p.collapse_distinct_below <= 1 and 0 <= p.collapse_distinct2_below <= 1):
@@ -778,6 +870,7 @@ class EvalConfig:
             raise ConfigError("eval.batch_size and eval.samples_per_prompt must be > 0 and eval.max_prompts >= 0")
         if self.generation.temperature <= 0 or self.generation.max_new_tokens <= 0:
             raise ConfigError("eval.generation.temperature and max_new_tokens must be > 0")
+        validate_generation("generation", self.generation)
 
 
 register_step_config("eval", EvalConfig)

@@ -116,7 +116,7 @@ def test_int_to_float_is_the_only_silent_conversion():
     (["data.eval_split=1.0"], r"eval_split must be a fraction in \[0, 1\) or a count"),
     (["data.eval_split=-3"], r"eval_split"),
     (["data.train=[]"], r"data\.train: an empty list of sources"),
-    (["data.train=[{path: a.jsonl, weight: 0}]"], r"data\.train\[0\]: needs a path, weight > 0"),
+    (["data.train=[{path: a.jsonl, weight: 0}]"], r"data\.train\[0\]\.weight must be > 0"),
 ])
 def test_impossible_combinations_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -260,5 +260,123 @@ def test_eval_split_a_fraction_or_a_count_seeded():
     assert len(held) == 4 and sorted(train + held) == list(range(20))
     assert split_eval(list(range(20)), None, 4, seed=1) == (train, held) != split_eval(list(range(20)), None, 4, seed=2)
     assert split_eval([1, 2], [9], 0.5, seed=1) == ([1, 2], [9])  # a given eval set wins
-    with pytest.raises(DataError, match=r"data.eval_split=5 holds out 5 of only 5 training examples"):
+    with pytest.raises(DataError) as err:
         split_eval(list(range(5)), None, 5, seed=1)
+    assert str(err.value) == ("data.eval_split=5 holds out 5 examples, but the training data has 5 examples and "
+                              "training needs at least 1: set data.eval_split to at most 4 (a count) or 0.8 (a "
+                              "fraction), or give the held-out set as data.eval")
+
+
+BATCH = (8, "train.micro_batch_size 8 x 1 rank x train.grad_accum 1")
+
+
+@pytest.mark.parametrize("n, split, given, message", [
+    # a count or a fraction that leaves less than one global batch: the largest value that works, both ways
+    (200, 5000, False, "data.eval_split=5000 holds out 5000 pairs, but the training data has 200 pairs and one global "
+                       "batch (train.micro_batch_size 8 x 1 rank x train.grad_accum 1) needs 8 of them: set "
+                       "data.eval_split to at most 192 (a count) or 0.96 (a fraction), or give the held-out set as "
+                       "data.eval"),
+    (200, 0.99, False, "data.eval_split=0.99 holds out 198 pairs, but the training data has 200 pairs and one global "
+                       "batch (train.micro_batch_size 8 x 1 rank x train.grad_accum 1) needs 8 of them: set "
+                       "data.eval_split to at most 192 (a count) or 0.96 (a fraction), or give the held-out set as "
+                       "data.eval"),
+    (8, 0.05, False, "data.eval_split=0.05 holds out 1 pairs, but the training data has 8 pairs and one global batch "
+                     "(train.micro_batch_size 8 x 1 rank x train.grad_accum 1) needs 8 of them: set data.eval_split=0 "
+                     "(nothing held out), or give the held-out set as data.eval"),
+    # too few even with nothing held out: the batch keys are what to change
+    (5, 0, False, "the training data has 5 pairs, fewer than one global batch (train.micro_batch_size 8 x 1 rank x "
+                  "train.grad_accum 1) of 8: lower train.micro_batch_size or train.grad_accum, or give more data"),
+    (5, 2, True, "the training data has 5 pairs, fewer than one global batch (train.micro_batch_size 8 x 1 rank x "
+                 "train.grad_accum 1) of 8: lower train.micro_batch_size or train.grad_accum, or give more data"),
+])
+def test_eval_split_is_counted_against_the_training_data(n, split, given, message):
+    from rlhf_ds.data.readers import DataError
+    from rlhf_ds.steps.common import split_eval
+
+    with pytest.raises(DataError) as err:
+        split_eval(list(range(n)), [0] if given else None, split, seed=1, unit="pairs", batch=BATCH)
+    assert str(err.value) == message
+    # the largest values named work
+    if "at most 192" in message:
+        for ok in (192, 0.96):
+            train, held = split_eval(list(range(n)), None, ok, seed=1, unit="pairs", batch=BATCH)
+            assert (len(train), len(held)) == (8, 192)
+
+
+# ---- numbers: finite, named, in range (issue #22) ------------------------------------------------------------------------
+# A NaN passes every `x <= 0` check (all comparisons with NaN are false), so non-finite values are refused where numbers
+# are read: every float key, at any depth, named by its full path. YAML writes them .nan / .inf / -.inf; an override
+# may also spell them nan / inf.
+@pytest.mark.parametrize("step, yaml_text, message", [
+    ("sft", "engine: {lr: .nan}", "engine.lr: nan is not a finite number"),
+    ("sft", "engine: {adam_betas: [0.9, .inf]}", "engine.adam_betas[1]: inf is not a finite number"),
+    ("sft", "data: {train: [a.jsonl, {path: b.jsonl, weight: .nan}]}", "data.train[1].weight: nan is not a finite number"),
+    ("sft", "data: {train: [{path: b.jsonl, weight: .inf}]}", "data.train[0].weight: inf is not a finite number"),
+    ("rm", "data: {eval_split: .nan}", "data.eval_split: nan is not a finite number"),
+    ("ppo", "actor: {model: x}\nppo: {kl_coef: .inf}", "ppo.kl_coef: inf is not a finite number"),
+    ("ppo", "actor: {model: x}\nreward: {weights: {model: -.inf}}", "reward.weights.model: -inf is not a finite number"),
+    ("ppo", "actor: {model: x}\ngeneration: {top_p: .nan}", "generation.top_p: nan is not a finite number"),
+    ("pipeline", "rm: {engine: {lr: .nan}}", "rm.engine.lr: nan is not a finite number"),
+    ("pipeline", "ppo: {ppo: {score_clip: .inf}}", "ppo.ppo.score_clip: inf is not a finite number"),
+])
+def test_nonfinite_numbers_are_refused_naming_the_key(tmp_path, step, yaml_text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(step, str(path))
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("engine.lr=nan", "engine.lr: nan is not a finite number"),
+    ("engine.lr=-inf", "engine.lr: -inf is not a finite number"),
+    ("data.eval_split=inf", "data.eval_split: inf is not a finite number"),
+    ("engine.grad_clip=1e999", "engine.grad_clip: inf is not a finite number"),
+    # a non-number names the key path, inside a list of sources too (was: "data.train: [...] fits none of Union")
+    ("data.train=[{path: a.jsonl, weight: abc}]", "data.train[0].weight: expected a number, got 'abc'"),
+    ("data.train=[a.jsonl, {path: b.jsonl, limit: 1.5}]", "data.train[1].limit: expected an integer, got 1.5"),
+    ("data.eval_split=abc", "data.eval_split: expected a number, got 'abc'"),
+    ("data.train=7", "data.train: 7 is none of: a string, a list, null"),
+])
+def test_non_numbers_name_the_key_path(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("sft", None, [override])
+    assert str(err.value) == message
+
+
+def test_yaml_exponent_numbers_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` without a dot as a string; a float key takes it as the number it is."""
+    path = tmp_path / "run.yaml"
+    path.write_text("engine: {lr: 1e-4, weight_decay: 5E-2}\ndata: {train: [{path: a.jsonl, weight: 2e0}]}\n",
+                    encoding="utf-8")
+    cfg = load_config("sft", str(path))
+    assert (cfg.engine.lr, cfg.engine.weight_decay, cfg.data.train[0].weight) == (1e-4, 5e-2, 2.0)
+    assert isinstance(cfg.engine.lr, float)
+
+
+@pytest.mark.parametrize("step, overrides, message", [
+    ("sft", ["data.train=[{path: a.jsonl, weight: 0}]"], "data.train[0].weight must be > 0, got 0.0"),
+    ("sft", ["data.eval=[a.jsonl, {path: b.jsonl, weight: -2}]"], "data.eval[1].weight must be > 0, got -2.0"),
+    ("sft", ["data.train=[{path: a.jsonl, limit: -1}]"], "data.train[0].limit must be >= 0, got -1"),
+    ("sft", ["data.train=[{weight: 2}]"], "data.train[0].path: a source needs a path"),
+    ("sft", ["engine.lora.dropout=1.0"], "engine.lora.dropout must be in [0, 1), got 1.0"),
+    ("sft", ["engine.lora.alpha=0"], "engine.lora.alpha must be > 0, got 0.0"),
+    ("sft", ["engine.weight_decay=-0.1"], "engine.weight_decay must be >= 0, got -0.1"),
+    ("sft", ["engine.adam_betas=[0.9, 1.0]"], "engine.adam_betas must be two values in [0, 1), got [0.9, 1.0]"),
+    ("sft", ["engine.grad_clip=-1"], "engine.grad_clip must be >= 0 (0 = no clipping), got -1.0"),
+    ("ppo", ["actor.model=x", "generation.top_p=0"], "generation.top_p must be in (0, 1], got 0.0"),
+    ("ppo", ["actor.model=x", "generation.top_k=-1"], "generation.top_k must be >= 0 (0 = off), got -1"),
+    ("ppo", ["actor.model=x", "ppo.gamma=1.5"], "ppo.gamma must be in [0, 1], got 1.5"),
+    ("ppo", ["actor.model=x", "ppo.lam=-0.1"], "ppo.lam must be in [0, 1], got -0.1"),
+    ("ppo", ["actor.model=x", "ppo.vf_coef=-1"], "ppo.vf_coef must be >= 0, got -1.0"),
+    ("ppo", ["actor.model=x", "ppo.score_clip=0"], "ppo.score_clip must be > 0 or null, got 0.0"),
+    ("ppo", ["actor.model=x", "ppo.value_clip=-0.2"], "ppo.value_clip must be > 0 or null, got -0.2"),
+    ("ppo", ["actor.model=x", "reward.weights.model=-0.5"], None),  # a negative weight is allowed (a penalty)
+])
+def test_numeric_limits_name_the_key(step, overrides, message):
+    if message is None:
+        assert load_config(step, None, overrides) is not None
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(step, None, overrides)
+    assert str(err.value) == message

@@ -25,7 +25,7 @@ def write_jsonl(path, rows):
 
 
 def records(rows, file="data/train.jsonl"):
-    return [Record(file, i, row) for i, row in enumerate(rows)]
+    return [Record(file, i, row) for i, row in enumerate(rows, start=1)]
 
 
 def assert_names(err, file, row, field):
@@ -41,7 +41,7 @@ def test_jsonl_skips_blank_lines_and_keeps_line_rows(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "a"}\n\n   \n{"prompt": "b"}\n', encoding="utf-8")
     got = read_records(str(path))
-    assert [(r.row, r.data["prompt"]) for r in got] == [(0, "a"), (3, "b")]
+    assert [(r.row, r.data["prompt"]) for r in got] == [(1, "a"), (4, "b")]
     assert got[0].file == str(path)
 
 
@@ -50,7 +50,7 @@ def test_jsonl_malformed_line_names_file_line_and_error(tmp_path):
     path.write_text('{"prompt": "a"}\n{"prompt": "b",\n', encoding="utf-8")
     with pytest.raises(DataError) as err:
         read_records(str(path))
-    assert err.value.file == str(path) and err.value.row == 1
+    assert err.value.file == str(path) and err.value.row == 2
     assert "line 2" in str(err.value) and "malformed JSON" in str(err.value)
 
 
@@ -59,7 +59,7 @@ def test_jsonl_non_object_line(tmp_path):
     path.write_text('{"prompt": "a"}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(DataError, match="expected a JSON object, got list") as err:
         read_records(str(path))
-    assert err.value.row == 1
+    assert err.value.row == 2
 
 
 def test_non_utf8_bytes_name_file_row_and_field(tmp_path):
@@ -67,7 +67,7 @@ def test_non_utf8_bytes_name_file_row_and_field(tmp_path):
     path.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(DataError, match="not valid UTF-8") as err:
         read_records(str(path))
-    assert_names(err, str(path), 1, "prompt")
+    assert_names(err, str(path), 2, "prompt")
     assert "0xe9" in str(err.value)
 
 
@@ -76,7 +76,7 @@ def test_non_utf8_csv(tmp_path):
     path.write_bytes(b"prompt,response\nhi,there\nx,caf\xe9\n")
     with pytest.raises(DataError, match="UTF-8") as err:
         read_records(str(path))
-    assert_names(err, str(path), 1, "response")
+    assert_names(err, str(path), 2, "response")
 
 
 def test_json_list_and_json_lines_fallback(tmp_path):
@@ -117,7 +117,7 @@ def test_csv_ragged_row(tmp_path):
     path.write_text("prompt,response\nhi\n", encoding="utf-8")
     with pytest.raises(DataError, match="number of fields") as err:
         read_records(str(path))
-    assert err.value.row == 0
+    assert err.value.row == 1
 
 
 def test_parquet_round_trip(tmp_path):
@@ -222,7 +222,7 @@ def test_sft_unknown_role():
     chat = [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]
     with pytest.raises(DataError, match="unknown role 'bot'") as err:
         parse_sft(records([{"messages": chat}]))
-    assert_names(err, "data/train.jsonl", 0, "messages[1].role")
+    assert_names(err, "data/train.jsonl", 1, "messages[1].role")
 
 
 def test_sft_messages_must_end_with_assistant():
@@ -269,13 +269,13 @@ def test_bad_row_error_names_file_row_field(row, field, reason):
     good = {"prompt": "p", "chosen": "c", "rejected": "r"}
     with pytest.raises(DataError) as err:
         parse_preferences(records([good, good, row]), fmt="prompt_chosen_rejected")
-    assert_names(err, "data/train.jsonl", 2, field)
+    assert_names(err, "data/train.jsonl", 3, field)
 
 
 def test_bad_row_message_format():
     with pytest.raises(DataError) as err:
         parse_preferences(records([{"prompt": "", "chosen": "c", "rejected": "r"}]))
-    assert str(err.value) == "data/train.jsonl row 0, field 'prompt': empty text"
+    assert str(err.value) == "data/train.jsonl row 1, field 'prompt': empty text"
 
 
 def test_missing_field_lists_present_columns():
@@ -320,7 +320,7 @@ def test_full_dialogue_without_common_assistant_prefix():
     row = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: x\n\nAssistant: y"}
     with pytest.raises(DataError, match="share no prefix") as err:
         parse_preferences(records([row]))
-    assert_names(err, "data/train.jsonl", 0, "rejected")
+    assert_names(err, "data/train.jsonl", 1, "rejected")
 
 
 def test_stack_exchange_paired_j_preferred():
@@ -345,7 +345,7 @@ def test_ranked_list_bad_entries():
         parse_preferences(records([{"prompt": "p", "responses": ["a"]}]))
     with pytest.raises(DataError) as err:
         parse_preferences(records([{"prompt": "p", "responses": ["a", 5]}]))
-    assert_names(err, "data/train.jsonl", 0, "responses[1]")
+    assert_names(err, "data/train.jsonl", 1, "responses[1]")
 
 
 def test_preference_column_remapping():
@@ -369,7 +369,7 @@ def test_prompt_messages_must_end_with_user():
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     with pytest.raises(DataError, match="last turn must be from the user") as err:
         parse_prompts(records([{"messages": chat}]))
-    assert_names(err, "data/train.jsonl", 0, "messages[1].role")
+    assert_names(err, "data/train.jsonl", 1, "messages[1].role")
 
 
 # ---- hostile values ----------------------------------------------------------------------
@@ -382,7 +382,7 @@ def test_huge_text_is_refused_before_tokenizing(monkeypatch):
     good = {"prompt": "p", "response": "r" * 10}
     with pytest.raises(DataError) as err:
         parse_sft(records([good, {"prompt": "p", "response": "r" * 11}]))
-    assert_names(err, "data/train.jsonl", 1, "response")
+    assert_names(err, "data/train.jsonl", 2, "response")
     assert "text of 11 characters exceeds the 10-character limit" in str(err.value)
     examples, report = parse_sft(records([good, {"prompt": "x" * 12, "response": "r"}]), on_bad_row="skip")
     assert examples == [SFTExample("p", "r" * 10)] and report.skipped == {"text too long": 1}
@@ -394,7 +394,7 @@ def test_huge_text_limit_is_a_million_characters():
     assert MAX_TEXT_CHARS == 1_000_000
     with pytest.raises(DataError, match="text of 1,000,001 characters exceeds the 1,000,000-character limit") as err:
         parse_prompts(records([{"messages": [{"role": "user", "content": "a" * 1_000_001}]}]))
-    assert_names(err, "data/train.jsonl", 0, "messages[0].content")
+    assert_names(err, "data/train.jsonl", 1, "messages[0].content")
 
 
 @pytest.mark.parametrize("value, shown", [
@@ -408,14 +408,14 @@ def test_wrong_column_type_names_the_type(value, shown):
         return
     with pytest.raises(DataError) as err:
         parse_preferences(records([row]))
-    assert_names(err, "data/train.jsonl", 0, "chosen")
+    assert_names(err, "data/train.jsonl", 1, "chosen")
     assert str(err.value).endswith(f"expected text, {shown}")
 
 
 def test_whitespace_only_text_says_so():
     with pytest.raises(DataError) as err:
         parse_sft(records([{"prompt": "p", "response": " \n\t "}]))
-    assert str(err.value) == "data/train.jsonl row 0, field 'response': empty text (only whitespace)"
+    assert str(err.value) == "data/train.jsonl row 1, field 'response': empty text (only whitespace)"
 
 
 def test_csv_ragged_row_counts_fields_and_names_the_line(tmp_path):
@@ -423,7 +423,7 @@ def test_csv_ragged_row_counts_fields_and_names_the_line(tmp_path):
     path.write_text('prompt,response\n"multi\nline",ok\na,b,c\n', encoding="utf-8")
     with pytest.raises(DataError) as err:
         read_records(str(path))
-    assert str(err.value) == (f"{path} row 1: row has a different number of fields than the header: 3 instead of 2 "
+    assert str(err.value) == (f"{path} row 2: row has a different number of fields than the header: 3 instead of 2 "
                               "(prompt, response) (line 4); quote fields that contain commas")
 
 
@@ -451,7 +451,7 @@ def test_an_empty_answer_is_a_real_answer(row, fmt):
 def test_empty_prompt_or_both_answers_empty_stay_errors(row, field, detail):
     with pytest.raises(DataError) as err:
         parse_preferences(records([row]))
-    assert str(err.value) == f"data/train.jsonl row 0, field '{field}': {detail}"
+    assert str(err.value) == f"data/train.jsonl row 1, field '{field}': {detail}"
 
 
 def test_empty_sft_target_stays_an_error():
@@ -557,8 +557,51 @@ def test_text_corpus_errors_name_file_and_line(tmp_path):
     bad.write_bytes(b"fine\n\nstill fine\nbroken \xff byte\n")
     with pytest.raises(DataError) as err:
         read_corpus(str(bad))
-    assert str(err.value) == f"{bad} row 3: line 4: text is not valid UTF-8 (byte 0xff); re-save the file as UTF-8"
+    assert str(err.value) == f"{bad} row 4: text is not valid UTF-8 (byte 0xff); re-save the file as UTF-8"
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"\n  \n")
     with pytest.raises(DataError, match=re.escape(f"{empty}: no text found (the file is empty)")):
         read_corpus(str(empty))
+
+
+# ---- one numbering: rows count from 1 in every reader (issue #22) -------------------------------------------------------
+
+
+def test_rows_count_from_one_and_a_jsonl_row_is_its_line(tmp_path):
+    """Line 30 of a JSONL file is row 30 in every message (was: "row 29 ... line 30"); a bad field in a row found by
+    the format is named with the same number."""
+    good = json.dumps({"prompt": "p", "response": "r"})
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join([good] * 29 + ['{"prompt": "p", "response": ', good]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        read_records(str(broken))
+    assert str(err.value) == f"{broken} row 30: malformed JSON on line 30: Expecting value (column 29)"
+    typed = tmp_path / "typed.jsonl"
+    typed.write_text("\n".join([good] * 20 + [""] * 2 + [good] * 7 + ['{"prompt": "p", "response": 7}']) + "\n",
+                     encoding="utf-8")  # two blank lines count as lines
+    with pytest.raises(DataError) as err:
+        load_sft(str(typed))
+    assert str(err.value) == f"{typed} row 30, field 'response': expected text, got int 7"
+
+
+def test_rows_count_from_one_in_csv_json_parquet_and_saved_datasets(tmp_path):
+    import datasets
+    import pandas as pd
+
+    rows = [{"prompt": "p", "response": "r"}] * 4 + [{"prompt": "p", "response": ""}]  # the 5th row is bad
+    csv_file = tmp_path / "train.csv"
+    csv_file.write_text("prompt,response\n" + "p,r\n" * 4 + "p,\n", encoding="utf-8")
+    json_file = tmp_path / "train.json"
+    json_file.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    parquet_file = tmp_path / "train.parquet"
+    pd.DataFrame(rows).to_parquet(parquet_file)
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    for source in (csv_file, json_file, parquet_file, saved):
+        with pytest.raises(DataError) as err:
+            load_sft(str(source))
+        assert str(err.value) == f"{source} row 5, field 'response': empty text"
+    # plain dicts (no file) count the same way
+    with pytest.raises(DataError) as err:
+        parse_sft(rows)
+    assert str(err.value) == "<records> row 5, field 'response': empty text"

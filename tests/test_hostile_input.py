@@ -3,12 +3,13 @@ with exit status 2, one `rlhf-ds <step>: <message>` line naming the file, row an
 missing), and no partial output (the run directory holds at most `logs/`). The two handled cases (a tokenizer with no
 PAD token, PAD == EOS) run to the end with a distinct PAD, said in the log and kept in the saved tokenizer.
 
-Rows are 0-based (a JSONL row is its line index: `row 2` is line 3, which malformed-JSON messages name as `line 3`).
+Rows count from 1 (a JSONL row is its line number: `row 3` is line 3, which malformed-JSON messages name as `line 3`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -88,7 +89,7 @@ def test_malformed_jsonl_line(tiny_base, tmp_path):
     broken = '{"prompt": "p", "response": '
     data = write_jsonl(tmp_path / "sft.jsonl", [*SFT_ROWS[:2], broken, *SFT_ROWS[2:]])
     proc, out = train("sft", tmp_path, data, tiny_base)
-    assert_refused(proc, "sft", f"{data} row 2: malformed JSON on line 3: Expecting value (column 29)", out)
+    assert_refused(proc, "sft", f"{data} row 3: malformed JSON on line 3: Expecting value (column 29)", out)
 
 
 def test_malformed_json_file(tiny_base, tmp_path):
@@ -114,20 +115,20 @@ def test_wrong_column_type(tiny_base, tmp_path, step, field, value, shown):
                         f"data.train={data}", "ppo.steps=1"], check=False)
     else:
         proc, out = train(step, tmp_path, data, tiny_base)
-    assert_refused(proc, step, f"{data} row 3, field '{field}': expected text, got {shown}", out)
+    assert_refused(proc, step, f"{data} row 4, field '{field}': expected text, got {shown}", out)
 
 
 @pytest.mark.parametrize("text, detail", [("", "empty text"), ("  \n\t ", "empty text (only whitespace)")])
 def test_empty_text(tiny_base, tmp_path, text, detail):
     data = write_jsonl(tmp_path / "sft.jsonl", with_row(SFT_ROWS, 5, response=text))
     proc, out = train("sft", tmp_path, data, tiny_base)
-    assert_refused(proc, "sft", f"{data} row 5, field 'response': {detail}", out)
+    assert_refused(proc, "sft", f"{data} row 6, field 'response': {detail}", out)
 
 
 def test_huge_text(tiny_base, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", with_row(SFT_ROWS, 1, prompt="word " * 200_001))
     proc, out = train("sft", tmp_path, data, tiny_base)
-    assert_refused(proc, "sft", f"{data} row 1, field 'prompt': text of 1,000,005 characters exceeds the "
+    assert_refused(proc, "sft", f"{data} row 2, field 'prompt': text of 1,000,005 characters exceeds the "
                                 "1,000,000-character limit", out)
 
 
@@ -143,7 +144,7 @@ def test_unknown_chat_role(tiny_base, tmp_path):
     chat = [{"role": "user", "content": "describe the red fox ."}, {"role": "bot", "content": "the red fox is nice ."}]
     data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat}] * 4)
     proc, out = train("sft", tmp_path, data, tiny_base)
-    assert_refused(proc, "sft", f"{data} row 0, field 'messages[1].role': unknown role 'bot'; expected one of "
+    assert_refused(proc, "sft", f"{data} row 1, field 'messages[1].role': unknown role 'bot'; expected one of "
                                 "system, user, assistant", out)
 
 
@@ -151,7 +152,7 @@ def test_csv_wrong_field_count(tiny_base, tmp_path):
     data = tmp_path / "sft.csv"
     data.write_text("prompt,response\nhuman : hi . assistant :,hello .\nhuman : a, b . assistant :,ok .\n", encoding="utf-8")
     proc, out = train("sft", tmp_path, str(data), tiny_base)
-    assert_refused(proc, "sft", f"{data} row 1: row has a different number of fields than the header: 3 instead of 2 "
+    assert_refused(proc, "sft", f"{data} row 2: row has a different number of fields than the header: 3 instead of 2 "
                                 "(prompt, response) (line 3)", out)
 
 
@@ -247,7 +248,7 @@ def test_generate_malformed_prompts_file(tiny_base, tmp_path):
     (tmp_path / "gen").mkdir()
     output = str(tmp_path / "gen" / "out.jsonl")
     proc = run_cli(["generate", tiny_base, prompts, "-o", output, "--max-new-tokens", "4"], check=False)
-    assert_refused(proc, "generate", f"{prompts} row 1: malformed JSON on line 2: Expecting ',' delimiter", output_file=output)
+    assert_refused(proc, "generate", f"{prompts} row 2: malformed JSON on line 2: Expecting ',' delimiter", output_file=output)
 
 
 def test_generate_from_folder_without_tokenizer(tiny_base, tmp_path):
@@ -279,7 +280,7 @@ def test_score_wrong_column_type(tiny_base, tmp_path):
     (tmp_path / "scores").mkdir()
     output = str(tmp_path / "scores" / "out.jsonl")
     proc = run_cli(["score", tiny_base, pairs, "-o", output], check=False)
-    assert_refused(proc, "score", f"{pairs} row 1, field 'response': expected text, got int 7", output_file=output)
+    assert_refused(proc, "score", f"{pairs} row 2, field 'response': expected text, got int 7", output_file=output)
 
 
 def test_weight_file_checks_without_loading(tiny_base, tmp_path):
@@ -310,7 +311,7 @@ def test_weight_file_checks_without_loading(tiny_base, tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"a fine document\n\nanother one\nwith \xe9 latin-1\n", "row 3: line 4: text is not valid UTF-8 (byte 0xe9)"),
+    (b"a fine document\n\nanother one\nwith \xe9 latin-1\n", "row 4: text is not valid UTF-8 (byte 0xe9)"),
     (b"", ": no text found (the file is empty)"),
 ])
 def test_bad_text_corpus_refused_before_anything_is_written(tmp_path, content, message):
@@ -342,3 +343,66 @@ def test_reward_model_on_an_hh_file_plus_a_stack_exchange_file(tiny_base, tmp_pa
             "weight 1 -> 8 examples") in proc.stderr
     with open(os.path.join(out, "model", "scalar_head.json"), encoding="utf-8") as f:
         assert json.load(f)["prompt_templates"] == [None, "Question: {question}\n\nAnswer:"]  # for PPO to check
+
+
+# ---- numbers and counts checked before any model loads (issue #22) ---------------------------------------------------
+MODEL_LOADED = "parameters trainable"  # the steps' log line right after their model is built
+
+
+def test_nonfinite_source_weight_refused_before_anything(tiny_base, tmp_path):
+    """`weight: .nan` used to pass validation (NaN <= 0 is false) and crash with a traceback after the models loaded."""
+    data = write_jsonl(tmp_path / "prefs.jsonl", PREF_ROWS)
+    out = str(tmp_path / "out")
+    for weight, shown in ((".nan", "nan"), (".inf", "inf")):
+        proc = run_cli(["rm", f"output_dir={out}", f"model={tiny_base}", f"data.train=[{{path: {data}, weight: {weight}}}]",
+                        *SHORT], check=False)
+        assert_refused(proc, "rm", f"data.train[0].weight: {shown} is not a finite number", out)
+        assert not os.path.exists(out)  # a config error: refused before the run directory exists
+    proc = run_cli(["rm", f"output_dir={out}", f"model={tiny_base}", f"data.train=[{{path: {data}, weight: abc}}]"],
+                   check=False)
+    assert_refused(proc, "rm", "data.train[0].weight: expected a number, got 'abc'", out)
+
+
+@pytest.mark.parametrize("step, n_rows, split, message", [
+    # used to load the model, then fail with a traceback (ValueError, exit 1)
+    ("sft", 8, 7, "data.eval_split=7 holds out 7 examples, but the training data has 8 examples and one global batch "
+                  "(train.micro_batch_size 2 x 1 rank x train.grad_accum 1) needs 2 of them: set data.eval_split to "
+                  "at most 6 (a count) or 0.75 (a fraction), or give the held-out set as data.eval"),
+    # used to say "holds out 5000 of only 200 training examples; lower it", with no value that works
+    ("rm", 200, 5000, "data.eval_split=5000 holds out 5000 pairs, but the training data has 200 pairs and one global "
+                      "batch (train.micro_batch_size 2 x 1 rank x train.grad_accum 1) needs 2 of them: set "
+                      "data.eval_split to at most 198 (a count) or 0.99 (a fraction), or give the held-out set as "
+                      "data.eval"),
+])
+def test_eval_split_counted_before_any_model_loads(tiny_base, tmp_path, step, n_rows, split, message):
+    rows = (SFT_ROWS if step == "sft" else PREF_ROWS) * (n_rows // len(SUBJECTS))
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = str(tmp_path / "out")
+    proc = run_cli([step, f"output_dir={out}", f"model={tiny_base}", f"data.train={data}", f"data.eval_split={split}",
+                    *SHORT], check=False)
+    assert_refused(proc, step, message, out)
+    assert MODEL_LOADED not in proc.stderr, proc.stderr[-3000:]  # refused before the model was built
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_pretrain_eval_split_counted_before_the_model_is_built(tmp_path, ranks):
+    """Pretraining holds out blocks, known once the tokenizer is trained: counted then, before the model is built and
+    before `init/` is written; on 2 ranks both refuse (rank 0 counts, the others are told)."""
+    docs = [f"the {s} is nice . it is {s} again ." for s in SUBJECTS] * 25  # 200 documents
+    data = write_jsonl(tmp_path / "corpus.jsonl", [{"text": d} for d in docs])
+    out = str(tmp_path / "out")
+    proc = run_cli(["pretrain", f"output_dir={out}", f"data.train={data}", "data.eval_split=5000", "data.max_seq_len=32",
+                    "train.micro_batch_size=4", "arch.vocab_size=300", "arch.n_layers=1", "arch.hidden=32",
+                    "arch.n_heads=2", "engine.zero_stage=0"], ranks=ranks, check=False)
+    err = proc.stderr
+    found = re.search(r"rlhf-ds pretrain: data\.eval_split=5000 holds out 5000 blocks, but the training data has (\d+) "
+                      r"blocks and one global batch \(train\.micro_batch_size 4 x (\d) ranks? x train\.grad_accum 1\) "
+                      r"needs (\d+) of them: set data\.eval_split to at most (\d+) \(a count\) or [0-9.]+ \(a "
+                      r"fraction\), or give the held-out set as data\.eval \(the 200 documents pack into (\d+) blocks "
+                      r"of 32 tokens; pretraining holds out blocks\)", err)
+    assert found, err[-3000:]
+    blocks, world, batch, most, packed = map(int, found.groups())
+    assert (world, batch) == (ranks, 4 * ranks) and blocks == packed and most == blocks - batch and blocks > 20
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert sorted(set(os.listdir(out)) - {"logs", ".lock"}) == []  # no init/ (tokenizer + initial model)
+    assert "held out); vocab" not in err  # pretrain's log line once the model is built and the blocks are split

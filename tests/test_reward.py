@@ -295,3 +295,43 @@ def test_lora_rm_trains_adapters_and_head_only(tiny_base, tmp_path):
     near_ties = ((raw_c - raw_r).abs() < 1e-5).sum().item()
     assert abs((raw_c > raw_r).double().mean().item() - res["eval_accuracy"]) <= near_ties / len(raw_c) + 1e-6
     assert (raw_c - scorer.model.offset).mean().item() == pytest.approx(0.0, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# e. No held-out pairs: normalised on the training pairs (issue #22)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_rm_without_held_out_pairs_normalises_on_the_training_pairs(tiny_base, tmp_path):
+    """data.eval unset and data.eval_split=0 with the default normalize_on=chosen used to train to the end, then fail
+    with "the evaluation set is empty" (exit 1, no model/). The chosen responses of the training pairs set the offset
+    instead, said in the log, results.json and scalar_head.json."""
+    from rlhf_ds.data.formats import load_preferences
+    from rlhf_ds.models.scalar_head import HEAD_META, RewardScorer
+
+    n_pairs = 48
+    with open(os.path.join(tiny_base, "data", "pref_train.jsonl"), encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()][:n_pairs]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(lines), encoding="utf-8")
+    out = str(tmp_path / "rm")
+    proc = run_cli(["rm", f"model={tiny_base}", f"output_dir={out}", f"data.train={data}", "data.eval_split=0",
+                    *RM_SMALL, "engine.zero_stage=0"])
+    assert (f"rm: no held-out pairs (data.eval is not set and data.eval_split=0): the score offset will be set on the "
+            f"chosen responses of the {n_pairs} training pairs") in proc.stderr
+    res = results(out)
+    assert res["steps"] == STEPS and "eval_accuracy" not in res  # nothing to evaluate on
+    assert (res["normalize_pairs"], res["normalize_count"], res["score_gain"]) == ("training", n_pairs, 1.0)
+    assert f"rm: score offset {res['score_offset']:.6g}, gain 1 from the chosen responses of the {n_pairs} training " \
+           "pairs" in proc.stderr
+    model_dir = os.path.join(out, "model")
+    with open(os.path.join(model_dir, HEAD_META), encoding="utf-8") as f:
+        meta = json.load(f)
+    assert (meta["normalize_on"], meta["normalize_pairs"], meta["offset"]) == ("chosen", "training", res["score_offset"])
+
+    # the offset is the mean raw score of exactly the training pairs' chosen responses: they score 0 on average
+    scorer = RewardScorer(model_dir, max_prompt_tokens=MAX_PROMPT, max_seq_len=MAX_SEQ)
+    examples, _ = load_preferences(str(data))
+    assert len(examples) == n_pairs
+    raw_c, _ = _score_pairs(scorer, examples, normalised=False)
+    norm_c, _ = _score_pairs(scorer, examples, normalised=True)
+    assert raw_c.mean().item() == pytest.approx(res["score_offset"], abs=1e-5)
+    assert abs(norm_c.mean().item()) < 1e-5 and abs(res["score_offset"]) > 1e-2

@@ -313,8 +313,8 @@ PROMPT_FORMATS: dict[str, tuple[tuple[str, ...], Callable]] = {
 
 
 def _as_records(records: Iterable) -> list[Record]:
-    """Accept Records or plain dicts (the latter are named "<records>" in errors)."""
-    return [r if isinstance(r, Record) else Record("<records>", i, r) for i, r in enumerate(records)]
+    """Accept Records or plain dicts (the latter are named "<records>" in errors, rows counted from 1)."""
+    return [r if isinstance(r, Record) else Record("<records>", i, r) for i, r in enumerate(records, start=1)]
 
 
 def _detect(records: list[Record], formats: dict, columns: dict[str, str], kind: str) -> str:

@@ -4,8 +4,10 @@ Supported sources: ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` files, a folder
 ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, a folder of data files, or a hub
 dataset name (``owner/name``) loaded with ``datasets.load_dataset``.
 
-Row numbers are 0-based. For JSON lines the row is the line index (blank lines included), so
-the editor line is ``row + 1``; for CSV it is the data row after the header.
+Rows are numbered from 1, as an editor numbers lines: in JSON lines (and plain-text corpora) the row is the line
+number (blank lines counted), so ``row 30`` is line 30; in CSV it is the data row (the header is not a row: data row
+1 is line 2 unless a quoted field spans lines, and errors give the line too); in a JSON list, Parquet file,
+``save_to_disk`` folder or hub dataset it is the position, counting from 1.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class Record:
     """One raw row and where it came from, so later errors can name it."""
 
     file: str
-    row: int
+    row: int  # from 1 (the module docstring says what a row is in each kind of file)
     data: dict
 
 
@@ -89,17 +91,14 @@ def _read_text(path: Path) -> str:
 
 def read_text_documents(source: str, per_line: bool = False) -> list[Record]:
     """A plain-text corpus: one document per block of lines separated by a blank line, or per line with ``per_line``;
-    each Record is ``{"text": ...}`` with the 0-based index of the document's first line as its row. Bytes that are
-    not UTF-8 are refused with their line."""
+    each Record is ``{"text": ...}`` with the line number (from 1) of the document's first line as its row. Bytes that
+    are not UTF-8 are refused with their line as the row."""
     path = Path(os.path.expanduser(str(source)))
     if not path.is_file():
         raise DataError(f"file not found (working directory: {os.getcwd()})", file=str(source))
     records, block, first = [], [], 0
-    for row, line in enumerate(_read_text(path).split("\n")):
-        try:
-            _check_utf8(str(path), row, None, line)
-        except DataError as err:
-            raise DataError(f"line {row + 1}: {err.detail}", err.file, row) from None
+    for row, line in enumerate(_read_text(path).split("\n"), start=1):
+        _check_utf8(str(path), row, None, line)
         line = line.rstrip("\r")
         if not per_line and line.strip():
             first = row if not block else first
@@ -120,14 +119,14 @@ def _read_jsonl(path: Path) -> list[Record]:
 
 def _parse_lines(file: str, text: str) -> list[Record]:
     records = []
-    for row, line in enumerate(text.split("\n")):
+    for row, line in enumerate(text.split("\n"), start=1):  # the row is the line number
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
             _check_utf8(file, row, None, line)
-            raise DataError(f"malformed JSON on line {row + 1}: {err.msg} (column {err.colno})", file=file, row=row) from None
+            raise DataError(f"malformed JSON on line {row}: {err.msg} (column {err.colno})", file=file, row=row) from None
         records.append(_make_record(file, row, value))
     return records
 
@@ -142,7 +141,7 @@ def _read_json(path: Path) -> list[Record]:
             raise DataError(f"malformed JSON on line {err.lineno}: {err.msg} (column {err.colno})", file=file) from None
         return _parse_lines(file, text)
     if isinstance(value, list):
-        return [_make_record(file, row, item) for row, item in enumerate(value)]
+        return [_make_record(file, row, item) for row, item in enumerate(value, start=1)]
     if "\n" in text.strip():
         raise DataError(f"expected a list of objects or one object per line, got a JSON {type(value).__name__}", file=file)
     return _parse_lines(file, text)
@@ -174,7 +173,7 @@ def _check_utf8(file: str, row: int, field: str | None, value) -> None:
 def _read_csv(path: Path) -> list[Record]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     records = []
-    for row, data in enumerate(reader):
+    for row, data in enumerate(reader, start=1):  # data rows; the header is not one
         header = reader.fieldnames or []
         if None in data or None in data.values():
             found = len(header) + len(data[None]) if None in data else sum(v is not None for v in data.values())
@@ -194,7 +193,7 @@ def _read_parquet(path: Path) -> list[Record]:
         rows = pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises several unrelated types for corrupt files
         raise DataError(f"cannot read parquet file: {err}", file=str(path)) from None
-    return [Record(str(path), row, data) for row, data in enumerate(rows)]
+    return [Record(str(path), row, data) for row, data in enumerate(rows, start=1)]
 
 
 def _read_dir(path: Path, split: str) -> list[Record]:
@@ -213,7 +212,7 @@ def _read_saved(path: Path, split: str) -> list[Record]:
         if split not in loaded:
             raise DataError(f"split {split!r} not found; available splits: {', '.join(loaded)}", file=str(path))
         loaded = loaded[split]
-    return [Record(str(path), row, data) for row, data in enumerate(loaded.to_list())]
+    return [Record(str(path), row, data) for row, data in enumerate(loaded.to_list(), start=1)]
 
 
 def _data_files(path: Path) -> list[Path]:
@@ -253,7 +252,7 @@ def _read_hub(name: str, split: str) -> list[Record]:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as err:  # any failure means the same thing to the user: not loadable
         raise DataError(_hub_failure(split, err), file=name) from None
-    return [Record(name, row, data) for row, data in enumerate(loaded.to_list())]
+    return [Record(name, row, data) for row, data in enumerate(loaded.to_list(), start=1)]
 
 
 def _hub_failure(split: str, err: Exception) -> str:

@@ -7,6 +7,7 @@ writes config.yaml, opens the metrics and restores the checkpoint. So bad input 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -143,7 +144,8 @@ def builtin_data(task: BuiltinTaskConfig, run_dir: str) -> dict[str, str]:
 def preference_data(cfg, tokenizer, step_name: str) -> tuple[list[dict], list[dict], bool]:
     """The (training, held-out) preference features of a pairwise step (reward model, DPO) from `data.train` /
     `data.eval`, or the built-in task's pairs, and whether they are the built-in ones. Held-out pairs are split off
-    the training pairs when no eval set is given (`data.eval_split`)."""
+    the training pairs when no eval set is given (`data.eval_split`), and what is left must fill one global batch:
+    refused here, before any model loads."""
     from rlhf_ds.data.features import preference_features
     from rlhf_ds.data.formats import load_preferences
 
@@ -163,27 +165,63 @@ def preference_data(cfg, tokenizer, step_name: str) -> tuple[list[dict], list[di
 
     train_feats = featurize(train_src)
     eval_feats = featurize(eval_src) if eval_src else None
-    return (*split_eval(train_feats, eval_feats, data.eval_split, seed), data.train is None)
+    return (*split_eval(train_feats, eval_feats, data.eval_split, seed, "pairs", global_batch(cfg.train)),
+            data.train is None)
 
 
-def eval_count(n_train: int, split: int | float) -> int:
-    """How many of `n_train` examples `data.eval_split` holds out: a count, or a fraction (at least one)."""
+def global_batch(train: TrainConfig) -> tuple[int, str]:
+    """The examples of one optimizer step over all ranks, and what makes it up (for messages)."""
+    ranks = world_size()
+    return (train.micro_batch_size * ranks * train.grad_accum,
+            f"train.micro_batch_size {train.micro_batch_size} x {ranks} rank{'' if ranks == 1 else 's'} x "
+            f"train.grad_accum {train.grad_accum}")
+
+
+def eval_count(n_train: int, split: int | float, unit: str = "examples", batch: tuple[int, str] = (1, "")) -> int:
+    """How many of `n_train` examples `data.eval_split` holds out: a count, or a fraction (at least one). What is left
+    must fill one global `batch` (size, what makes it up): else a DataError naming data.eval_split, the examples there
+    are and the largest value that works (or the batch keys, when even all of them are too few)."""
     from rlhf_ds.data.readers import DataError
 
     n_eval = split if isinstance(split, int) else max(1, int(n_train * split)) if split else 0
-    if n_eval and n_eval >= n_train:
-        raise DataError(f"data.eval_split={split} holds out {n_eval} of only {n_train} training examples; "
-                        "lower it or give data.eval")
+    size, made_of = batch
+    if n_train < size or n_train < 1:
+        if not made_of:
+            raise DataError(f"the training data has {n_train} {unit}: nothing to train on")
+        raise DataError(f"the training data has {n_train} {unit}, fewer than one global batch ({made_of}) of {size}: "
+                        "lower train.micro_batch_size or train.grad_accum, or give more data")
+    if n_eval and n_train - n_eval < size:
+        most = n_train - size
+        needs = f"one global batch ({made_of}) needs {size} of them" if made_of else f"training needs at least {size}"
+        if most < 1:
+            fix = "set data.eval_split=0 (nothing held out)"
+        else:
+            fraction = _largest_fraction(n_train, most)
+            fix = f"set data.eval_split to at most {most} (a count)" + (f" or {fraction:g} (a fraction)"
+                                                                         if fraction else "")
+        raise DataError(f"data.eval_split={split} holds out {n_eval} {unit}, but the training data has {n_train} "
+                        f"{unit} and {needs}: {fix}, or give the held-out set as data.eval")
     return n_eval
 
 
-def split_eval(train: list, eval_: list | None, split: int | float, seed: int) -> tuple[list, list]:
+def _largest_fraction(n: int, most: int) -> float | None:
+    """A fraction (3 decimals) that holds out at most `most` of `n` examples, as eval_count counts it; None if none."""
+    fraction = math.floor(most / n * 1000) / 1000
+    while fraction > 0 and max(1, int(n * fraction)) > most:
+        fraction = round(fraction - 0.001, 3)
+    return fraction if fraction > 0 else None
+
+
+def split_eval(train: list, eval_: list | None, split: int | float, seed: int, unit: str = "examples",
+               batch: tuple[int, str] = (1, "")) -> tuple[list, list]:
     """Use the given eval set, or hold out a seeded `split` of the training examples (`data.eval_split`: a fraction
-    below 1, or a count)."""
+    below 1, or a count). The training examples left must fill one global `batch` (`global_batch`); call it before
+    any model loads, so that too little data is refused in seconds (eval_count)."""
     if eval_ is not None or split == 0:
+        eval_count(len(train), 0, unit, batch)
         return train, eval_ or []
     import numpy as np
 
-    n_eval = eval_count(len(train), split)
+    n_eval = eval_count(len(train), split, unit, batch)
     order = np.random.default_rng(seed).permutation(len(train))
     return [train[i] for i in order[n_eval:]], [train[i] for i in order[:n_eval]]

@@ -23,7 +23,7 @@ import torch
 from rlhf_ds.config import TrainConfig
 from rlhf_ds.data.batching import eval_batches, micro_batches, steps_per_epoch, token_budget_groups
 from rlhf_ds.engine import strategy
-from rlhf_ds.steps.common import StepContext
+from rlhf_ds.steps.common import StepContext, eval_count, global_batch
 from rlhf_ds.tracking.metrics import progress
 from rlhf_ds.utils import rank, world_size
 
@@ -48,12 +48,10 @@ class TrainTask:
 
 
 def total_optimizer_steps(n_train: int, train: TrainConfig) -> int:
+    """Optimizer steps of the run; the steps call it (or split_eval, which checks the same) before any model loads."""
     per_epoch = steps_per_epoch(n_train, train.micro_batch_size, world_size(), train.grad_accum)
     if per_epoch == 0:
-        raise ValueError(
-            f"{n_train} training examples cannot fill one global batch of "
-            f"{train.micro_batch_size} x {world_size()} ranks x {train.grad_accum} accumulation steps"
-        )
+        eval_count(n_train, 0, batch=global_batch(train))  # raises the DataError that names the batch keys
     total = per_epoch * train.epochs
     return min(total, train.max_steps) if train.max_steps else total
 

@@ -11,10 +11,10 @@ import logging
 import os
 
 from rlhf_ds.config import ArchConfig, PretrainConfig
-from rlhf_ds.data.readers import read_records
+from rlhf_ds.data.readers import DataError, read_records
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import load_causal_lm, load_tokenizer, save_causal_lm
-from rlhf_ds.steps.common import builtin_data, eval_count, start_step
+from rlhf_ds.steps.common import builtin_data, eval_count, global_batch, start_step
 from rlhf_ds.steps.lm_training import train_lm
 from rlhf_ds.steps.loop import total_optimizer_steps
 from rlhf_ds.utils import atomic_directory, barrier, is_rank0
@@ -99,25 +99,46 @@ def pack(texts: list[str], tokenizer, block: int) -> list[dict]:
     return [{"input_ids": stream[i : i + block], "labels": stream[i : i + block]} for i in range(0, len(stream) - block + 1, block)]
 
 
+def split_blocks(cfg: PretrainConfig, tokenizer, texts: list[str], eval_texts: list[str] | None) -> tuple[list, list]:
+    """(training, held-out) blocks: `data.eval`'s, or the first `data.eval_split` blocks of the corpus (a block drawn
+    from the middle of the stream shares documents with its neighbours in the training set). Too few blocks for that,
+    or for one global batch, is a DataError naming data.eval_split and the blocks there are."""
+    block = cfg.data.max_seq_len
+    blocks = pack(texts, tokenizer, block)
+    try:
+        n_eval = eval_count(len(blocks), 0 if eval_texts else cfg.data.eval_split, "blocks", global_batch(cfg.train))
+    except DataError as err:
+        raise DataError(f"{err.detail} (the {len(texts)} documents pack into {len(blocks)} blocks of {block} tokens; "
+                        "pretraining holds out blocks)") from None
+    if eval_texts:
+        return blocks, pack(eval_texts, tokenizer, block)
+    return blocks[n_eval:], blocks[:n_eval]
+
+
 def run(cfg: PretrainConfig) -> dict:
     ctx = start_step(cfg, "pretrain")
     source = cfg.data.train or builtin_data(cfg.task, cfg.output_dir)["pretrain"]
     texts = read_corpus(source, cfg.data.text_documents, cfg.train.seed)
     eval_texts = read_corpus(cfg.data.eval, cfg.data.text_documents, cfg.train.seed) if cfg.data.eval else None
     init_dir = os.path.join(cfg.output_dir, "init")
-    if is_rank0() and not (ctx.checkpoint.resume_path and os.path.isdir(init_dir)):  # a resumed run keeps its tokenizer
+    fresh = not (ctx.checkpoint.resume_path and os.path.isdir(init_dir))  # a resumed run keeps its tokenizer
+    problem = None
+    if is_rank0() and fresh:
         tokenizer = train_tokenizer(texts, cfg.arch.vocab_size)
+        try:  # the blocks are counted before the model is built or anything is written (no init/)
+            split_blocks(cfg, tokenizer, texts, eval_texts)
+        except DataError as err:
+            problem = err
+    problem = strategy.broadcast_object(problem)  # every rank refuses the same way
+    if problem is not None:
+        raise problem
+    if is_rank0() and fresh:
         with atomic_directory(init_dir) as tmp:
             build_model(cfg.arch, tokenizer).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     barrier()
     tokenizer = load_tokenizer(init_dir)
-    blocks = pack(texts, tokenizer, cfg.data.max_seq_len)
-    if eval_texts:
-        train_blocks, eval_blocks = blocks, pack(eval_texts, tokenizer, cfg.data.max_seq_len)
-    else:  # the first blocks, not a random sample: a block drawn from the middle of the stream shares documents with its
-        n_eval = eval_count(len(blocks), cfg.data.eval_split)  # neighbours in the training set
-        train_blocks, eval_blocks = blocks[n_eval:], blocks[:n_eval]
+    train_blocks, eval_blocks = split_blocks(cfg, tokenizer, texts, eval_texts)
     log.info("pretrain: %d texts -> %d blocks of %d tokens (%d held out); vocab %d", len(texts), len(train_blocks),
              cfg.data.max_seq_len, len(eval_blocks), len(tokenizer))
 

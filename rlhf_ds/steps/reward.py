@@ -61,11 +61,27 @@ def reference_normalisation(engine, features: list[dict], pad_id: int, batch_siz
     return mean, (1.0 / std if with_gain else 1.0)
 
 
+def normalisation_pairs(cfg: RMConfig, train_feats: list[dict], eval_feats: list[dict]) -> tuple[list[dict], str]:
+    """The pairs whose chosen responses set the score offset (`normalize_on: chosen`) and which they are: the held-out
+    pairs, or the training pairs when nothing is held out (no data.eval, data.eval_split=0). The offset only centres
+    the scores PPO sees; the training pairs come from the same distribution, and refusing would make a user who holds
+    nothing out on purpose choose between giving up pairs and raw scores."""
+    if eval_feats:
+        return eval_feats, "held-out"
+    if cfg.normalize_on == "chosen":
+        log.info("rm: no held-out pairs (data.eval is not set and data.eval_split=0): the score offset%s will be set "
+                 "on the chosen responses of the %d training pairs", " and gain" if cfg.normalize_gain else "",
+                 len(train_feats))
+    return train_feats, "training"
+
+
 def run(cfg: RMConfig) -> dict:
     ctx = start_step(cfg, "rm")
     data, train = cfg.data, cfg.train
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    train_feats, eval_feats, builtin = preference_data(cfg, tokenizer, "rm")
+    train_feats, eval_feats, builtin = preference_data(cfg, tokenizer, "rm")  # refuses too little data
+    total_steps = loop.total_optimizer_steps(len(train_feats), train)
+    norm_feats, norm_pairs = normalisation_pairs(cfg, train_feats, eval_feats)
 
     ds_cfg = strategy.ds_config_for(cfg.engine, train.micro_batch_size * 2, train.grad_accum)  # chosen+rejected
     model = load_scalar_head_model(cfg.model, ds_cfg, cfg.engine.precision, trust_remote_code=cfg.trust_remote_code,
@@ -74,7 +90,7 @@ def run(cfg: RMConfig) -> dict:
         model.backbone = apply_lora(model.backbone, cfg.engine.lora, task_type="FEATURE_EXTRACTION")
     trainable, total_params = count_parameters(model)
     log.info("rm: %d of %d parameters trainable", trainable, total_params)
-    engine = strategy.init_trainable(model, cfg.engine, ds_cfg, loop.total_optimizer_steps(len(train_feats), train))
+    engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total_steps)
     pad = tokenizer.pad_token_id
 
     def loss(batch: dict):
@@ -99,10 +115,15 @@ def run(cfg: RMConfig) -> dict:
 
     unwrapped = strategy.unwrap(engine)
     if cfg.normalize_on == "chosen":
-        unwrapped.offset, unwrapped.gain = reference_normalisation(engine, eval_feats, pad, train.eval_batch_size,
+        unwrapped.offset, unwrapped.gain = reference_normalisation(engine, norm_feats, pad, train.eval_batch_size,
                                                                    cfg.normalize_gain, train.packing)
+        log.info("rm: score offset %.6g, gain %.6g from the chosen responses of the %d %s pairs", unwrapped.offset,
+                 unwrapped.gain, len(norm_feats), norm_pairs)
+        results.update(normalize_pairs=norm_pairs, normalize_count=len(norm_feats))
     results.update(score_offset=unwrapped.offset, score_gain=unwrapped.gain)
     save_scalar_head_model(unwrapped, tokenizer, os.path.join(cfg.output_dir, "model"),
-                           {"normalize_on": cfg.normalize_on, "eval_accuracy": results.get("eval_accuracy"),
+                           {"normalize_on": cfg.normalize_on,
+                            **({"normalize_pairs": norm_pairs} if cfg.normalize_on == "chosen" else {}),
+                            "eval_accuracy": results.get("eval_accuracy"),
                             "prompt_templates": source_templates(data.train, data.template)})
     return ctx.finish(results)

@@ -9,7 +9,7 @@ from rlhf_ds.data.features import sft_features
 from rlhf_ds.data.formats import load_sft
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_causal_lm, load_tokenizer, save_causal_lm
-from rlhf_ds.steps.common import builtin_data, split_eval, start_step
+from rlhf_ds.steps.common import builtin_data, global_batch, split_eval, start_step
 from rlhf_ds.steps.lm_training import train_lm
 from rlhf_ds.steps.loop import total_optimizer_steps
 
@@ -45,7 +45,10 @@ def run(cfg: SFTConfig) -> dict:
 
     train_feats = featurize(train_src)
     eval_feats = featurize(eval_src) if eval_src else None
-    train_feats, eval_feats = split_eval(train_feats, eval_feats, data.eval_split, cfg.train.seed)
+    # held out, and what is left fills a global batch: refused here, before any model loads
+    train_feats, eval_feats = split_eval(train_feats, eval_feats, data.eval_split, cfg.train.seed, "examples",
+                                         global_batch(cfg.train))
+    total_steps = total_optimizer_steps(len(train_feats), cfg.train)
 
     ds_cfg = strategy.ds_config_for(cfg.engine, cfg.train.micro_batch_size, cfg.train.grad_accum)
     model = load_causal_lm(cfg.model, ds_cfg, cfg.engine.precision, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
@@ -54,7 +57,7 @@ def run(cfg: SFTConfig) -> dict:
     trainable, total = count_parameters(model)
     log.info("sft: %d of %d parameters trainable (%.2f%%)", trainable, total, 100.0 * trainable / total)
 
-    engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total_optimizer_steps(len(train_feats), cfg.train))
+    engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total_steps)
     log_partitioning(engine)
     ctx.begin({"model": engine})
     results = train_lm(engine, train_feats, eval_feats, tokenizer.pad_token_id, cfg.train, ctx, "sft")
