@@ -163,13 +163,13 @@ def test_simpo_needs_no_reference(tiny_base, tmp_path):
 def test_bad_rows_are_refused_before_any_output(tiny_base, tmp_path):
     bad = tmp_path / "pairs.jsonl"
     rows = [{"prompt": "human : hi . assistant :", "chosen": "hello .", "rejected": "no ."},
-            {"prompt": "human : hi . assistant :", "chosen": "hello .", "rejected": 7}]  # row 1 (rows count from 0)
+            {"prompt": "human : hi . assistant :", "chosen": "hello .", "rejected": 7}]  # row 2 (rows count from 1)
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = str(tmp_path / "bad")
     proc = run_cli(["dpo", f"model={tiny_base}", f"output_dir={out}", f"data.train={bad}", *SMALL], check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = [x for x in proc.stderr.splitlines() if x.startswith("rlhf-ds dpo: ")][-1]
-    assert str(bad) in line and "row 1" in line and "'rejected'" in line, line
+    assert str(bad) in line and "row 2" in line and "'rejected'" in line, line
     assert not os.path.exists(os.path.join(out, "config.yaml")) and not os.path.exists(os.path.join(out, "model"))
 
 
