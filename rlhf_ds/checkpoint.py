@@ -30,7 +30,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from typing import Optional
 
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 import yaml
 
-from rlhf_ds.engine import strategy
+from rlhf_ds.engine import launcher, strategy
 from rlhf_ds.utils import atomic_write_json, atomic_write_text, barrier, is_rank0, rank, world_size
 
 log = logging.getLogger("rlhf_ds")
@@ -76,17 +75,17 @@ class Preempted(Exception):
 
 class StopSignal:
     """SIGTERM and SIGUSR1 (Slurm's preemption and time-limit warnings) only set a flag: the loop finishes its step,
-    all ranks agree to stop, save a checkpoint and exit with status 75 (`engine.launcher.PREEMPTED_EXIT_CODE`)."""
+    all ranks agree to stop, save a checkpoint and exit with status 75 (`engine.launcher.PREEMPTED_EXIT_CODE`). A stop
+    signal that comes because a peer rank died ends the rank at once instead (`engine.launcher`)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = launcher.STOP_SIGNALS
 
     def __init__(self):
         self.received: Optional[str] = None
-        for s in self.SIGNALS:
-            signal.signal(s, self._handle)
+        launcher.handle_stop_in_loop(self._handle)
 
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
+    def _handle(self, signal_name: str) -> None:
+        self.received = signal_name
 
 
 # ---- RNG states: plain types and tensors, so the rank file loads with weights_only=True -------------------------

@@ -23,7 +23,7 @@ import json
 import sys
 
 from rlhf_ds.config import STEP_CONFIGS, ConfigError, GenerationConfig, load_config
-from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE, record_exit
+from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE, blame_dead_peer, record_exit, start_rank, under_launcher
 
 # step name -> module with `run(cfg)`; configs come from rlhf_ds.config
 TRAINING_STEPS = {
@@ -142,10 +142,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
 
     p = sub.add_parser("serve-reward", help="serve a reward model over HTTP (POST /score, GET /health) for PPO's "
-                       "reward.url; no authentication, so it listens on 127.0.0.1 unless --host says otherwise")
+                       "reward.url; listens on 127.0.0.1 unless --host says otherwise; every request is bounded in "
+                       "texts, characters per text, time and connections (docs/rl.md)")
     p.add_argument("model", help="reward model folder (an rm output)")
     p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (0.0.0.0: every interface, with no authentication)")
+                   help="address to listen on (0.0.0.0: every interface; use --token-file then)")
+    p.add_argument("--token-file", default=None,
+                   help="file holding a shared secret: /score answers only requests with 'Authorization: Bearer "
+                        "TOKEN' (the client's reward.token_file), others get HTTP 401. Sent in clear (no TLS): use it "
+                        "on a trusted network or behind a TLS proxy")
+    p.add_argument("--workers", type=int, default=4, help="threads answering requests (one model, scored in turn)")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at most: past it the oldest idle one is closed, or the new one gets 503")
+    p.add_argument("--max-texts", type=int, default=1024, help="prompts (and responses) per request at most (else 413)")
+    p.add_argument("--read-timeout", type=float, default=10.0,
+                   help="seconds an idle connection, or a read of a request, may go without a byte before it is closed")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds from a request's first byte to its answer (reading, waiting, scoring); past it 503")
     p.add_argument("--port", type=int, default=8000, help="0 = a free port (the printed line names it)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -172,19 +185,22 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _run_step(args, argv: list[str]) -> int:
+    from rlhf_ds.engine import startup
+    from rlhf_ds.engine.launcher import relaunch
+
+    in_rank = under_launcher() or not args.num_gpus  # else: the wrapper that starts the launcher
+    if in_rank:  # before the config's imports (torch, a reward function's module)
+        start_rank()
+        startup.phase("imports and config")
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.command, args.config, overrides)
     except ConfigError as e:
         print(f"rlhf-ds {args.command}: config error: {e}", file=sys.stderr)
         return 2
-    from rlhf_ds.engine.launcher import relaunch, under_launcher, watch_launcher
-
-    if args.num_gpus and not under_launcher():
+    if not in_rank:
         rest = _without_launch_options(argv)
         return relaunch(args.command, cfg.output_dir, rest, args.num_gpus, args.master_port)
-    if under_launcher():
-        watch_launcher()  # a rank never outlives the launcher that started it
     return run_training_step(args.command, cfg)
 
 
@@ -278,6 +294,8 @@ def _run_eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if under_launcher():  # a rank: its stop signals and launcher watch before anything slow (the parser: 0.3 s)
+        start_rank()
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command)
     args, extra = parser.parse_known_args(argv)
@@ -340,7 +358,8 @@ def _run_tool(args) -> int:
             from rlhf_ds.rewards.server import serve
 
             return serve(args.model, args.host, args.port, args.device, args.precision, args.max_prompt_tokens,
-                         args.max_seq_len, args.batch_size)
+                         args.max_seq_len, args.batch_size, args.token_file, args.workers, args.max_connections,
+                         args.max_texts, args.read_timeout, args.request_timeout)
         elif args.command == "chat":
             evaluate.chat_loop(args.model, _generation_config(args), args.template, args.reward_model, args.gold_seed,
                                args.max_prompt_tokens, args.device, args.precision, args.seed)
@@ -356,7 +375,13 @@ def entry() -> int:
     """The `rlhf-ds` command and `python -m rlhf_ds.cli`. A rank in a process group leaves through
     `strategy.end_rank` whatever its status (meeting its peers only after a step run to its end or to a saved
     preemption); anything else exits the usual way."""
-    code = main()
+    try:
+        code = main()
+    except Exception as e:  # e.g. a collective whose peer died
+        blame_dead_peer(f"{type(e).__name__}: {str(e)[:200]}")
+        raise
+    if code not in (0, 2, PREEMPTED_EXIT_CODE):
+        blame_dead_peer(f"its step failed with status {code}")
     record_exit()  # for the supervisor above the launcher: this process got to return a status
     if "torch.distributed" in sys.modules:
         import torch.distributed as dist

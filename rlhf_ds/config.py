@@ -644,8 +644,9 @@ class PPOAlgoConfig:
     kl_horizon: int = 10000  # adaptive controller: horizon in samples
     kl_loss_coef: float = 0.0  # KL to the reference as a loss term instead of (or besides) in the reward (GRPO: 0.001)
     kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token estimate used by the KL loss
-    # the KL loss's per-token log-ratio is clamped to +-this before the estimate (k3 grows as exp(-log-ratio));
-    # OpenRLHF's and verl's 10; null = no clamp
+    # the KL loss's per-token log-ratio is clamped to +-this before the estimate (k3 grows as exp(-log-ratio): at -25
+    # a loss of 3.6e10); null = no clamp. The peers bound the same term by 10 elsewhere (OpenRLHF: the estimate;
+    # verl: the log-ratio at 20, then the k3 value at 10), so their figures differ beyond a log-ratio of 10
     kl_loss_log_ratio_clip: Optional[float] = 10.0
     gamma: float = 1.0  # discount per token
     lam: float = 0.95  # GAE lambda

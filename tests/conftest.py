@@ -30,7 +30,8 @@ def cli_env(threads: int = 1) -> dict:
     return env
 
 
-def run_cli(args: list[str], ranks: int = 1, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], ranks: int = 1, timeout: int = 600, check: bool = True,
+            env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """`rlhf_ds.cli <args>` in one process, or on `ranks` CPU ranks through the real deepspeed launcher."""
     if ranks == 1:
         cmd = [sys.executable, "-m", "rlhf_ds.cli", *args]
@@ -39,7 +40,8 @@ def run_cli(args: list[str], ranks: int = 1, timeout: int = 600, check: bool = T
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--no_local_rank",
                "--master_port", str(free_port()), "--module", "rlhf_ds.cli", *args]
         env = cli_env(threads=1)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env={**env, **(env_extra or {})}, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc

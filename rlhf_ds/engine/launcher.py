@@ -7,9 +7,13 @@ exits 0 when its `deepspeed.launcher.launch` child dies of a signal (it passes o
 records in a folder of the supervisor's that it returned from its step, and a launcher that reports success while a
 rank never got that far is a failure.
 
-Rank side: `watch_launcher` ends a rank at once (status 1, no checkpoint written) when the process that started it
-dies, or any launcher process above it up to `$RLHF_DS_LAUNCHER_PID` (which the supervisor and the launch/ scripts
-set): on Linux through a parent-death signal, everywhere through a watchdog thread polling the chain.
+Rank side: `start_rank`, the first thing a step process does, gives it its own stop-signal handler (never the ignored
+dispositions the supervisor's launcher was started with) and, under a launcher, `watch_launcher`: a watchdog that ends
+the rank at once (status 1, no checkpoint written) when the process that started it dies, or any launcher process
+above it up to `$RLHF_DS_LAUNCHER_PID` (which the supervisor and the launch/ scripts set), or a peer rank started by
+the same launcher. A stop signal means preemption (save and exit 75) unless a local peer rank has died: DeepSpeed's
+launcher answers a rank's death by SIGTERMing the others, which then exit at once without trying to save (the peer is
+gone: no collective can complete), so the newest complete checkpoint stays the one to resume from.
 """
 from __future__ import annotations
 
@@ -17,13 +21,15 @@ import argparse
 import ctypes
 import logging
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-from typing import NamedTuple, Optional
+import time
+from typing import Callable, NamedTuple, Optional
 
 from rlhf_ds import run_lock
 
@@ -34,6 +40,10 @@ LAUNCHER_PID_ENV = "RLHF_DS_LAUNCHER_PID"  # the outermost launcher process of t
 EXIT_RECORDS_ENV = "RLHF_DS_EXIT_RECORDS"  # the supervisor's folder where each rank notes that it returned
 END_WITH_SSH_ENV = "RLHF_DS_END_WITH_SSH"  # "1": a rank started over ssh ends with its ssh session (pdsh mode)
 WATCH_INTERVAL_S = 0.5
+# a local peer rank gone without its launcher's SIGTERM after this long (the launcher polls its ranks every second and
+# then names the dead rank's status as the job's): the rank stops on its own
+PEER_DEATH_GRACE_S = 2.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm's preemption and time-limit warnings, a scheduler's stop
 PARENT_DEATH_SIGNAL = signal.SIGHUP  # only acted on once the launcher is really gone (see watch_launcher)
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _PR_SET_CHILD_SUBREAPER = 36
@@ -214,8 +224,15 @@ def rank_processes(pid: int) -> list:
 
 
 # ---- rank side -----------------------------------------------------------------------------------------------------
+_started = threading.Event()  # start_rank ran
+_returned = threading.Event()  # this rank returned from its step: peers leaving from now on is the normal end
+_loop_stop_handler: Optional[Callable[[str], None]] = None  # set once the step's loop takes stop signals over
+_peers: dict = {}  # pid -> (rank, psutil.Process) of the local peer ranks seen so far
+
+
 def record_exit() -> None:
     """Note in the supervisor's folder that this rank returned from its step (nothing to do without a supervisor)."""
+    _returned.set()
     folder = os.environ.get(EXIT_RECORDS_ENV)
     if not folder:
         return
@@ -225,25 +242,122 @@ def record_exit() -> None:
         print(f"rlhf-ds: could not record this rank's exit in {folder}: {e}", file=sys.stderr)
 
 
+def start_rank() -> None:
+    """The first thing a step process does, before its heavy imports (call it from the main thread; again: nothing
+    more to do): stop signals get this module's handler, and under a launcher the watchdog starts."""
+    import psutil  # noqa: F401  (the handlers use it: imported before a signal can come in the middle of that)
+
+    if _started.is_set():
+        return
+    _started.set()
+    install_stop_handlers()
+    if under_launcher():
+        watch_launcher()
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM/SIGUSR1 go to `_on_stop_signal` (whatever disposition this process inherited; a launcher started with
+    them ignored passes that on to its children)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_stop_signal)
+
+
+def handle_stop_in_loop(handler: Callable[[str], None]) -> None:
+    """From now on a stop signal that is not a peer's death calls `handler(signal name)` (the loop then saves a
+    checkpoint at the end of its step and exits 75). Before that, during start-up, it ends the rank at once with 75:
+    there is nothing to save yet, and the newest checkpoint is still the one to resume from."""
+    global _loop_stop_handler
+    _loop_stop_handler = handler
+    install_stop_handlers()
+
+
+def _on_stop_signal(signum, frame) -> None:
+    name = signal_name(signum)
+    peer = peer_gone(signalled=True)
+    if peer:
+        _stop_rank(f"{peer}, and {name} came (its launcher ending the job)")
+    elif _loop_stop_handler is not None:
+        _loop_stop_handler(name)
+    else:
+        _stop_starting(name)
+
+
+def _stop_starting(name: str) -> None:
+    try:
+        print(f"rlhf-ds rank {os.environ.get('RANK', '0')}: {name} during start-up, before any step: stopping now "
+              f"with status {PREEMPTED_EXIT_CODE} (nothing to save yet; run the same command to resume)",
+              file=sys.stderr, flush=True)
+    finally:
+        os._exit(PREEMPTED_EXIT_CODE)
+
+
+def peer_gone(signalled: bool = False) -> Optional[str]:
+    """'peer rank K (pid P) died' when a rank started by this rank's parent (the per-node launcher) has died or
+    exited while this one still runs its step; None otherwise (also without a launcher, and once this rank returned).
+    `signalled`: a stop signal came. DeepSpeed's launcher starts all of its ranks before it watches any, so a peer
+    missing from their count then is one that died before this rank saw it."""
+    import psutil
+
+    if _returned.is_set() or not under_launcher():
+        return None
+    expected = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1
+    if len(_peers) < expected:  # a scan of every process, only until all peers are known
+        try:
+            parent = psutil.Process(os.getppid())
+            siblings = parent.children()
+        except psutil.Error:
+            return None  # the launcher itself is gone: launcher_gone's business
+        for p in siblings:
+            try:
+                if p.pid != os.getpid() and p.pid not in _peers and "RANK" in p.environ():
+                    _peers[p.pid] = (p.environ()["RANK"], p)
+            except psutil.Error:
+                continue
+        if signalled and len(_peers) < expected and _is_launcher(parent):
+            return f"{expected - len(_peers)} of the {expected} other ranks of this node died"
+    for pid, (rank, p) in _peers.items():
+        if not _alive(p):
+            return f"peer rank {rank} (pid {pid}) died"
+    return None
+
+
+def blame_dead_peer(failure: str) -> None:
+    """Call when this rank's step failed (`failure`: how). When a local peer rank has died, that death is the cause (a
+    collective or a save met the closed connection first): wait for the launcher to see it and end the job (its SIGTERM
+    ends this rank), so the job's status names the peer's death rather than this rank's failure; stop after
+    PEER_DEATH_GRACE_S regardless. Nothing happens when every peer lives."""
+    peer = peer_gone()
+    if not peer:
+        return
+    deadline = time.monotonic() + PEER_DEATH_GRACE_S
+    while time.monotonic() < deadline:  # the stop-signal handler ends the rank when the launcher's SIGTERM comes
+        time.sleep(0.05)
+    _stop_rank(f"{peer} ({failure})")
+
+
 def watch_launcher(interval: float = WATCH_INTERVAL_S) -> None:
     """End this rank at once when the process that started it, or a launcher process above it up to
-    `$RLHF_DS_LAUNCHER_PID`, dies. Call it from the main thread, early.
+    `$RLHF_DS_LAUNCHER_PID`, dies, or when a peer rank of the same launcher has died. Call it from the main thread,
+    early.
 
     The rank exits with status 1 without saving: a checkpoint being written is left as its temp folder, which is never
     read and is removed at the next start, so the newest complete checkpoint stays the one to resume from. On Linux the
     kernel signals the parent's death (PR_SET_PDEATHSIG); that signal also comes when merely the parent's forking
-    thread ends, and it cannot be delivered while the main thread is inside a long C call, so it only wakes the watchdog
-    thread, which checks the chain itself, at the latest every `interval` seconds.
+    thread ends. A Python signal handler runs only when the main thread gets back from the C call it is in (a
+    collective, a long matmul), so the handlers' signals are also written to a wake-up pipe that the watchdog thread
+    reads: it checks the chain and the peers on every signal, and at the latest every `interval` seconds.
     """
     parent = os.getppid()
-    wake = threading.Event()
-    signal.signal(PARENT_DEATH_SIGNAL, lambda signum, frame: wake.set())
+    signal.signal(PARENT_DEATH_SIGNAL, lambda signum, frame: None)  # the watchdog acts on it, through the pipe
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
     _set_parent_death_signal(PARENT_DEATH_SIGNAL)
     chain = launcher_chain()  # after arming the signal: a death from now on is seen by one or the other
     gone = launcher_gone(parent, chain)
     if gone:
         _stop_rank(gone)
-    threading.Thread(target=_watch, args=(parent, chain, wake, interval), name="rlhf_ds-launcher-watch",
+    threading.Thread(target=_watch, args=(parent, chain, wake_read, interval), name="rlhf_ds-launcher-watch",
                      daemon=True).start()
 
 
@@ -303,13 +417,21 @@ def launcher_gone(parent: int, chain: list) -> Optional[str]:
     return None
 
 
-def _watch(parent: int, chain: list, wake: threading.Event, interval: float) -> None:
+def _watch(parent: int, chain: list, wake_read: int, interval: float) -> None:
+    peer_dead_since = None
     while True:
-        wake.wait(interval)
-        wake.clear()
+        ready, _, _ = select.select([wake_read], [], [], interval)
+        signals = set(os.read(wake_read, 512)) if ready else set()
         gone = launcher_gone(parent, chain)
         if gone:
             _stop_rank(gone)
+        stop = signals & {int(s) for s in STOP_SIGNALS}
+        peer = peer_gone(signalled=bool(stop))
+        if peer and (stop or peer_dead_since and time.monotonic() - peer_dead_since > PEER_DEATH_GRACE_S):
+            _stop_rank(peer)
+        peer_dead_since = (peer_dead_since or time.monotonic()) if peer else None
+        if stop and _loop_stop_handler is None:  # the main thread may sit in a C call: start-up stops from here
+            _stop_starting(signal_name(min(stop)))
 
 
 def _stop_rank(reason: str) -> None:

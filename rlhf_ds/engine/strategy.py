@@ -9,6 +9,7 @@ import contextlib
 import copy
 import math
 import os
+import sys
 from datetime import timedelta
 from typing import Iterable, Iterator, Optional
 
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from rlhf_ds.config import EngineConfig
+from rlhf_ds.engine import startup
 from rlhf_ds.engine.ds_config import build_ds_config
 from rlhf_ds.engine.optimizers import build_optimizer
 from rlhf_ds.utils import world_size
@@ -34,19 +36,38 @@ def setup_distributed(timeout_minutes: float = 30.0) -> None:
         # ranks sharing a host must not oversubscribe its cores (measured: 4 threads on 2 cores is ~100x slower)
         threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
         torch.set_num_threads(int(os.environ.get("RLHF_DS_THREADS", threads)))
+        _without_shm_comm_op()
     else:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python`/`rlhf-ds`: a world of one
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        startup.phase(f"process group ({os.environ.get('WORLD_SIZE')} ranks meeting at "
+                      f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')})")
         deepspeed.init_distributed(
             dist_backend=get_accelerator().communication_backend_name(),
             timeout=timedelta(minutes=timeout_minutes),
             verbose=False,
         )
-        if on_cpu():
-            _release_shm_name()
+    for line in startup.check_build_locks():  # JIT ops loaded later (CPU Adam, CUDA's fused ops) wait on these
+        print(f"rlhf-ds rank {os.environ.get('RANK', '0')}: {line}", file=sys.stderr, flush=True)
+
+
+def _without_shm_comm_op() -> None:
+    """Keep DeepSpeed from loading its CPU shared-memory all-reduce op when it creates its comm backend.
+
+    DeepSpeed JIT-loads that op (`deepspeed_shm_comm`) through torch's extension builder on every CPU start, which
+    takes a build lock file even when nothing needs building; a rank killed while holding it left every later start
+    on the machine waiting on it forever, silently. Only DeepSpeed's `inference_all_reduce` (AutoTP layers) uses the
+    op, and over every local rank rather than the group it is given, which tensor-parallel generation with a TP group
+    narrower than the node cannot use; without it that call is the process group's all-reduce over the given group.
+    DeepSpeed keeps its op-compatibility table in one module-level dict and reads it before loading the op."""
+    import deepspeed.ops
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def end_rank(code: int, together: bool = True) -> None:
@@ -60,11 +81,10 @@ def end_rank(code: int, together: bool = True) -> None:
     called without an active exception"; 2 of ~80 two-rank launches in one CI run, and the 2-rank exit-2 paths under
     load): gloo's worker threads still hold work objects whose tensors reference Python objects, and destroying them
     while the interpreter is torn down kills the process, turning a complete run or a clean exit 2 into status -6/250.
-    `os._exit` runs no C++ destructor at all; the kernel closes the sockets and unmaps the shm buffers. Outputs are
+    `os._exit` runs no C++ destructor at all; the kernel closes the sockets. Outputs are
     already written and closed when a step returns; log handlers are flushed here.
     """
     import logging
-    import sys
 
     if together:
         dist.barrier()
@@ -75,20 +95,6 @@ def end_rank(code: int, together: bool = True) -> None:
         sys.stderr.flush()
     finally:  # a console nobody reads any more must not keep the status from being reported
         os._exit(code)
-
-
-def _release_shm_name() -> None:
-    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce op, which DeepSpeed never removes.
-
-    Left alone, every run leaks one buffer per rank in /dev/shm (RAM) until the host runs out of memory. Once all
-    ranks have mapped their peers' buffers (DeepSpeed does that during init; the barrier makes sure), the name is not
-    needed any more and the mappings stay valid.
-    """
-    dist.barrier()
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), dist.get_rank())
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join("/dev/shm", name))
 
 
 def _free_port() -> int:
@@ -170,6 +176,7 @@ def init_trainable(model: torch.nn.Module, engine: EngineConfig, ds_config: dict
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(inner, "enable_input_require_grads"):
                 inner.enable_input_require_grads()
+    startup.phase("DeepSpeed engine (optimizer, ZeRO partitioning)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(
         params,
@@ -189,6 +196,7 @@ def init_trainable(model: torch.nn.Module, engine: EngineConfig, ds_config: dict
 
 def init_frozen(model: torch.nn.Module, ds_config: dict):
     """An inference-only engine (reference/reward models): ZeRO-3 keeps it partitioned, no optimizer."""
+    startup.phase("DeepSpeed engine (ZeRO partitioning)")
     model.requires_grad_(False)
     ds_engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     ds_engine.eval()

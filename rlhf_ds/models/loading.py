@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_ds.config import LoraConfig
-from rlhf_ds.engine import strategy
+from rlhf_ds.engine import startup, strategy
 from rlhf_ds.models.unsharded import adapter_state_dict, is_peft, save_adapter, unsharded_copy
 from rlhf_ds.utils import atomic_directory, barrier, is_rank0
 
@@ -210,6 +210,7 @@ def load_pretrained(
     """`auto_class.from_pretrained` of a local folder, partitioned at construction under ZeRO-3; returns the model and
     the resolved folder. Weights load as safetensors where present (torch files only with weights_only)."""
     path = resolve_model_dir(path)
+    startup.phase(f"loading {path}")
     check_model_dir(path, tokenizer)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

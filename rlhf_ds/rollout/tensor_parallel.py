@@ -146,17 +146,9 @@ class TensorParallelEngine:
             if rank in ranks:
                 self.group, self.group_ranks = g, ranks
         self.leader = self.group_ranks[0]
-        self._narrower_than_world = strategy.on_cpu() and tp_size < world
         self._module: Optional[torch.nn.Module] = None
         self._targets: dict[str, list[tuple[str, torch.Tensor, Optional[int], int, int]]] = {}
         self._synced_once = False
-
-    @staticmethod
-    def _group_aware_cpu_all_reduce() -> None:
-        from deepspeed.comm import comm as ds_comm  # the module whose global backend the collectives use
-
-        if ds_comm.cdb is not None and getattr(ds_comm.cdb, "shm_vector_kernel_level", 0):
-            ds_comm.cdb.shm_vector_kernel_level = 0  # -> torch.distributed.all_reduce(group=tp group)
 
     # ---- the slice-only copy ------------------------------------------------------------------------------------
     def _build(self) -> torch.nn.Module:
@@ -315,8 +307,6 @@ class TensorParallelEngine:
         over the TP group."""
         t0 = time.time()
         model = self._generation_module()
-        if self._narrower_than_world:  # again each time: building AutoTP layers re-creates DeepSpeed's comm backend
-            self._group_aware_cpu_all_reduce()
         t_sync = time.time() - t0
         ids, mask, start, max_p, (b, p) = self._group_batch(prompt_ids, prompt_mask)
         if ids.shape[0] == 0:  # no rank of the group has prompts: nothing to decode

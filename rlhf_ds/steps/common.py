@@ -17,7 +17,7 @@ import torch
 from rlhf_ds import run_lock
 from rlhf_ds.checkpoint import CheckpointManager
 from rlhf_ds.config import BuiltinTaskConfig, TrainConfig, save_config, to_dict
-from rlhf_ds.engine import strategy
+from rlhf_ds.engine import startup, strategy
 from rlhf_ds.tracking.metrics import MetricsLogger, setup_logging
 from rlhf_ds.utils import atomic_write_json, barrier, is_rank0, set_seed, world_size
 
@@ -50,11 +50,14 @@ class StepContext:
             save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
             atomic_write_json(os.path.join(self.run_dir, "ds_config.json"), strategy.built_ds_configs)
         barrier()
+        if self.checkpoint.resume_path:
+            startup.phase(f"restoring {self.checkpoint.resume_path}")
         state = self.checkpoint.load() if self.checkpoint.resume_path else {}
         self.metrics = MetricsLogger(self.run_dir, self.step_name, self.cfg.tracking, to_dict(self.cfg),
                                      history=state.get("metrics"), wandb_id=state.get("wandb_id"))
         self.checkpoint.metrics = self.metrics
         self.resumed = state
+        log.info("start-up: %s", startup.summary(startup.done()))
 
     def finish(self, results: dict) -> dict:
         """The step is done: results.json (rank 0), the summary on rank 0's console and in wandb, metrics closed."""
