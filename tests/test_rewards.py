@@ -369,3 +369,170 @@ def test_serve_reward_refuses_a_folder_without_a_head_and_a_taken_port(models, c
         port = taken.getsockname()[1]
         assert cli.main(["serve-reward", models["gpt2_rm"], "--port", str(port)]) == 2
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# ---- serve-reward bounded in work, connections and time; the token (issue #22) ---------------------------------------
+
+TOKEN = "test-token-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def guarded(models, tmp_path_factory):
+    """A server with a token and small limits: 1 worker, 2 connections, reads idle for 1 s closed, 16 texts."""
+    root = tmp_path_factory.mktemp("guarded_server")
+    token_file = write(root / "token", TOKEN + "\n")
+    server = start_reward_server(models["gpt2_rm"], str(root / "server.log"), 0, "--token-file", token_file,
+                                 "--workers", "1", "--max-connections", "2", "--read-timeout", "1",
+                                 "--max-texts", "16")
+    yield server, token_file
+    server.stop()
+
+
+def post_as(url: str, body: bytes, token: str | None = None, timeout: float = 10) -> tuple[int, dict]:
+    """POST with an optional bearer token -> (status, JSON answer)."""
+    import urllib.error
+    import urllib.request
+
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+SMALL_BODY = json.dumps({"prompts": ["human : describe the red fox . assistant :"],
+                         "responses": ["the fox ."]}).encode()
+
+
+def test_serve_reward_answers_nested_json_with_400(guarded):
+    server, _ = guarded
+    for body in (b"[" * 100_000 + b"]" * 100_000,
+                 b'{"prompts": ' + b"[" * 3000 + b"]" * 3000 + b', "responses": []}',
+                 b'{"prompts": [' + b'{"a": ' * 3000 + b"1" + b"}" * 3000 + b'], "responses": ["x"]}'):
+        status, answer = post_as(f"{server.url}/score", body, TOKEN)
+        assert status in (400, 413), (body[:40], answer)  # nested too deeply, or more values than 16 texts need
+        assert re.search(r"nested too deeply|JSON values", answer["error"])
+    assert post_as(f"{server.url}/score", b"[" * 100_000 + b"]" * 100_000, TOKEN)[0] == 400
+    assert post_as(f"{server.url}/score", SMALL_BODY, TOKEN)[0] == 200  # its thread is alive
+
+
+def test_serve_reward_token_401_without_it_and_the_client_reads_reward_token_file(models, guarded, tmp_path, caplog):
+    from rlhf_ds.config import load_config
+    from rlhf_ds.models.scalar_head import RewardScorer
+    from rlhf_ds.steps.ppo import build_reward
+
+    server, token_file = guarded
+    url = server.url
+    for token, code in ((None, 401), ("wrong", 401), (TOKEN[:-1], 401), (TOKEN + "x", 401), (TOKEN, 200)):
+        assert post_as(f"{url}/score", SMALL_BODY, token)[0] == code, token
+    status, answer = post_as(f"{url}/score", SMALL_BODY, None)
+    assert "reward.token_file" in answer["error"]
+    with urllib_open(f"{url}/health") as r:  # liveness stays open; the model's folder only with the token
+        assert json.loads(r.read()) == {"status": "ok"}
+
+    prompts, responses = texts(5)
+    local = RewardScorer(models["gpt2_rm"], max_prompt_tokens=48, max_seq_len=96).score(prompts, responses)
+    cfg = load_config("ppo", None, ["reward.model=null", f"reward.url={url}", f"reward.token_file={token_file}",
+                                    "reward.retries=0", f"output_dir={tmp_path / 'run'}"])
+    total, _ = build_reward(cfg, None, None, None)(batch(prompts, responses))
+    assert total.tolist() == pytest.approx(local, abs=1e-5)
+
+    # without the token, or with another one: one error naming the key, not retried
+    caplog.set_level(logging.WARNING, logger="rlhf_ds")
+    with pytest.raises(RewardError, match=r"HTTP 401 .*set reward.token_file to a file holding the token"):
+        RemoteReward(url, timeout_s=10, retries=3, backoff_s=0.01)(batch(["p"], ["r"]))
+    other = write(tmp_path / "other", "another-token")
+    with pytest.raises(RewardError, match=rf"HTTP 401 \(wrong token\): the token in reward.token_file \({other}\)"):
+        RemoteReward(url, timeout_s=10, retries=3, backoff_s=0.01, token_file=other)(batch(["p"], ["r"]))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    for bad, match in ((tmp_path / "missing", "cannot read it"), (write(tmp_path / "empty", " \n"), "expected one")):
+        with pytest.raises(ConfigError, match=rf"reward.token_file {bad}: {match}"):
+            RemoteReward(url, token_file=str(bad))
+
+
+def urllib_open(url: str):
+    import urllib.request
+
+    return urllib.request.urlopen(url, timeout=10)
+
+
+def test_serve_reward_past_its_connection_cap_answers_503(guarded):
+    server, _ = guarded
+    time.sleep(0.3)  # the previous test's connections are closed
+    head = f"POST /score HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{".encode()
+    held = []
+    try:  # --max-connections 2, --workers 1: two requests still arriving, one read by the worker, one waiting for it
+        for _ in range(2):
+            held.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            held[-1].sendall(head)
+        time.sleep(0.2)
+        status, answer = post_as(f"{server.url}/score", SMALL_BODY, TOKEN)
+        assert status == 503 and "--max-connections" in answer["error"]
+        with pytest.raises(RewardError, match=r"gave no answer after 1 attempts: HTTP 503 \(server busy"):
+            RemoteReward(server.url, timeout_s=10, retries=0, token_file=guarded[1])(batch(["p"], ["r"]))
+    finally:
+        for s in held:
+            s.close()
+    deadline = time.monotonic() + 10
+    while post_as(f"{server.url}/score", SMALL_BODY, TOKEN)[0] != 200:  # room again once they are gone
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_serve_reward_cuts_huge_texts_before_tokenising(models, guarded):
+    from rlhf_ds.models.scalar_head import RewardScorer
+
+    server, _ = guarded
+    prompt = "the tree is tall . " * ((4 << 20) // 19) + "human : describe the red fox . assistant :"  # 4 MiB
+    response = "the fox runs fast and the sun is warm . " * ((20 << 20) // 40)  # 20 MiB
+    t0 = time.monotonic()
+    status, answer = post_as(f"{server.url}/score", json.dumps({"prompts": [prompt], "responses": [response]}).encode(),
+                             TOKEN, timeout=15)  # today's path tokenises 24 MiB whole first: minutes
+    took = time.monotonic() - t0
+    # what the scorer makes of the same texts cut by tokens (4,000 characters are ~1,000 tokens, far past 48 and 96)
+    cut = RewardScorer(models["gpt2_rm"], max_prompt_tokens=48, max_seq_len=96).score([prompt[-4000:]],
+                                                                                      [response[:4000]])
+    assert status == 200 and answer["scores"] == pytest.approx(cut, abs=1e-5), (status, answer, took)
+    seventeen = json.dumps({"prompts": ["p"] * 17, "responses": ["r"] * 17}).encode()  # --max-texts 16
+    status, answer = post_as(f"{server.url}/score", seventeen, TOKEN)
+    assert status == 413 and "--max-texts" in answer["error"]
+
+
+def test_cut_texts_keep_every_token_the_scorer_keeps(models):
+    import random
+
+    from rlhf_ds.data.features import pair_ids
+    from rlhf_ds.models.loading import load_tokenizer
+    from rlhf_ds.rewards.server import char_bounds, cut_texts
+
+    tok = load_tokenizer(models["gpt2_rm"])
+    words = " ".join(p + " " + r for p, r in zip(*texts(50))).split()
+    rng = random.Random(0)
+    for max_prompt, max_seq in ((48, 96), (8, 16)):
+        prompt_chars, response_chars = char_bounds(tok, max_prompt, max_seq)
+        lengths = [rng.randrange(10, 3 * response_chars) for _ in range(40)]
+        prompts = [" ".join(rng.choice(words) for _ in range(n // 4)) for n in lengths]
+        responses = [" ".join(rng.choice(words) for _ in range(n // 4)) + "ü€" * (n % 3) for n in reversed(lengths)]
+        cut_p, cut_r = cut_texts(prompts, responses, prompt_chars, response_chars)
+        assert sum(a != b for a, b in zip(prompts + responses, cut_p + cut_r)) >= 20  # most long ones were cut
+        assert pair_ids(tok, cut_p, cut_r, max_prompt, max_seq) == \
+            pair_ids(tok, prompts, responses, max_prompt, max_seq)
+
+
+def test_serve_reward_closes_idle_connections_and_stalled_reads(guarded):
+    server, _ = guarded
+    time.sleep(0.3)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as idle:  # --read-timeout 1
+        t0 = time.monotonic()
+        assert idle.recv(1) == b""  # closed by the server
+        assert 0.9 < time.monotonic() - t0 < 5
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as stalled:
+        stalled.sendall(f"POST /score HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 100\r\n\r\n{{"
+                        .encode())
+        t0 = time.monotonic()
+        answer = b""
+        while chunk := stalled.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.0 408 ") and b"--read-timeout" in answer
+        assert 0.9 < time.monotonic() - t0 < 5

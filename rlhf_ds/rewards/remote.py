@@ -2,9 +2,10 @@
 
     POST {url}/score  {"prompts": [...], "responses": [...]}  ->  {"scores": [...]}
 
-Transient failures (connection refused or reset, timeout, HTTP 5xx) are retried with exponential backoff; an answer
-that is wrong (HTTP 4xx, not JSON, wrong length, non-finite) is not: asking again would give the same answer.
-Standard library only.
+Transient failures (connection refused or reset, timeout, HTTP 5xx, e.g. 503 from a busy server) are retried with
+exponential backoff; an answer that is wrong (HTTP 4xx, not JSON, wrong length, non-finite) is not: asking again would
+give the same answer. HTTP 401 says the server wants another token (`reward.token_file`, sent as
+`Authorization: Bearer TOKEN`). Redirects are not followed (the token would go along). Standard library only.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from rlhf_ds.config import ConfigError
 from rlhf_ds.rewards.base import RewardBatch, RewardError, as_scores
+from rlhf_ds.rewards.server import read_token_file
 
 log = logging.getLogger("rlhf_ds")
 
@@ -32,12 +34,15 @@ class RemoteReward:
     name = "remote"
 
     def __init__(self, url: str, timeout_s: float = 30.0, retries: int = 3, backoff_s: float = 1.0,
-                 batch_size: int = 64):
+                 batch_size: int = 64, token_file: str | None = None):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:  # urllib would also open file:// and ftp://
             raise ConfigError(f"reward.url {url!r}: expected http://HOST:PORT or https://HOST:PORT")
         self.url = url.rstrip("/")
         self.timeout_s, self.retries, self.backoff_s, self.batch_size = timeout_s, retries, backoff_s, batch_size
+        self.token_file = token_file
+        self.token = read_token_file(token_file, "reward.token_file") if token_file else None
+        self.opener = urllib.request.build_opener(_NoRedirect)
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
         scores = [self._score(batch.prompts[i : i + self.batch_size], batch.responses[i : i + self.batch_size])
@@ -71,19 +76,34 @@ class RemoteReward:
                               f"{err}") from None
 
     def _post(self, body: bytes) -> bytes:
-        request = urllib.request.Request(f"{self.url}/score", data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if self.token is not None:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(f"{self.url}/score", data=body, method="POST", headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with self.opener.open(request, timeout=self.timeout_s) as response:
                 return response.read()
         except urllib.error.HTTPError as err:
             detail = _error_detail(err)
             if err.code >= 500:
                 raise _Transient(f"HTTP {err.code}{detail}") from None
+            if err.code == 401:
+                fix = (f"the token in reward.token_file ({self.token_file}) is not the one the server was started with"
+                       if self.token is not None else
+                       "set reward.token_file to a file holding the token the server was started with")
+                raise RewardError(f"reward server {self.url} refused the request: HTTP 401{detail}: {fix} "
+                                  f"(rlhf-ds serve-reward --token-file)") from None
             raise RewardError(f"reward server {self.url} refused the request: HTTP {err.code}{detail}") from None
         except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # refused, reset, timed out
             reason = getattr(err, "reason", None) or err
             raise _Transient(f"{type(reason).__name__}: {reason}") from None
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer (a 3xx error), not a new request: urllib would send the token to the new address."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
 
 
 def _error_detail(err: urllib.error.HTTPError) -> str:

@@ -98,7 +98,7 @@ def build_reward(cfg: PPOConfig, reward_engine, tokenizer, reward_tokenizer) -> 
     if r.function:
         parts.append(("function", FunctionReward(r.function)))
     if r.url:
-        parts.append(("remote", RemoteReward(r.url, r.timeout_s, r.retries, r.backoff_s, r.batch_size)))
+        parts.append(("remote", RemoteReward(r.url, r.timeout_s, r.retries, r.backoff_s, r.batch_size, r.token_file)))
     return WeightedReward([(name, float(r.weights.get(name, 1.0)), source) for name, source in parts])
 
 
