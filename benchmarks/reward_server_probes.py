@@ -147,14 +147,29 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def closed_by_peer(sock: socket.socket) -> bool:
+def fate(sock: socket.socket) -> str:
+    """What the server did with a connection that never sent a request: "open", "closed", or "503" (refused)."""
     sock.setblocking(False)
     try:
-        return sock.recv(1) == b""
+        data = sock.recv(64)
     except BlockingIOError:
-        return False
+        return "open"
     except OSError:
-        return True
+        return "closed"
+    return "503" if data.startswith(b"HTTP/1.0 503") else "closed" if not data else "answered"
+
+
+def fates(socks: list[socket.socket]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for s in socks:
+        if getattr(s, "fate", "open") == "open":
+            s.fate = fate(s)
+        out[s.fate] = out.get(s.fate, 0) + 1
+    return dict(sorted(out.items()))
+
+
+class Conn(socket.socket):
+    fate = "open"
 
 
 def idle_probe(pid: int, url: str, port: int, n: int, token: str | None, read_timeout: float) -> None:
@@ -166,23 +181,24 @@ def idle_probe(pid: int, url: str, port: int, n: int, token: str | None, read_ti
                 print(f"  stopped opening connections after 60 s: {len(socks)} of {n} open")
                 break
             try:
-                socks.append(socket.create_connection((HOST, port), timeout=5))
+                socks.append(Conn(socket.AF_INET, socket.SOCK_STREAM))
+                socks[-1].settimeout(5)
+                socks[-1].connect((HOST, port))
             except OSError as err:
+                socks.pop().close()
                 print(f"  connection {len(socks) + 1}: {type(err).__name__}: {err}")
                 break
-        n = len(socks)
+        n, opened = len(socks), time.monotonic() - t0
         time.sleep(1.0)
         st = proc_status(pid)
-        status, _ = post(url, SMALL, token, timeout=30)
+        print(f"  {n} idle connections opened in {opened:.2f} s; 1 s later: server threads {st['Threads']}, open files "
+              f"{st['fds']}, the connections {fates(socks)}")
         t_req = time.monotonic()
-        print(f"  {n} idle connections opened in {t_req - t0 - 1.0:.2f} s: server threads {st['Threads']}, open files "
-              f"{st['fds']}; closed by the server already: {sum(map(closed_by_peer, socks))}")
-        status2, _ = post(url, SMALL, token, timeout=30)
-        print(f"  two valid requests meanwhile: HTTP {status}, {status2} ({time.monotonic() - t_req:.3f} s for both)")
+        statuses = [post(url, SMALL, token, timeout=30)[0] for _ in range(2)]
+        print(f"  two valid requests meanwhile: HTTP {statuses} ({time.monotonic() - t_req:.3f} s for both)")
         time.sleep(read_timeout + 1.5)
-        closed = sum(map(closed_by_peer, socks))
-        print(f"  {read_timeout + 2.5:.1f} s after opening: {closed} of {n} closed by the server; server threads "
-              f"{proc_status(pid)['Threads']}")
+        print(f"  {time.monotonic() - t0:.1f} s after the first was opened: the connections {fates(socks)}; server "
+              f"threads {proc_status(pid)['Threads']}")
     finally:
         for s in socks:
             s.close()
