@@ -315,7 +315,7 @@ def peer_gone(signalled: bool = False) -> Optional[str]:
                 continue
         if signalled and len(_peers) < expected and _is_launcher(parent):
             return f"{expected - len(_peers)} of the {expected} other ranks of this node died"
-    for pid, (rank, p) in _peers.items():
+    for pid, (rank, p) in list(_peers.items()):  # (the handler and the watchdog thread may both be here)
         if not _alive(p):
             return f"peer rank {rank} (pid {pid}) died"
     return None
@@ -430,8 +430,9 @@ def _watch(parent: int, chain: list, wake_read: int, interval: float) -> None:
         if peer and (stop or peer_dead_since and time.monotonic() - peer_dead_since > PEER_DEATH_GRACE_S):
             _stop_rank(peer)
         peer_dead_since = (peer_dead_since or time.monotonic()) if peer else None
-        if stop and _loop_stop_handler is None:  # the main thread may sit in a C call: start-up stops from here
-            _stop_starting(signal_name(min(stop)))
+        ours = {s for s in stop if signal.getsignal(s) is _on_stop_signal}  # (a program may have its own handler)
+        if ours and _loop_stop_handler is None:  # the main thread may sit in a C call: start-up stops from here
+            _stop_starting(signal_name(min(ours)))
 
 
 def _stop_rank(reason: str) -> None:
