@@ -722,6 +722,13 @@ class PPOConfig:
         if r.timeout_s <= 0 or r.retries < 0 or r.backoff_s < 0 or r.batch_size < 1:
             raise ConfigError("reward.timeout_s and reward.batch_size must be > 0, reward.retries and "
                               "reward.backoff_s >= 0")
+        if r.token_file:
+            if not r.url:
+                raise ConfigError("reward.token_file is the token for a reward server (reward.url), but reward.url is "
+                                  "not set")
+            from rlhf_ds.rewards.server import read_token_file
+
+            read_token_file(r.token_file, "reward.token_file")  # readable and well-formed before any rank starts
         estimator = get_estimator(p.advantage_estimator)
         if p.n_samples_per_prompt < 1:
             raise ConfigError("ppo.n_samples_per_prompt must be >= 1")

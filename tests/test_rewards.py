@@ -449,6 +449,11 @@ def test_serve_reward_token_401_without_it_and_the_client_reads_reward_token_fil
     for bad, match in ((tmp_path / "missing", "cannot read it"), (write(tmp_path / "empty", " \n"), "expected one")):
         with pytest.raises(ConfigError, match=rf"reward.token_file {bad}: {match}"):
             RemoteReward(url, token_file=str(bad))
+        with pytest.raises(ConfigError, match=rf"reward.token_file {bad}: {match}"):  # at load, before any rank starts
+            load_config("ppo", None, ["reward.model=null", f"reward.url={url}", f"reward.token_file={bad}"])
+    with pytest.raises(ConfigError, match="reward.token_file is the token for a reward server"):
+        load_config("ppo", None, ["reward.model=null", f"reward.function={RULES}:on_topic",
+                                  f"reward.token_file={token_file}"])
 
 
 def urllib_open(url: str):
