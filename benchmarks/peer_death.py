@@ -3,8 +3,8 @@ takes to end: no process of it left, its exit status, the newest checkpoint comp
 
     python benchmarks/peer_death.py [--work DIR] [--rank 1] [--rounds 1]
 
-Moments: `start-up` (the victim killed 1 s after it appeared: the survivor is importing, meeting its peer or loading
-models), `generation` (the survivor is generating, a rank-local phase with no collective to fail: the rollout of a
+Moments: `start-up` (the victim killed 1 s after it appeared: the survivor is importing or meeting its peer),
+`loading` (once rank 0 has joined the process group: the survivor reads the data and loads the models), `generation` (the survivor is generating, a rank-local phase with no collective to fail: the rollout of a
 step with long responses), `save` (while the checkpoint of a step is being written: its `.tmp-` folder exists).
 Each moment gets a fresh launch; the re-run of the last one runs to the end and resumes from the newest checkpoint.
 Prints one line per kill and a JSON summary. Run it on an idle machine: the figures are wall-clock.
@@ -86,6 +86,8 @@ def kill_at(moment: str, args: list[str], run_dir: str, victim_rank: str, log_pa
     root = os.path.join(run_dir, "checkpoints")
     if moment == "start-up":
         time.sleep(1.0)
+    elif moment == "loading":  # rank 0 has joined the process group and reads the data, then loads the models
+        wait_for(lambda: "INFO ppo: world size" in open(log_path, encoding="utf-8").read(), 120, poll=0.002)
     elif moment == "generation":
         first = steps_logged(run_dir)
         wait_for(lambda: steps_logged(run_dir) > first + 1, 300, poll=0.002)  # a step just ended: the next rolls out
@@ -116,7 +118,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="/tmp/rlhf_ds_peer_death")
     p.add_argument("--rank", default="1", help="the rank to kill (the other survives)")
-    p.add_argument("--moments", default="start-up,generation,save")
+    p.add_argument("--moments", default="start-up,loading,generation,save")
     args = p.parse_args()
     os.makedirs(args.work, exist_ok=True)
     models = build_tiny_models(os.path.join(args.work, "models"))

@@ -275,7 +275,7 @@ def _on_stop_signal(signum, frame) -> None:
     name = signal_name(signum)
     peer = peer_gone(signalled=True)
     if peer:
-        _stop_rank(f"{peer}, and {name} came (its launcher ending the job)")
+        _stop_rank(f"{peer} and {name} came")
     elif _loop_stop_handler is not None:
         _loop_stop_handler(name)
     else:
@@ -292,7 +292,7 @@ def _stop_starting(name: str) -> None:
 
 
 def peer_gone(signalled: bool = False) -> Optional[str]:
-    """'peer rank K (pid P) died' when a rank started by this rank's parent (the per-node launcher) has died or
+    """'peer rank K (pid P) has exited' when a rank started by this rank's parent (the per-node launcher) has died or
     exited while this one still runs its step; None otherwise (also without a launcher, and once this rank returned).
     `signalled`: a stop signal came. DeepSpeed's launcher starts all of its ranks before it watches any, so a peer
     missing from their count then is one that died before this rank saw it."""
@@ -314,10 +314,10 @@ def peer_gone(signalled: bool = False) -> Optional[str]:
             except psutil.Error:
                 continue
         if signalled and len(_peers) < expected and _is_launcher(parent):
-            return f"{expected - len(_peers)} of the {expected} other ranks of this node died"
+            return f"{expected - len(_peers)} of the {expected} other ranks of this node have exited"
     for pid, (rank, p) in list(_peers.items()):  # (the handler and the watchdog thread may both be here)
         if not _alive(p):
-            return f"peer rank {rank} (pid {pid}) died"
+            return f"peer rank {rank} (pid {pid}) has exited"
     return None
 
 
