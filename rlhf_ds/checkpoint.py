@@ -184,7 +184,7 @@ class CheckpointManager:
         self.engines: dict = {}
         self.states: dict[str, tuple[object, bool]] = {}  # name -> (object with state_dict/load_state_dict, per rank)
         self.metrics = None  # set by StepContext.begin: the rows saved with each checkpoint
-        self.stop = StopSignal()
+        self.stop: Optional[StopSignal] = None  # listen_for_stop_signals: once the step's start-up is over
         self._last_save = time.monotonic()
         self.broken: list[str] = []  # checkpoints found unusable (rank 0)
         decision = self._choose() if is_rank0() else None
@@ -306,6 +306,10 @@ class CheckpointManager:
         return state
 
     # ---- saving ---------------------------------------------------------------------------------------------------------
+    def listen_for_stop_signals(self) -> None:
+        """From now on SIGTERM/SIGUSR1 stop the run at the end of a step, with a checkpoint (`after_step`)."""
+        self.stop = StopSignal()
+
     def after_step(self, step: int) -> None:
         """Call on every rank after each training step. Saves when due (every N steps, every M minutes, or when any rank
         got a stop signal; ranks agree through one small all-reduce), then raises Preempted if a signal asked to stop."""

@@ -23,7 +23,8 @@ import json
 import sys
 
 from rlhf_ds.config import STEP_CONFIGS, ConfigError, GenerationConfig, load_config
-from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE, blame_dead_peer, record_exit, start_rank, under_launcher
+from rlhf_ds.engine.launcher import (PREEMPTED_EXIT_CODE, await_local_rank0, blame_dead_peer, peers_may_leave,
+                                     record_exit, start_rank, under_launcher)
 
 # step name -> module with `run(cfg)`; configs come from rlhf_ds.config
 TRAINING_STEPS = {
@@ -191,7 +192,7 @@ def _run_step(args, argv: list[str]) -> int:
     in_rank = under_launcher() or not args.num_gpus  # else: the wrapper that starts the launcher
     if in_rank:  # before the config's imports (torch, a reward function's module)
         start_rank()
-        startup.phase("imports and config")
+        startup.begin("imports and config")
     overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     try:
         cfg = load_config(args.command, args.config, overrides)
@@ -380,7 +381,9 @@ def entry() -> int:
     except Exception as e:  # e.g. a collective whose peer died
         blame_dead_peer(f"{type(e).__name__}: {str(e)[:200]}")
         raise
-    if code not in (0, 2, PREEMPTED_EXIT_CODE):
+    if code == 2:
+        await_local_rank0()  # every rank refuses the same input; rank 0 says why before the launcher ends the job
+    elif code not in (0, PREEMPTED_EXIT_CODE):
         blame_dead_peer(f"its step failed with status {code}")
     record_exit()  # for the supervisor above the launcher: this process got to return a status
     if "torch.distributed" in sys.modules:
@@ -390,6 +393,7 @@ def entry() -> int:
             from rlhf_ds.engine.strategy import end_rank
 
             end_rank(code, together=code in (0, PREEMPTED_EXIT_CODE))
+    peers_may_leave()
     return code
 
 

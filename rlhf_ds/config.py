@@ -645,8 +645,9 @@ class PPOAlgoConfig:
     kl_loss_coef: float = 0.0  # KL to the reference as a loss term instead of (or besides) in the reward (GRPO: 0.001)
     kl_loss_estimator: Literal["k1", "k2", "k3"] = "k3"  # per-token estimate used by the KL loss
     # the KL loss's per-token log-ratio is clamped to +-this before the estimate (k3 grows as exp(-log-ratio): at -25
-    # a loss of 3.6e10); null = no clamp. The peers bound the same term by 10 elsewhere (OpenRLHF: the estimate;
-    # verl: the log-ratio at 20, then the k3 value at 10), so their figures differ beyond a log-ratio of 10
+    # 7.2e10 per token, inf below -88 in fp32; at the clamp e^10 - 11 = 22015); null = no clamp. The peers bound the
+    # same term by 10 elsewhere (OpenRLHF: the estimate; verl: the log-ratio at 20, then the k3 value at 10), so their
+    # figures differ beyond a log-ratio of 10
     kl_loss_log_ratio_clip: Optional[float] = 10.0
     gamma: float = 1.0  # discount per token
     lam: float = 0.95  # GAE lambda
@@ -764,7 +765,7 @@ class PPOConfig:
         for name in ("score_clip", "value_clip"):
             if getattr(p, name) is not None and not getattr(p, name) > 0:
                 raise ConfigError(f"ppo.{name} must be > 0 or null, got {getattr(p, name)}")
-        if p.kl_target <= 0 or p.kl_horizon <= 0:
+        if p.kl_controller == "adaptive" and (p.kl_target <= 0 or p.kl_horizon <= 0):
             raise ConfigError(f"ppo.kl_target and ppo.kl_horizon must be > 0, got {p.kl_target} and {p.kl_horizon}")
         if not 0 <= p.ema_decay < 1:
             raise ConfigError("ppo.ema_decay must be in [0, 1)")

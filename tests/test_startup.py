@@ -42,7 +42,7 @@ WAIT_ON_A_STALE_LOCK = """
 import sys, threading
 from torch.utils.file_baton import FileBaton
 from rlhf_ds.engine import startup
-startup.phase("imports and config")
+startup.begin("imports and config")
 startup.phase("DeepSpeed engine (optimizer, ZeRO partitioning)")
 waiter = threading.Thread(target=FileBaton(sys.argv[1]).wait, daemon=True)
 waiter.start()
@@ -75,6 +75,26 @@ def test_a_lock_younger_than_the_stale_age_or_with_fresh_files_is_left_alone(tmp
     assert [line.split(" is held by ")[0] for line in lines] == [
         f"torch's extension build lock {young}", f"torch's extension build lock {busy}"]
     assert startup.check_build_locks(str(tmp_path), stale_after_s=0.0)[0].startswith("warning: removed the stale")
+
+
+def test_an_abandoned_lock_of_another_user_or_on_a_shared_filesystem_is_named_not_removed(tmp_path, monkeypatch):
+    """Its holder may be a process this one cannot see: another user's, or a build on another node."""
+    theirs = plant_lock(tmp_path / "a", 600)
+    os.chown(theirs, os.getuid() + 4242, -1)
+    os.utime(theirs, (time.time() - 600, time.time() - 600))
+    lines = startup.check_build_locks(str(tmp_path))
+    assert os.path.exists(theirs) and lines == [
+        f"torch's extension build lock {theirs} looks abandoned (made 600 s ago, nothing changed in its folder for "
+        f"600 s), but another user made it, whose processes this one cannot see: a start that builds or loads the a "
+        f"op waits for it; remove it by hand if no build runs"]
+    os.remove(theirs)
+    shared = plant_lock(tmp_path / "b", 600)
+    monkeypatch.setattr(startup, "filesystem_type", lambda path: "nfs4")
+    assert "but it is on a nfs4 filesystem that other nodes may share" in startup.check_build_locks(str(tmp_path))[0]
+    assert os.path.exists(shared)
+    monkeypatch.undo()
+    assert startup.filesystem_type(shared) == startup.filesystem_type(str(tmp_path)) is not None
+    assert startup.check_build_locks(str(tmp_path))[0].startswith("warning: removed the stale")  # (tmp: local)
 
 
 def start_sft(args: list[str], env_extra: dict) -> subprocess.Popen:

@@ -225,14 +225,13 @@ def rank_processes(pid: int) -> list:
 
 # ---- rank side -----------------------------------------------------------------------------------------------------
 _started = threading.Event()  # start_rank ran
-_returned = threading.Event()  # this rank returned from its step: peers leaving from now on is the normal end
+_returned = threading.Event()  # peers_may_leave: peers leaving from now on is the normal end
 _loop_stop_handler: Optional[Callable[[str], None]] = None  # set once the step's loop takes stop signals over
 _peers: dict = {}  # pid -> (rank, psutil.Process) of the local peer ranks seen so far
 
 
 def record_exit() -> None:
     """Note in the supervisor's folder that this rank returned from its step (nothing to do without a supervisor)."""
-    _returned.set()
     folder = os.environ.get(EXIT_RECORDS_ENV)
     if not folder:
         return
@@ -319,6 +318,24 @@ def peer_gone(signalled: bool = False) -> Optional[str]:
         if not _alive(p):
             return f"peer rank {rank} (pid {pid}) has exited"
     return None
+
+
+def peers_may_leave() -> None:
+    """This rank is done (past the last barrier with its peers, or leaving on its own): a peer that exits from now on
+    has not died."""
+    _returned.set()
+
+
+def await_local_rank0(timeout: float = PEER_DEATH_GRACE_S) -> None:
+    """Wait (at most `timeout` s) until rank 0, when it runs on this node, has exited: a rank other than 0 that leaves
+    first has DeepSpeed's launcher end rank 0 (SIGTERM) before it may have said why the job stopped."""
+    if os.environ.get("RANK", "0") == "0":
+        return
+    peer_gone()  # (finds the peers not seen yet)
+    rank0 = [p for rank, p in list(_peers.values()) if rank == "0"]
+    deadline = time.monotonic() + timeout
+    while rank0 and _alive(rank0[0]) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def blame_dead_peer(failure: str) -> None:

@@ -6,7 +6,8 @@ long again has passed, naming the phase and the ones before it with their durati
 torch's extension build locks (the `lock` files that `torch.utils.cpp_extension` leaves in a build folder while one
 process builds or loads a JIT op, which every other process then waits on forever, without a word, when their holder
 died): a lock whose holder is gone is removed with a warning naming the file, one that is in use is named with what
-holds it. `done()` ends the watch once the step's loop can begin.
+holds it (only this user's locks on a local filesystem are judged: elsewhere the holder may be a process on another
+node). `begin()` starts the watch when a training step's process starts, `done()` ends it once its loop can begin.
 
 The ordinary CPU start loads no JIT op at all (`strategy.setup_distributed`); ZeRO-Offload's CPU Adam and CUDA's
 fused ops still do, and the same lock check runs once before the first model is built.
@@ -51,19 +52,26 @@ def slow_after_s() -> float:
         return SLOW_DEFAULT_S
 
 
+def begin(name: str) -> None:
+    """A training step's process starts (its first phase is `name`): phases are recorded and watched from now on."""
+    with _state.lock:
+        if _state.thread is not None:
+            return
+        _state.thread = threading.Thread(target=_watch, name="rlhf_ds-startup-watch", daemon=True)
+        _state.thread.start()
+    phase(name)
+
+
 def phase(name: str) -> None:
-    """This rank now does `name` (the phase before it ends here); starts the watch on the first call. Nothing after
-    `done()`: models loaded later (evaluation, a pipeline's next step in the same process) are not start-up."""
+    """This rank now does `name` (the phase before it ends here). Nothing before `begin()` (the tools that load a
+    model: generate, score, serve-reward, ...) or after `done()` (models loaded later, e.g. for evaluation)."""
     now = time.monotonic()
     with _state.lock:
-        if _state.stop.is_set():
+        if _state.thread is None or _state.stop.is_set():
             return
         if _state.current is not None:
             _state.done_phases.append((_state.current, now - _state.since))
         _state.current, _state.since, _state.reported = name, now, 0
-        if _state.thread is None:
-            _state.thread = threading.Thread(target=_watch, name="rlhf_ds-startup-watch", daemon=True)
-            _state.thread.start()
 
 
 def done() -> list[tuple[str, float]]:
@@ -124,7 +132,9 @@ def check_build_locks(root: Optional[str] = None, stale_after_s: float = STALE_A
     torch's lock is a bare file (no pid in it), so its holder is judged by the folder: a build runs `ninja` and the
     compiler with the folder as their working directory and writes files there. A lock older than `stale_after_s`
     while no process of this machine works in the folder and nothing in it changed for that long has no holder: the
-    process that made it died. Two processes deciding that at once are serialised by a `flock` beside the lock."""
+    process that made it died. That is only judged for a lock of this user's on a local filesystem (elsewhere the
+    holder may be a process this one cannot see); other such locks are named, not removed. Two processes deciding at
+    once are serialised by a `flock` beside the lock."""
     lines = []
     for lock in build_locks(root or extensions_root()):
         folder = os.path.dirname(lock)
@@ -140,12 +150,54 @@ def check_build_locks(root: Optional[str] = None, stale_after_s: float = STALE_A
                 lines.append(f"torch's extension build lock {lock} is held by {who}: a start that builds or loads "
                              f"the {os.path.basename(folder)} op waits for it")
                 continue
+            unseen = holder_may_be_unseen(lock)
+            if unseen:
+                lines.append(f"torch's extension build lock {lock} looks abandoned (made {age:.0f} s ago, nothing "
+                             f"changed in its folder for {quiet:.0f} s), but {unseen}, whose processes this one cannot "
+                             f"see: a start that builds or loads the {os.path.basename(folder)} op waits for it; remove "
+                             f"it by hand if no build runs")
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(lock)
             lines.append(f"warning: removed the stale extension build lock {lock} (made {age:.0f} s ago by a process "
                          f"that is gone: nothing works in {folder} and nothing there changed for {quiet:.0f} s); "
                          f"without this every later start would wait on it forever")
     return lines
+
+
+# filesystems that other machines may share: a build there may run on another node
+SHARED_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p",
+                      "afs", "fuse")
+
+
+def holder_may_be_unseen(lock: str) -> Optional[str]:
+    """Why the lock's holder could live where this process cannot see it, or None: another user made the lock (their
+    processes' working directories are not ours to read), or it lies on a shared filesystem (the holder may run on
+    another node), or that cannot be told (no /proc/mounts)."""
+    if os.stat(lock).st_uid != os.getuid():
+        return "another user made it"
+    fstype = filesystem_type(lock)
+    if fstype is None:
+        return "this machine does not say which filesystem it is on"
+    if fstype.split(".")[0] in SHARED_FILESYSTEMS:
+        return f"it is on a {fstype} filesystem that other nodes may share"
+    return None
+
+
+def filesystem_type(path: str) -> Optional[str]:
+    """The type of the filesystem `path` is on (/proc/mounts, the longest mount point above it); None off Linux."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts", encoding="utf-8") as f:
+            mounts = [line.split()[1:3] for line in f if len(line.split()) > 2]
+    except OSError:
+        return None
+    best, fstype = "", None
+    for point, kind in mounts:
+        point = point.replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            best, fstype = point, kind
+    return fstype
 
 
 @contextlib.contextmanager

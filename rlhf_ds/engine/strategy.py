@@ -86,8 +86,12 @@ def end_rank(code: int, together: bool = True) -> None:
     """
     import logging
 
+    from rlhf_ds.engine.launcher import peers_may_leave
+
     if together:
         dist.barrier()
+    peers_may_leave()  # past the barrier (or leaving alone): a peer that exits now is not a death
+    if together:
         dist.destroy_process_group()
     try:
         logging.shutdown()

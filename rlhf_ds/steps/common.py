@@ -58,6 +58,7 @@ class StepContext:
         self.checkpoint.metrics = self.metrics
         self.resumed = state
         log.info("start-up: %s", startup.summary(startup.done()))
+        self.checkpoint.listen_for_stop_signals()  # before this a stop signal ends the rank at once (nothing to save)
 
     def finish(self, results: dict) -> dict:
         """The step is done: results.json (rank 0), the summary on rank 0's console and in wandb, metrics closed."""
@@ -79,6 +80,7 @@ def start_step(cfg, step_name: str) -> StepContext:
     setup_logging(cfg.output_dir)
     log.info("%s: world size %d, device %s, run dir %s", step_name, world_size(), strategy.device(), cfg.output_dir)
     checkpoint = CheckpointManager(cfg, step_name, to_dict(cfg))
+    startup.phase("reading data")
     ctx = StepContext(cfg, step_name, cfg.output_dir, checkpoint, LoopState(), NonFiniteGuard(train))
     checkpoint.register("loop", ctx.loop_state)
     checkpoint.register("nonfinite_guard", ctx.guard)
