@@ -541,3 +541,81 @@ def test_serve_reward_closes_idle_connections_and_stalled_reads(guarded):
             answer += chunk
         assert answer.startswith(b"HTTP/1.0 408 ") and b"--read-timeout" in answer
         assert 0.9 < time.monotonic() - t0 < 5
+
+
+@pytest.fixture(scope="module")
+def one_worker(models, tmp_path_factory):
+    """A server without a token: 1 worker, 2 s per request (--read-timeout stays 10 s)."""
+    root = tmp_path_factory.mktemp("one_worker_server")
+    server = start_reward_server(models["gpt2_rm"], str(root / "server.log"), 0, "--workers", "1",
+                                 "--request-timeout", "2")
+    yield server
+    server.stop()
+
+
+def read_answer(conn: socket.socket) -> tuple[bytes, dict]:
+    """(status line and headers, JSON body) of a raw connection's answer, read until the server closes it."""
+    answer = b""
+    while chunk := conn.recv(65536):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert body, answer
+    return head, json.loads(body)
+
+
+def test_serve_reward_requests_still_arriving_hold_no_worker(one_worker):
+    server = one_worker
+    assert post_as(f"{server.url}/score", SMALL_BODY)[0] == 200  # the model has scored once
+    stalled = []
+    try:  # more clients than --workers 1, each stalled after a few bytes of its request line
+        for _ in range(4):
+            stalled.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+            stalled[-1].sendall(b"POST /sc")
+        time.sleep(0.3)  # the server has seen their bytes
+        t0 = time.monotonic()
+        status, answer = post_as(f"{server.url}/score", SMALL_BODY, timeout=5)
+        took = time.monotonic() - t0
+        # before: each stalled client held the one worker until its --request-timeout (2 s), the request queued behind
+        assert status == 200 and len(answer["scores"]) == 1 and took < 1.0, (status, answer, took)
+        # the headers the server buffers are bounded: past 64 KiB, 431
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as long:
+            long.sendall(b"GET /health HTTP/1.0\r\nX-Long: " + b"a" * 70_000)
+            head, answer = read_answer(long)
+        assert head.startswith(b"HTTP/1.0 431 ") and "64 KiB" in answer["error"], (head, answer)
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_serve_reward_answers_503_to_a_request_past_its_deadline_in_the_queue(one_worker):
+    server = one_worker
+    head = b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{"
+    stop = threading.Event()
+
+    def trickle(conn):  # a body arriving a byte at a time: the worker reads it until the request's deadline (2 s)
+        while not stop.wait(0.1):
+            try:
+                conn.sendall(b" ")
+            except OSError:
+                return
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as slow, \
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) as late:
+        slow.sendall(head)
+        sender = threading.Thread(target=trickle, args=(slow,), daemon=True)
+        sender.start()
+        try:
+            time.sleep(0.3)
+            late.sendall(head)  # whole headers, part of a body: it waits for the worker past its deadline
+            t0 = time.monotonic()
+            late_head, late_answer = read_answer(late)
+            took = time.monotonic() - t0
+        finally:
+            stop.set()
+            sender.join()
+        slow_head, slow_answer = read_answer(slow)
+    # before: both connections were shut down at their deadlines without an answer (the client saw a reset)
+    for head_, answer in ((late_head, late_answer), (slow_head, slow_answer)):
+        assert head_.startswith(b"HTTP/1.0 503 ") and b"\r\nRetry-After: 1\r\n" in head_, (head_, answer)
+        assert "--request-timeout (2 s)" in answer["error"], answer
+    assert 1.2 < took < 5, took

@@ -10,10 +10,12 @@ Every request is bounded in work, not only in bytes (docs/rl.md, "serving a rewa
   as before and a 60 MiB text costs what a short one does;
 * time: `request_timeout_s` from the moment a request starts arriving to its answer (reading, waiting for the model,
   scoring: checked between forward batches); past it, HTTP 503 (the client retries);
-* connections: a connection waiting for its request holds no thread (one selector thread watches them all); a readable
-  one goes to a fixed pool of `workers` threads. At most `max_connections` are open: past that the oldest idle one (idle
-  for 1 s at least) is closed, or, when there is none, the new one gets HTTP 503. An idle connection, or a read that
-  gets no byte, is closed after `read_timeout_s`;
+* connections: a connection holds no thread until its request line and headers are all there: one selector thread
+  watches them all and reads the headers (at most `MAX_HEAD_BYTES`, else HTTP 431), then hands the connection to a
+  fixed pool of `workers` threads (a request that waits for one past its time gets HTTP 503). At most
+  `max_connections` are open: past that the oldest idle one (no byte for 1 s at least) is closed, or, when there is
+  none, the new one gets HTTP 503. An idle connection is closed after `read_timeout_s` without a byte; a request whose
+  headers or body stall that long gets HTTP 408;
 * memory: the bodies being read together are at most `BODY_BUDGET_BYTES` (else 503); a body whose JSON would hold far
   more values than `max_texts` allows is refused before it is parsed; JSON nested too deep for the parser is a 400.
 
@@ -24,6 +26,7 @@ the model; the workers parse and answer requests.
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import logging
 import queue
@@ -35,7 +38,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Optional
 
@@ -49,10 +52,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 BACKLOG = 1024  # connections the kernel queues before the server accepts them (Linux caps it at net.core.somaxconn)
 SLACK_CHARS = 1024  # characters kept beyond the cut bound: the word the cut falls in tokenises differently
 MIN_IDLE_TO_EVICT_S = 1.0  # an idle connection younger than this may have its request on the way: not evicted
+MAX_HEAD_BYTES = 64 << 10  # a request line and headers longer than this get 431
 MAX_LINGER_S = 2.0  # a refused request's unread body is drained this long at most, so the client reads the answer
 _CLOSING_MAX = 256  # refused connections drained at once; past that they are closed at once
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string (escapes included)
 _DEEP = re.compile(rb"(?:[\[{]\s*){33}")  # 33 arrays or objects opened in a row: a body this server never needs
+_HEAD_END = re.compile(rb"\n\r?\n")  # the empty line after the headers (http.server also reads a bare LF as a line end)
 
 
 @dataclass
@@ -152,10 +157,49 @@ def read_token_file(path: str, what: str) -> str:
     return token
 
 
-def _answer_bytes(code: int, reason: str, payload: dict) -> bytes:
+def _answer_bytes(code: int, reason: str, payload: dict, retry_after: bool = True) -> bytes:
     body = json.dumps(payload).encode("utf-8")
+    retry = "Retry-After: 1\r\n" if retry_after else ""
     return (f"HTTP/1.0 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            f"Retry-After: 1\r\nConnection: close\r\n\r\n").encode("ascii") + body
+            f"{retry}Connection: close\r\n\r\n").encode("ascii") + body
+
+
+@dataclass
+class _Waiting:
+    """A connection the selector thread watches until its request's headers are all there."""
+
+    peer: object
+    last: float  # its last byte (or its accept): idle since then
+    first: float = 0.0  # the request's first byte: its time starts then
+    head: bytearray = field(default_factory=bytearray)  # what has arrived
+
+
+class _Reader(io.RawIOBase):
+    """A request's bytes for a worker: first what the selector thread read (`head`), then the socket, each read ending
+    by the request's deadline (Busy past it) or after `read_timeout_s` without a byte (TimeoutError)."""
+
+    def __init__(self, conn: socket.socket, head: bytes, deadline: float, limits: Limits):
+        self.conn, self.head, self.deadline, self.limits = conn, memoryview(head), deadline, limits
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if len(self.head):
+            n = min(len(b), len(self.head))
+            b[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            self.conn.settimeout(min(self.limits.read_timeout_s, left))
+            try:
+                return self.conn.recv_into(b)
+            except TimeoutError:
+                if time.monotonic() < self.deadline:
+                    raise
+            finally:
+                self.conn.settimeout(self.limits.read_timeout_s)
+        raise Busy(f"the request did not arrive within --request-timeout ({self.limits.request_timeout_s:g} s); retry")
 
 
 class _BodyBudget:
@@ -175,8 +219,8 @@ class _BodyBudget:
 
 
 class RewardServer:
-    """A listening socket, one selector thread (serve_forever) for the connections waiting for a request, and
-    `limits.workers` threads that each answer one request at a time with `handler_class`."""
+    """A listening socket, one selector thread (serve_forever) for the connections whose request's headers are not all
+    there yet, and `limits.workers` threads that each answer one request at a time with `handler_class`."""
 
     def __init__(self, host: str, port: int, handler_class, limits: Limits):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -189,11 +233,11 @@ class RewardServer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self.selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self.idle: dict[socket.socket, tuple[float, object]] = {}  # waiting for a request: since when, peer
-        self.closing: dict[socket.socket, float] = {}  # refused with 503, drained until EOF or this time
-        self.reading: dict[socket.socket, float] = {}  # workers reading a request: its deadline (closed past it)
+        self.idle: dict[socket.socket, _Waiting] = {}  # headers not all there; in the order of their last byte
+        self.closing: dict[socket.socket, float] = {}  # answered by this thread, drained until EOF or this time
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.busy, self._busy_lock = 0, threading.Lock()
+        self.queued: dict[socket.socket, float] = {}  # in `jobs`, no worker yet: the request's deadline
+        self.busy, self._busy_lock = 0, threading.Lock()  # queued or with a worker; the lock also guards `queued`
         self._stop = threading.Event()
         self.refused, self._refusal_logged = 0, 0.0
 
@@ -214,12 +258,8 @@ class RewardServer:
                     elif key.data == "closing":
                         if key.fileobj in self.closing:
                             self._drain_closing(key.fileobj)
-                    elif key.fileobj in self.idle:  # it has a request (or has closed): a worker reads it
-                        since, peer = self.idle.pop(key.fileobj)
-                        self.selector.unregister(key.fileobj)
-                        with self._busy_lock:
-                            self.busy += 1
-                        self.jobs.put((key.fileobj, peer, time.monotonic()))
+                    elif key.fileobj in self.idle:
+                        self._read_head(key.fileobj)
                 self._expire(time.monotonic())
         finally:
             for _ in workers:
@@ -256,15 +296,50 @@ class RewardServer:
                 log.warning("serve-reward: accept failed: %s", err)
                 return
             if self.open_connections() >= self.limits.max_connections:
-                oldest = next(iter(self.idle), None)  # dicts keep insertion order
-                if oldest is not None and time.monotonic() - self.idle[oldest][0] >= MIN_IDLE_TO_EVICT_S:
+                oldest = next(iter(self.idle), None)  # dicts keep insertion order: the one idle the longest
+                if oldest is not None and time.monotonic() - self.idle[oldest].last >= MIN_IDLE_TO_EVICT_S:
                     self._close(oldest)  # makes room
                 else:
                     self._refuse(conn)
                     continue
             conn.setblocking(False)
-            self.idle[conn] = (time.monotonic(), peer)
+            self.idle[conn] = _Waiting(peer, time.monotonic())
             self.selector.register(conn, selectors.EVENT_READ, "idle")
+
+    def _read_head(self, conn: socket.socket) -> None:
+        """Take what a waiting connection sent (never blocks); once its headers are all there, queue it for a worker."""
+        waiting = self.idle[conn]
+        try:
+            data = conn.recv(MAX_HEAD_BYTES + 1 - len(waiting.head))  # >= 1: a longer head was refused
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client has gone
+            self._close(conn)
+            return
+        now = time.monotonic()
+        if not waiting.head:
+            waiting.first = now
+        start = max(0, len(waiting.head) - 2)
+        waiting.head += data
+        del self.idle[conn]
+        if _HEAD_END.search(waiting.head, start):  # a worker answers it
+            self.selector.unregister(conn)
+            with self._busy_lock:
+                self.busy += 1
+                self.queued[conn] = waiting.first + self.limits.request_timeout_s
+            self.jobs.put((conn, waiting.peer, waiting.first, bytes(waiting.head)))
+        elif len(waiting.head) > MAX_HEAD_BYTES:
+            self._answer_and_close(conn, _answer_bytes(431, "Request Header Fields Too Large", {
+                "error": f"request line and headers longer than {MAX_HEAD_BYTES >> 10} KiB"}, retry_after=False))
+        elif now - waiting.first > self.limits.request_timeout_s:
+            self._answer_and_close(conn, _answer_bytes(408, "Request Timeout", {
+                "error": f"the request's headers did not arrive within --request-timeout "
+                         f"({self.limits.request_timeout_s:g} s)"}, retry_after=False))
+        else:
+            waiting.last = now
+            self.idle[conn] = waiting  # last in the order of last bytes
 
     def _refuse(self, conn: socket.socket) -> None:
         """503 without a worker: send it, then drain what the client sends so that closing does not reset it."""
@@ -274,11 +349,21 @@ class RewardServer:
             self._refusal_logged = now
             log.warning("serve-reward: %d connections open, all busy (--max-connections %d): refusing new ones with "
                         "HTTP 503 (%d so far)", self.open_connections(), self.limits.max_connections, self.refused)
+        conn.setblocking(False)
+        self._answer_and_close(conn, _answer_bytes(503, "Service Unavailable", {
+            "error": f"server busy: {self.limits.max_connections} connections open (--max-connections); retry"}))
+
+    def _answer_and_close(self, conn: socket.socket, answer: bytes) -> None:
+        """Answer from this thread (a non-blocking socket, no worker), then drain what the client sends for a while so
+        that closing does not reset the connection before the client has read the answer."""
+        self.idle.pop(conn, None)
         try:
-            conn.setblocking(False)
+            self.selector.unregister(conn)
+        except (KeyError, ValueError):
+            pass
+        try:
             self._drain(conn)
-            conn.send(_answer_bytes(503, "Service Unavailable", {
-                "error": f"server busy: {self.limits.max_connections} connections open (--max-connections); retry"}))
+            conn.send(answer)
             conn.shutdown(socket.SHUT_WR)
         except OSError:
             conn.close()
@@ -286,8 +371,13 @@ class RewardServer:
         if len(self.closing) >= _CLOSING_MAX:
             conn.close()
             return
-        self.closing[conn] = now + 1.0
+        self.closing[conn] = time.monotonic() + 1.0
         self.selector.register(conn, selectors.EVENT_READ, "closing")
+
+    def _late_answer(self) -> bytes:
+        return _answer_bytes(503, "Service Unavailable", {
+            "error": f"no worker was free within --request-timeout ({self.limits.request_timeout_s:g} s) "
+                     f"(--workers {self.limits.workers}); retry"})
 
     def _drain_closing(self, conn: socket.socket) -> None:
         if not self._drain(conn):
@@ -317,19 +407,25 @@ class RewardServer:
 
     def _expire(self, now: float) -> None:
         while self.idle:
-            conn, (since, _) = next(iter(self.idle.items()))
-            if now - since < self.limits.read_timeout_s:
+            conn, waiting = next(iter(self.idle.items()))
+            if now - waiting.last < self.limits.read_timeout_s:
                 break
-            self._close(conn)
+            if waiting.head:  # part of a request, then nothing
+                self._answer_and_close(conn, _answer_bytes(408, "Request Timeout", {
+                    "error": f"no byte of the request's headers for --read-timeout "
+                             f"({self.limits.read_timeout_s:g} s)"}, retry_after=False))
+            else:
+                self._close(conn)
         for conn, until in list(self.closing.items()):
             if now > until:
                 self._close(conn)
-        for conn, deadline in list(self.reading.items()):  # a request still arriving past its time: end its reads
-            if now > deadline and self.reading.pop(conn, None) is not None:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        with self._busy_lock:  # requests still waiting for a worker past their time: 503 from here
+            late = [conn for conn, deadline in self.queued.items() if now > deadline]
+            for conn in late:
+                del self.queued[conn]
+            self.busy -= len(late)
+        for conn in late:  # the worker that takes its job skips it
+            self._answer_and_close(conn, self._late_answer())
 
     # -- the workers ---------------------------------------------------------------------------------------------------
 
@@ -338,16 +434,22 @@ class RewardServer:
             job = self.jobs.get()
             if job is None:
                 return
-            conn, peer, since = job
+            conn, peer, since, head = job
+            with self._busy_lock:
+                if self.queued.pop(conn, None) is None:  # its time ran out in the queue: answered (503) already
+                    continue
             try:
-                self.reading[conn] = since + self.limits.request_timeout_s
-                handler = self.handler_class(conn, peer, self, since)
-                if handler.unread:
+                if time.monotonic() > since + self.limits.request_timeout_s:  # ran out just now
+                    conn.settimeout(self.limits.read_timeout_s)
+                    conn.sendall(self._late_answer())
                     self._linger(conn)
-            except Exception as err:  # the client went away, a read was cut at its deadline
+                else:
+                    handler = self.handler_class(conn, peer, self, since, head)
+                    if handler.unread:
+                        self._linger(conn)
+            except Exception as err:  # the client went away
                 log.debug("serve-reward: connection from %s: %s: %s", peer, type(err).__name__, err)
             finally:
-                self.reading.pop(conn, None)
                 try:
                     conn.close()
                 finally:
@@ -397,9 +499,14 @@ def make_server(scorer, model_dir: str, host: str, port: int, batch_size: int,
         timeout = limits.read_timeout_s  # each read of the socket
         unread = False  # answered before the body was read (the server drains it before closing)
 
-        def __init__(self, conn, peer, server, since: float):
-            self.deadline = since + limits.request_timeout_s
+        def __init__(self, conn, peer, server, since: float, head: bytes):
+            self.deadline, self.head = since + limits.request_timeout_s, head
             super().__init__(conn, peer, server)
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # the socket's own reader: read what the selector thread has read first
+            self.rfile = io.BufferedReader(_Reader(self.connection, self.head, self.deadline, limits))
 
         def handle(self) -> None:  # one request per connection (HTTP/1.0)
             self.close_connection = True
@@ -461,8 +568,10 @@ def make_server(scorer, model_dir: str, host: str, port: int, batch_size: int,
                     self._answer(408, {"error": f"no byte of the body for --read-timeout "
                                                 f"({limits.read_timeout_s:g} s)"})
                     return
+                except Busy as err:  # past the request's deadline
+                    self._answer(503, {"error": str(err)}, {"Retry-After": "1"})
+                    return
                 self.unread = False
-                self.server.reading.pop(self.connection, None)  # read: from now on the deadline is checked here
                 prompts, responses = parse_request(body, limits.max_texts)
                 del body
             except BadRequest as err:
