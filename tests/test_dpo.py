@@ -47,8 +47,10 @@ def assert_close(a: dict, b: dict, rel: float) -> None:
 def runs(tiny_base, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("dpo")
     common = ["dpo", f"model={tiny_base}", f"train.max_steps={STEPS}", *SMALL]
-    out = {name: str(root / name) for name in ("live_z3", "pre_z3", "pre_z0")}
+    out = {name: str(root / name) for name in ("live_z3", "pre_z3", "pre_z0", "live_z0")}
     run_cli([*common, f"output_dir={out['live_z3']}", "train.grad_accum=1"], ranks=2)
+    run_cli([*common, f"output_dir={out['live_z0']}", "train.grad_accum=2", "engine.zero_stage=0",
+             "reference.engine.zero_stage=0"], ranks=1)
     run_cli([*common, f"output_dir={out['pre_z3']}", "train.grad_accum=1", "dpo.precompute_reference=true"], ranks=2)
     run_cli([*common, f"output_dir={out['pre_z0']}", "train.grad_accum=2", "dpo.precompute_reference=true",
              "engine.zero_stage=0", "reference.engine.zero_stage=0"], ranks=1)
@@ -73,7 +75,10 @@ def test_precomputed_reference_equals_live_reference(runs):
 
 
 def test_zero3_two_ranks_matches_zero0_one_rank(runs):
-    z3, z0 = per_step(runs["pre_z3"]), per_step(runs["pre_z0"])
+    # live references: policy and reference score the same micro-batches, so at step 1 every margin is an exact tie
+    # in both runs. A precomputed reference scores other batch shapes, whose 1e-7 rounding depends on the CPU's
+    # kernels (an AVX2-only machine: z3 ties, z0 margins of 1e-7) and flips tied pairs' reward_accuracy (0 vs 0.125)
+    z3, z0 = per_step(runs["live_z3"]), per_step(runs["live_z0"])
     assert_close(z3, z0, rel=1e-5)  # only reduction orders differ (see tests/test_sft.py)
     r3, r0 = results(runs["pre_z3"]), results(runs["pre_z0"])
     assert r3["eval_loss"] == pytest.approx(r0["eval_loss"], rel=1e-5)

@@ -272,13 +272,12 @@ def handle_stop_in_loop(handler: Callable[[str], None]) -> None:
 
 def _on_stop_signal(signum, frame) -> None:
     name = signal_name(signum)
+    if _loop_stop_handler is None:  # nothing to save yet, whatever the signal's cause (peers signalled at once,
+        _stop_starting(name)        # or its launcher ending the job: the launcher then reports the dead rank's status)
     peer = peer_gone(signalled=True)
     if peer:
         _stop_rank(f"{peer} and {name} came")
-    elif _loop_stop_handler is not None:
-        _loop_stop_handler(name)
-    else:
-        _stop_starting(name)
+    _loop_stop_handler(name)
 
 
 def _stop_starting(name: str) -> None:
@@ -443,13 +442,13 @@ def _watch(parent: int, chain: list, wake_read: int, interval: float) -> None:
         if gone:
             _stop_rank(gone)
         stop = signals & {int(s) for s in STOP_SIGNALS}
+        ours = {s for s in stop if signal.getsignal(s) is _on_stop_signal}  # (a program may have its own handler)
+        if ours and _loop_stop_handler is None:  # the main thread may sit in a C call: start-up stops from here
+            _stop_starting(signal_name(min(ours)))
         peer = peer_gone(signalled=bool(stop))
         if peer and (stop or peer_dead_since and time.monotonic() - peer_dead_since > PEER_DEATH_GRACE_S):
             _stop_rank(peer)
         peer_dead_since = (peer_dead_since or time.monotonic()) if peer else None
-        ours = {s for s in stop if signal.getsignal(s) is _on_stop_signal}  # (a program may have its own handler)
-        if ours and _loop_stop_handler is None:  # the main thread may sit in a C call: start-up stops from here
-            _stop_starting(signal_name(min(ours)))
 
 
 def _stop_rank(reason: str) -> None:
