@@ -21,10 +21,7 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -33,6 +30,11 @@ import urllib.error
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from conftest import start_reward_server  # noqa: E402
+from dist_hybrid_models import build_tiny_models  # noqa: E402
+
 HOST = "127.0.0.1"
 PROMPT = "human : describe the red fox . assistant :"
 SMALL = json.dumps({"prompts": [PROMPT], "responses": ["the fox runs fast ."]}).encode()
@@ -74,43 +76,6 @@ def post(url: str, body: bytes, token: str | None, timeout: float = 30.0) -> tup
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         return type(reason).__name__, str(reason).encode()
-
-
-def _die_with_parent() -> None:
-    """The server is killed with this script, however it ends (Linux prctl(PR_SET_PDEATHSIG, SIGKILL))."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def start_server(model: str, source: str, token_file: str | None, log_path: str, extra: list[str]):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = source + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "rlhf_ds.cli", "serve-reward", model, "--host", HOST, "--port", "0", *extra]
-    if token_file:
-        cmd += ["--token-file", token_file]
-    proc = subprocess.Popen(cmd, cwd=source, env=env, stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True,
-                            preexec_fn=_die_with_parent)
-    found = {}
-
-    def read():
-        for line in proc.stdout:
-            m = re.match(r"rlhf-ds serve-reward: listening on (http://\S+) ", line)
-            if m:
-                found["url"] = m.group(1)
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout=120)
-    if "url" not in found:
-        proc.kill()
-        sys.exit(f"the server did not start; log:\n{open(log_path).read()[-2000:]}")
-    return proc, found["url"]
 
 
 async def one_request(port: int, body: bytes, token: str | None, timeout: float) -> tuple[str, float]:
@@ -217,9 +182,6 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="reward_probes_")
     model = args.model
     if model is None:
-        sys.path.insert(0, os.path.join(REPO, "tests"))
-        from dist_hybrid_models import build_tiny_models
-
         model = build_tiny_models(os.path.join(work, "models"))["gpt2_rm"]
     token, token_file = None, None
     if not args.no_token:
@@ -227,8 +189,10 @@ def main() -> int:
         with open(token_file, "w") as f:
             f.write(token + "\n")
     extra = [] if args.read_timeout == 10.0 else ["--read-timeout", str(args.read_timeout)]
-    proc, url = start_server(model, args.source, token_file, os.path.join(work, "server.log"), extra)
-    port, pid = int(url.rsplit(":", 1)[1]), proc.pid
+    extra += ["--token-file", token_file] if token_file else []
+    server = start_reward_server(model, os.path.join(work, "server.log"), 0, "--host", HOST, *extra,
+                                 source=args.source)
+    url, port, pid = server.url, server.port, server.proc.pid
     print(f"server {url} (pid {pid}, source {args.source}, model {model})")
     try:
         status, _ = post(url, SMALL, token)
@@ -299,13 +263,7 @@ def main() -> int:
             status, _ = post(url, SMALL, token, timeout=30)
             print(f"  a small request after it: HTTP {status}")
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        server.stop()
     return 0
 
 

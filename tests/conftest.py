@@ -131,6 +131,14 @@ def ppo_metrics_by_step(run_dir: str) -> dict[int, dict]:
     return {row["step"]: {k: v for k, v in row.items() if k.startswith("ppo/")} for row in read_metrics(run_dir)}
 
 
+def _die_with_parent() -> None:
+    """In the child between fork and exec: SIGKILL when the process that started it dies (Linux; nothing elsewhere)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 @dataclass
 class Server:
     """A running `rlhf-ds serve-reward` subprocess (tests/test_rewards.py, tests/test_step3_components.py)."""
@@ -150,11 +158,15 @@ class Server:
                 self.proc.wait()
 
 
-def start_reward_server(model_dir: str, log_path: str, port: int = 0, *options: str) -> Server:
-    """`rlhf-ds serve-reward MODEL --port PORT [OPTIONS]` and the URL of its "listening on" line (port 0: a free one)."""
+def start_reward_server(model_dir: str, log_path: str, port: int = 0, *options: str, source: str = REPO) -> Server:
+    """`rlhf-ds serve-reward MODEL --port PORT [OPTIONS]` and the URL of its "listening on" line (port 0: a free one),
+    run from the checkout `source` (benchmarks/reward_server_probes.py compares another one); killed with this
+    process however it ends."""
     cmd = [sys.executable, "-m", "rlhf_ds.cli", "serve-reward", model_dir, "--port", str(port), *options]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(threads=1), stdout=subprocess.PIPE,
-                            stderr=open(log_path, "w"), text=True)
+    env = cli_env(threads=1)
+    env["PYTHONPATH"] = source + os.pathsep + env["PYTHONPATH"]
+    proc = subprocess.Popen(cmd, cwd=source, env=env, stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True,
+                            preexec_fn=_die_with_parent)
     found = {}
 
     def read():  # readline blocks: a thread, so that a server that never comes up fails the test instead of hanging it

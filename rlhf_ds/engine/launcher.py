@@ -345,9 +345,7 @@ def blame_dead_peer(failure: str) -> None:
     peer = peer_gone()
     if not peer:
         return
-    deadline = time.monotonic() + PEER_DEATH_GRACE_S
-    while time.monotonic() < deadline:  # the stop-signal handler ends the rank when the launcher's SIGTERM comes
-        time.sleep(0.05)
+    time.sleep(PEER_DEATH_GRACE_S)  # the stop-signal handler ends the rank when the launcher's SIGTERM comes
     _stop_rank(f"{peer} ({failure})")
 
 
