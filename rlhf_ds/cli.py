@@ -7,7 +7,8 @@
     rlhf-ds generate <model> <prompts> -o <out.jsonl> [sampling options]
     rlhf-ds score <reward_model> <pairs.jsonl> -o <scores.jsonl>
     rlhf-ds chat <model> [--template "human : {input} assistant :"]
-    rlhf-ds rm-report <reward_model> [--pairs pairs.jsonl] [--samples samples.jsonl] -o <dir>
+    rlhf-ds rm-report <reward_model> [--pairs pairs.jsonl [--format F] [--columns M] [--template T]]
+                      [--samples samples.jsonl] -o <dir>
     rlhf-ds serve-reward <reward_model> [--host 127.0.0.1] [--port 8000]        HTTP scores for reward.url
     rlhf-ds config show <step>                                                  a complete default YAML config
     rlhf-ds plan ...                                                            memory planner (rlhf_ds.planner)
@@ -24,7 +25,8 @@ import sys
 
 from rlhf_ds.config import STEP_CONFIGS, ConfigError, GenerationConfig, load_config
 from rlhf_ds.engine.launcher import (PREEMPTED_EXIT_CODE, await_local_rank0, blame_dead_peer, peers_may_leave,
-                                     record_exit, start_rank, under_launcher)
+                                     record_exit, set_process_threads, start_rank, threads_per_process,
+                                     under_launcher)
 
 # step name -> module with `run(cfg)`; configs come from rlhf_ds.config
 TRAINING_STEPS = {
@@ -134,7 +136,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("rm-report", help="what a reward model rewards: accuracy by margin and by length difference on "
                        "held-out pairs, the highest-scoring responses among a policy's samples")
     p.add_argument("model", help="reward model folder (an rm output)")
-    p.add_argument("--pairs", help="held-out preference pairs (any preference format)")
+    p.add_argument("--pairs", help="held-out preference pairs: a file or folder in any preference format, read as "
+                   "`rlhf-ds rm` reads data.eval (e.g. the file you gave it as data.eval)")
+    p.add_argument("--format", default="auto", help="the pairs' format, as data.format: auto, prompt_chosen_rejected, "
+                   "stack_exchange, dialogue, ranked")
+    p.add_argument("--columns", default=None, metavar="MAPPING",
+                   help="rename the pairs' columns, as data.columns: canonical: yours, e.g. "
+                        "'{question: title, response_j: good, response_k: bad}' (YAML or JSON)")
+    p.add_argument("--template", default=None,
+                   help="render the pairs' plain prompts with this template, as data.template (e.g. "
+                        "'Question: {question}\\n\\nAnswer: {response}', where \\n is a newline); default: the "
+                        "template the reward model was trained with (its scalar_head.json), when it names one; "
+                        "'none': the prompts as they are")
+    p.add_argument("--on-bad-row", choices=["error", "skip"], default="error",
+                   help="a bad row of the pairs stops the command naming it (error), or is skipped and counted")
     p.add_argument("--samples", help="a policy's responses: eval/samples.jsonl, or generate's output")
     p.add_argument("-o", "--output", required=True, help="folder for rm_report.json and rm_report.html (a pipeline run "
                    "folder: `rlhf-ds report` then shows it)")
@@ -200,9 +215,24 @@ def _run_step(args, argv: list[str]) -> int:
         print(f"rlhf-ds {args.command}: config error: {e}", file=sys.stderr)
         return 2
     if not in_rank:
+        if _bad_threads(args.command, check_only=True):
+            return 2
         rest = _without_launch_options(argv)
         return relaunch(args.command, cfg.output_dir, rest, args.num_gpus, args.master_port)
+    if not under_launcher() and _bad_threads(args.command, export=True):  # one process: its threads from the cores
+        return 2
     return run_training_step(args.command, cfg)
+
+
+def _bad_threads(command: str, export: bool = False, check_only: bool = False) -> bool:
+    """Set a single-process command's torch threads (`set_process_threads`; `check_only`: just check
+    $RLHF_DS_THREADS, for the launcher to pass on); True when $RLHF_DS_THREADS is unusable (said on stderr)."""
+    try:
+        threads_per_process() if check_only else set_process_threads(export)
+    except ValueError as e:
+        print(f"rlhf-ds {command}: {e}", file=sys.stderr)
+        return True
+    return False
 
 
 def run_training_step(step: str, cfg) -> int:
@@ -285,6 +315,8 @@ def _run_eval(args) -> int:
     except ConfigError as e:
         print(f"rlhf-ds eval: config error: {e}", file=sys.stderr)
         return 2
+    if not under_launcher() and _bad_threads("eval"):
+        return 2
     from rlhf_ds.steps import evaluate
 
     results = evaluate.run(cfg)
@@ -329,11 +361,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "plan":
         from rlhf_ds.planner import run_plan_cli
 
-        return run_plan_cli(args)
+        return 2 if _bad_threads("plan") else run_plan_cli(args)
     return _run_tool(args)
 
 
+def _mapping(text, flag: str):
+    """A {canonical: yours} column mapping given on the command line as YAML or JSON (None when not given)."""
+    if text is None:
+        return None
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{flag}: not a YAML/JSON mapping: {e}") from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{flag}: expected a mapping of column names, e.g. '{{question: title}}', got {text!r}")
+    return value
+
+
+def _unescape(template):
+    """A template typed in a shell: `\\n` and `\\t` are a newline and a tab (as in a YAML double-quoted string)."""
+    return None if template is None else template.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def _run_tool(args) -> int:
+    if _bad_threads(args.command):  # generate, score, rm-report, serve-reward, chat: one process each
+        return 2
     from rlhf_ds.steps import evaluate
 
     try:
@@ -353,7 +407,8 @@ def _run_tool(args) -> int:
             from rlhf_ds.tracking.rm_report import write_rm_report
 
             write_rm_report(args.model, args.output, args.pairs, args.samples, args.batch_size, args.device,
-                            args.precision)
+                            args.precision, args.format, _mapping(args.columns, "--columns"),
+                            _unescape(args.template), args.on_bad_row)
             print(f"{args.output.rstrip('/')}/rm_report.html", file=sys.stderr)
         elif args.command == "serve-reward":
             from rlhf_ds.rewards.server import serve

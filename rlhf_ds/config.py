@@ -46,6 +46,9 @@ class EngineConfig:
     offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO-Offload)
     offload_params: bool = False  # parameters on the CPU between uses (ZeRO-3 only)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    # log-probs and entropies from the last hidden states this many tokens at a time (the output projection and its
+    # log-softmax recomputed in backward), so [batch, tokens, vocabulary] logits never exist whole; 0 = all at once
+    logit_chunk_tokens: int = 1024
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw, or adamw_8bit (bitsandbytes 8-bit optimizer states)
     lr: float = 1e-4  # peak learning rate
     weight_decay: float = 0.0  # AdamW's decoupled weight decay
@@ -150,10 +153,17 @@ class DataConfig:
     text_documents: Literal["blank_line", "line"] = "blank_line"
     # a malformed row: error (exit 2 naming file, row and field) or skip (counted)
     on_bad_row: Literal["error", "skip"] = "error"
-    max_prompt_tokens: int = 64  # prompt tokens kept (BOS included); longer prompts follow prompt_overflow
-    max_seq_len: int = 128  # prompt + response tokens; a longer response is cut (and loses its EOS)
+    # prompt tokens kept (BOS included); longer prompts follow prompt_overflow. null = the data's longest prompt
+    # (within the model's positions)
+    max_prompt_tokens: Optional[int] = None
+    # prompt + response tokens; a longer response is cut (and loses its EOS). null = the data's longest example (PPO:
+    # the prompt budget + generation.max_new_tokens), within the model's positions
+    max_seq_len: Optional[int] = None
     # a prompt over max_prompt_tokens: truncate (keep its end) or drop the example
     prompt_overflow: Literal["truncate", "drop"] = "truncate"
+    # the share of examples the budgets may cut (prompts over max_prompt_tokens, sequences over max_seq_len) before
+    # the run is refused (exit 2, naming the key and the longest row); 1 = cut as many as the budgets say
+    max_cut_share: float = 0.01
 
 
 @dataclass
@@ -440,12 +450,15 @@ def validate(cfg) -> None:
             raise ConfigError("checkpoint.resume must be auto, never or the path of a checkpoint")
     data = getattr(cfg, "data", None)
     if data is not None:
-        if data.max_prompt_tokens >= data.max_seq_len and not isinstance(cfg, PretrainConfig):
+        if data.max_prompt_tokens is not None and data.max_seq_len is not None and \
+                data.max_prompt_tokens >= data.max_seq_len and not isinstance(cfg, PretrainConfig):
             raise ConfigError(
                 f"data.max_prompt_tokens ({data.max_prompt_tokens}) must be < data.max_seq_len ({data.max_seq_len}) "
                 "to leave room for a response"
             )
         validate_data(data)
+    if isinstance(cfg, PretrainConfig) and cfg.data.max_seq_len is None:
+        raise ConfigError("data.max_seq_len: pretraining needs a block length (tokens per packed block)")
     if isinstance(cfg, PretrainConfig) and cfg.arch.vocab_size < 259:
         raise ConfigError(f"arch.vocab_size must be >= 259 (256 byte symbols + PAD/BOS/EOS of the byte-level "
                           f"tokenizer), got {cfg.arch.vocab_size}")
@@ -457,6 +470,11 @@ def validate(cfg) -> None:
 def validate_data(data: DataConfig) -> None:
     """The data section alone. How many examples `eval_split` may hold out depends on the data: counted once it is read,
     before any model loads (rlhf_ds.steps.common.split_eval)."""
+    for key in ("max_prompt_tokens", "max_seq_len"):
+        if getattr(data, key) is not None and getattr(data, key) < 2:
+            raise ConfigError(f"data.{key} must be >= 2 (or null: from the data), got {getattr(data, key)}")
+    if not 0 <= data.max_cut_share <= 1:
+        raise ConfigError(f"data.max_cut_share must be in [0, 1], got {data.max_cut_share}")
     split = data.eval_split
     if split < 0 or (isinstance(split, float) and split >= 1):
         raise ConfigError(f"data.eval_split must be a fraction in [0, 1) or a count >= 1, got {split}")
@@ -486,6 +504,8 @@ def validate_engine(name: str, eng: EngineConfig) -> None:
         raise ConfigError(f"{name}.offload_optimizer needs zero_stage >= 1")
     if eng.lr <= 0:
         raise ConfigError(f"{name}.lr must be > 0, got {eng.lr}")
+    if eng.logit_chunk_tokens < 0:
+        raise ConfigError(f"{name}.logit_chunk_tokens must be >= 0 (0 = all tokens at once), got {eng.logit_chunk_tokens}")
     if not 0 <= eng.warmup_ratio < 1:
         raise ConfigError(f"{name}.warmup_ratio must be in [0, 1), got {eng.warmup_ratio}")
     if len(eng.adam_betas) != 2:
@@ -636,6 +656,9 @@ class PPOAlgoConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
     packing: bool = False  # padding-free scoring and training forwards (train.packing)
     ppo_epochs: int = 2  # passes over each rollout batch
+    # on-policy updates (ppo_epochs 1, one optimizer step per rollout, kl_coef 0) take the old log-probs from their own
+    # forward (detached, as TRL's GRPO does) instead of a separate pass after the rollout; false: always that pass
+    old_logprobs_from_update: bool = True
     kl_coef: float = 0.1  # beta of the KL in the reward (DeepSpeed-Chat: 0.1); 0 disables it (e.g. GRPO with kl_loss_coef)
     # per-token KL: k1 log-ratio, k2 squared log-ratio / 2, k3 ratio - 1 - log-ratio
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -686,14 +709,16 @@ class PPOConfig:
     actor: RoleConfig = field(default_factory=lambda: RoleConfig("runs/sft", EngineConfig(lr=5e-5, warmup_ratio=0.0, lr_schedule="constant")))
     # built only for advantage_estimator=gae; None = the reward model (the actor when there is none or it reads other ids)
     critic: RoleConfig = field(default_factory=lambda: RoleConfig(None, EngineConfig(lr=1e-4, warmup_ratio=0.0, lr_schedule="constant")))
-    reference: RoleConfig = field(default_factory=RoleConfig)  # None = the actor's initial weights
+    # model None = the actor's initial weights: with actor.engine.lora on, the actor's base with its adapters off (no
+    # second copy); set reference.model for a separate frozen copy
+    reference: RoleConfig = field(default_factory=RoleConfig)
     # model, function and/or url; a rule or remote reward alone: reward.model=null
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(DEFAULT_REWARD_MODEL, EngineConfig()))
     trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(max_prompt_tokens=32, eval_split=0))
+    data: DataConfig = field(default_factory=lambda: DataConfig(eval_split=0))
     train: LoopConfig = field(default_factory=lambda: LoopConfig(log_every=1))  # batching is in `ppo`
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -859,7 +884,8 @@ class EvalConfig:
     prompts: Optional[str] = None  # prompts file; None = the built-in task's held-out eval_prompts.jsonl
     template: Optional[str] = None  # prompt template, as the data.template the policies were trained with
     max_prompts: int = 0  # 0 = all
-    max_prompt_tokens: int = 32  # as PPO's data.max_prompt_tokens
+    # as PPO's data.max_prompt_tokens; null = the model's positions less generation.max_new_tokens
+    max_prompt_tokens: Optional[int] = None
     batch_size: int = 32  # prompts per generation batch
     # the policies as PPO trained them: sampled at T=1, several samples per prompt (greedy decoding of tiny models
     # degenerates into repetition, which says little about the policy)

@@ -420,6 +420,8 @@ class Workload:
     generation_batch: Optional[int] = None
     flash_attention: bool = True  # SDPA/flash: no (seq x seq) attention matrix is stored
     generate: bool = True  # PPO rollout (hybrid-engine generation) phase present
+    # log-probs from the last hidden states this many tokens at a time (engine.logit_chunk_tokens; 0 = whole logits)
+    logit_chunk_tokens: int = 1024
 
     @property
     def seq_len(self) -> int:
@@ -482,10 +484,18 @@ def activation_bytes_per_layer(batch: int, seq: int, dims: _Dims, act_bytes: int
     return (attn + mlp + norms) * act_bytes / 2.0
 
 
+def logit_bytes(tokens: int, logit_width: int, act_bytes: int, chunk: int = 0) -> int:
+    """The logits a forward holds at once: every token's (and an fp32 copy for the log-softmax), or, chunked
+    (`chunk` > 0, a causal LM's log-probs from its hidden states), one chunk's, with its fp32 softmax too."""
+    if chunk > 0 and logit_width > 1:
+        return min(tokens, chunk) * logit_width * (act_bytes + 8)
+    return tokens * logit_width * (act_bytes + 4)
+
+
 def training_activation_bytes(batch: int, seq: int, dims: _Dims, act_bytes: int, flash: bool,
-                              checkpointing: bool, logit_width: int) -> int:
+                              checkpointing: bool, logit_width: int, logit_chunk: int = 0) -> int:
     per_layer = activation_bytes_per_layer(batch, seq, dims, act_bytes, flash)
-    logits = batch * seq * logit_width * (act_bytes + 4)  # logits + fp32 copy for log-softmax/loss
+    logits = logit_bytes(batch * seq, logit_width, act_bytes, logit_chunk)
     if checkpointing:
         kept = dims.n_layers * batch * seq * dims.hidden * act_bytes + per_layer
     else:
@@ -494,10 +504,10 @@ def training_activation_bytes(batch: int, seq: int, dims: _Dims, act_bytes: int,
 
 
 def inference_activation_bytes(batch: int, seq: int, dims: _Dims, act_bytes: int, flash: bool,
-                               logit_width: int) -> int:
+                               logit_width: int, logit_chunk: int = 0) -> int:
     """no_grad forward over the full sequence: one layer's working set plus the logits."""
     per_layer = activation_bytes_per_layer(batch, seq, dims, act_bytes, flash)
-    return int(per_layer + batch * seq * logit_width * (act_bytes + 4))
+    return int(per_layer + logit_bytes(batch * seq, logit_width, act_bytes, logit_chunk))
 
 
 def kv_cache_bytes(batch: int, seq: int, dims: _Dims, dtype_bytes: int) -> int:
@@ -855,8 +865,9 @@ def _plan_model_cached(spec: ModelSpec, st: TrainSettings, hw: Hardware, wl: Wor
     logit_width = 1 if (spec.value_head or st.role in ("critic", "reward")) else dims.vocab
     s_len = wl.seq_len
     act_train = training_activation_bytes(wl.micro_batch, s_len, dims, w, wl.flash_attention,
-                                          st.gradient_checkpointing, logit_width) if trained else 0
-    act_infer = inference_activation_bytes(wl.gen_batch, s_len, dims, w, wl.flash_attention, logit_width)
+                                          st.gradient_checkpointing, logit_width, wl.logit_chunk_tokens) if trained else 0
+    act_infer = inference_activation_bytes(wl.gen_batch, s_len, dims, w, wl.flash_attention, logit_width,
+                                           wl.logit_chunk_tokens)
     kv = gathered = gather_group = 0
     tp = st.tp_size
     if st.role == "actor" and wl.generate:
@@ -1370,7 +1381,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--reward", default=None, help="reward model folder or count (default: same as --critic); 'none' for a reward "
                                      "that is no model here (reward.function, reward.url)")
     a("--advantage-estimator", default="gae", help="ppo.advantage_estimator: only gae trains a critic")
-    a("--reference", default=None, help="reference model folder or count (default: same as --actor)")
+    a("--reference", default=None, help="reference model folder or count (default: same as --actor; with "
+                                          "--lora-rank none: the actor's base with its adapters off is the reference)")
     a("--gpus-per-node", type=int, default=8)
     a("--nodes", type=int, default=1)
     a("--gpu-memory-gb", type=float, default=80.0)
@@ -1386,6 +1398,8 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--prompt-len", type=int, default=256)
     a("--response-len", type=int, default=256)
     a("--generation-batch", type=int, default=None, help="generation batch per GPU (default: --micro-batch)")
+    a("--logit-chunk-tokens", type=int, default=Workload.logit_chunk_tokens,
+      help="log-probs from hidden states this many tokens at a time (engine.logit_chunk_tokens; 0 = whole logits)")
     a("--tp-size", type=int, default=1,
       help="hybrid.tp_size: ranks of a node that generate together, each holding a tensor-parallel slice of the "
            "actor's generation copy (must divide --gpus-per-node; 1 = a whole copy per rank; --recommend tries "
@@ -1433,10 +1447,12 @@ def run_plan_cli(args: argparse.Namespace) -> int:
             del models["critic"]
         if reward is None:
             del models["reward"]
+        if args.lora_rank and not args.reference:  # the LoRA actor's base with its adapters off (as `ppo` does)
+            del models["reference"]
         hw = Hardware(gpus_per_node=args.gpus_per_node, nodes=args.nodes, gpu_memory_gb=args.gpu_memory_gb,
                       cpu_memory_gb=args.cpu_memory_gb)
         wl = Workload(micro_batch=args.micro_batch, prompt_len=args.prompt_len, response_len=args.response_len,
-                      generation_batch=args.generation_batch)
+                      generation_batch=args.generation_batch, logit_chunk_tokens=args.logit_chunk_tokens)
         knobs = DeepSpeedKnobs(param_persistence_threshold=args.param_persistence_threshold,
                                reduce_bucket_size=args.reduce_bucket_size, prefetch_bucket_size=args.prefetch_bucket_size,
                                max_live_parameters=args.max_live_parameters, overlap_comm=args.overlap_comm,

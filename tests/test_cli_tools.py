@@ -36,7 +36,8 @@ def test_generate_reads_every_prompt_format(tiny_base, tmp_path):
         assert cli.main(["generate", tiny_base, src, "-o", str(out), "--max-new-tokens", "10", "--batch-size", "3"]) == 0
         outs[name] = load_jsonl(out)
     assert [r["prompt"] for r in outs["plain"]] == prompts  # input order kept (batches are sorted by length inside)
-    assert outs["plain"] == outs["question"]
+    # the input's columns come back too: a question row keeps its question beside the prompt it was rendered to
+    assert outs["question"] == [{"question": p, **r} for p, r in zip(prompts, outs["plain"])]
     for r in outs["plain"]:
         assert set(r) == {"prompt", "response", "response_tokens", "eos"}
         assert 1 <= r["response_tokens"] <= 10 and (r["eos"] or r["response_tokens"] == 10)
@@ -182,3 +183,89 @@ def test_score_keeps_every_input_column(tiny_base, tmp_path):
     for row, scored in zip(rows, got):
         assert {k: scored[k] for k in row} == row
         assert isinstance(scored["score"], float)
+
+
+def test_generate_keeps_every_input_column(tiny_base, tmp_path, capsys):
+    """Each output row is its input row whole (a reference answer, ids, nested metadata, the chat itself) plus the
+    rendered prompt and the generation; an input column generate writes itself is kept as input_<name>; with several
+    samples the rows stay in input order, sample by sample, even for repeated prompts."""
+    task = BuiltinTask(0)
+    p = list(task.eval_prompt_set[:3])
+    rows = [{"id": "a", "prompt": p[0], "answer": "the fox is calm .", "meta": {"k": [1, 2]}},
+            {"id": "b", "prompt": p[1], "answer": None, "response": "a reference", "eos": "x"},
+            {"id": "c", "prompt": p[0], "answer": "again"}]  # the same prompt as row a
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["generate", tiny_base, src, "-o", str(out), "--max-new-tokens", "6", "--num-samples", "2",
+                     "--do-sample", "--seed", "3"]) == 0
+    assert "input columns eos, response are kept as input_eos, input_response (generate writes its own)" in \
+        capsys.readouterr().err
+    got = load_jsonl(out)
+    assert [(r["id"], r["sample"]) for r in got] == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("c", 0), ("c", 1)]
+    generated = {"prompt", "response", "response_tokens", "eos", "sample"}
+    for r in got:
+        row = next(x for x in rows if x["id"] == r["id"])
+        kept = {("input_" + k if k in ("response", "eos") else k): v for k, v in row.items()}
+        assert {k: r[k] for k in kept} == kept and set(r) == set(kept) | generated
+        assert r["prompt"] == row["prompt"] and 1 <= r["response_tokens"] <= 6
+    assert got[0]["meta"] == {"k": [1, 2]} and got[2]["input_response"] == "a reference" and got[2]["answer"] is None
+    # a chat row keeps its messages
+    chat = [{"role": "user", "content": "describe the fox ."}]
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat, "answer": "4"}])
+    assert cli.main(["generate", tiny_base, src, "-o", str(out), "--max-new-tokens", "3"]) == 0
+    (r,) = load_jsonl(out)
+    assert (r["messages"], r["answer"], r["prompt"]) == (chat, "4", "\n\nHuman: describe the fox .\n\nAssistant:")
+
+
+def test_single_process_commands_set_torch_threads_from_the_cores(tiny_base, tmp_path, capsys, monkeypatch):
+    """RLHF_DS_THREADS when set, else the usable cores (CPU affinity); said once, as one INFO line; a bad value exits
+    2."""
+    import torch
+
+    from rlhf_ds.engine import launcher
+
+    before = torch.get_num_threads()
+    src = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "human : hi . assistant :"}])
+    out = str(tmp_path / "o.jsonl")
+    try:
+        monkeypatch.delenv("RLHF_DS_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one usable core of however many
+        assert launcher.usable_cores() == 1 and launcher.threads_per_process(1) == 1
+        torch.set_num_threads(2)
+        assert cli.main(["generate", tiny_base, src, "-o", out, "--max-new-tokens", "2"]) == 0
+        lines = [line for line in capsys.readouterr().err.splitlines() if "torch threads" in line]
+        assert torch.get_num_threads() == 1 and len(lines) == 1
+        assert lines[0].endswith("[rank0] INFO torch threads: 1 (from 1 usable cores; set RLHF_DS_THREADS to change)")
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+        assert launcher.threads_per_process(1) == 6 and launcher.threads_per_process(4) == 1
+        assert launcher.threads_per_process(2) == 3
+        monkeypatch.setenv("RLHF_DS_THREADS", "2")
+        assert cli.main(["score", tiny_base, write_jsonl(tmp_path / "s.jsonl", [{"prompt": "a", "response": "b"}]),
+                         "-o", str(tmp_path / "s.out.jsonl")]) == 0
+        assert torch.get_num_threads() == 2 and launcher.threads_per_process(4) == 2
+        assert "INFO torch threads: 2 (from $RLHF_DS_THREADS;" in capsys.readouterr().err
+        for bad in ("0", "two", "-1"):
+            monkeypatch.setenv("RLHF_DS_THREADS", bad)
+            assert cli.main(["generate", tiny_base, src, "-o", out, "--max-new-tokens", "2"]) == 2
+            assert f"rlhf-ds generate: RLHF_DS_THREADS={bad!r}: expected a whole number of threads >= 1" in \
+                capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_step_run_as_one_process_takes_its_threads_from_its_usable_cores(tmp_path):
+    """`python -m rlhf_ds.cli <step>` on one core of the machine (taskset): one INFO line, the first, says 1 thread,
+    before the step starts (here it stops at once: no model at the default path, exit 2)."""
+    import shutil
+
+    if shutil.which("taskset") is None:
+        pytest.skip("needs taskset")
+    env = {k: v for k, v in cli_env(1).items() if k != "RLHF_DS_THREADS"}
+    proc = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "rlhf_ds.cli", "sft",
+                           f"output_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'missing.jsonl'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "torch threads" in line]
+    assert len(lines) == 1 and lines[0].endswith("INFO torch threads: 1 (from 1 usable cores; set RLHF_DS_THREADS to "
+                                                 "change)")
+    assert proc.stderr.splitlines()[0] == lines[0] and "rlhf-ds sft: tokenizer folder not found" in proc.stderr

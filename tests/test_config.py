@@ -37,7 +37,7 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.train.micro_batch_size == 4 and cfg.train.grad_accum == 3
     assert cfg.engine.lora.enabled is True and cfg.engine.lora.rank == 4 and cfg.engine.lora.target_modules == ["c_attn"]
     assert cfg.engine.lora.alpha == 16.0  # untouched nested default survives a partial section
-    assert cfg.data.max_seq_len == 96 and cfg.data.max_prompt_tokens == 64 and cfg.data.eval is None
+    assert cfg.data.max_seq_len == 96 and cfg.data.max_prompt_tokens is None and cfg.data.eval is None
     assert cfg.engine.adam_betas == [0.9, 0.99]
     assert cfg.train.epochs == 2  # SFT's own default for the section, not TrainConfig's (1)
 
@@ -125,7 +125,7 @@ def test_impossible_combinations_are_refused(overrides, match):
 
 def test_pretrain_has_no_prompt_limit():
     # pretraining packs plain text: the prompt budget does not apply, so this combination is fine there
-    cfg = load_config("pretrain", None, ["data.max_seq_len=32"])
+    cfg = load_config("pretrain", None, ["data.max_seq_len=32", "data.max_prompt_tokens=64"])
     assert cfg.data.max_prompt_tokens == 64 and cfg.data.max_seq_len == 32
 
 
@@ -151,7 +151,7 @@ def test_resolved_config_round_trips(tmp_path):
     assert saved["engine"]["lr"] == pytest.approx(2e-5)
     assert saved["engine"]["lora"] == {"enabled": True, "rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": None}
     assert saved["train"]["max_steps"] == 3 and saved["train"]["epochs"] == 2
-    assert saved["data"]["max_seq_len"] == 128 and saved["tracking"]["wandb"] is False
+    assert saved["data"]["max_seq_len"] is None and saved["tracking"]["wandb"] is False
     assert load_config("sft", path) == cfg
 
 

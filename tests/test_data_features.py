@@ -1,5 +1,7 @@
 """Tokenization and collation with a tiny tokenizer built locally (no hub access)."""
 
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -240,3 +242,84 @@ def test_an_empty_answer_still_ends_with_eos(tok):
     feats, _ = preference_features(pairs, tok, max_prompt_tokens=8, max_seq_len=16)
     prompt = feats[0]["chosen_ids"][: feats[0]["prompt_len"]]
     assert feats[0]["rejected_ids"] == prompt + [tok.eos_token_id]
+
+
+# ---- how a templated source's answers join their prompts (byte-level BPE, GPT-2 style) ----------------------------
+
+HH_CHOSEN = "\n\nHuman: what is it?\n\nAssistant: it is a fox"
+HH_REJECTED = "\n\nHuman: what is it?\n\nAssistant: is it"
+
+
+def build_byte_level_bpe():
+    """A tiny GPT-2-style tokenizer: byte-level pre-tokenization (a space joins the word after it: 'Ġit')."""
+    from tokenizers import decoders
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<bos>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator([HH_CHOSEN, HH_REJECTED, "Question: how is it?\n\nAnswer: it is fine"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def _hh_and_stack_exchange(tmp_path, template):
+    from rlhf_ds.config import SourceConfig
+    from rlhf_ds.data.formats import load_preferences
+
+    hh, se = tmp_path / "hh.jsonl", tmp_path / "se.jsonl"
+    hh.write_text(json.dumps({"chosen": HH_CHOSEN, "rejected": HH_REJECTED}) + "\n", encoding="utf-8")
+    se.write_text(json.dumps({"question": "what is it?", "response_j": "it is a fox", "response_k": "is it"}) + "\n",
+                  encoding="utf-8")
+    examples, _ = load_preferences([str(hh), SourceConfig(str(se), template=template)])
+    return examples
+
+
+def test_a_template_ending_in_response_tokenises_a_stack_exchange_answer_as_hh_does(tmp_path, caplog):
+    """"...Assistant: {response}": the space starts the answer, so the join is ':' | 'Ġit' as in the HH dialogue, and
+    the pair's token ids equal the HH pair's; the template without {response} gives ':' 'Ġ' | 'i' 't' and a warning."""
+    tok = build_byte_level_bpe()
+    tid = tok.convert_tokens_to_ids
+    with caplog.at_level("WARNING", logger="rlhf_ds"):
+        examples = _hh_and_stack_exchange(tmp_path, "\n\nHuman: {question}\n\nAssistant: {response}")
+    assert not [r for r in caplog.records if "join prompt and response differently" in r.getMessage()]
+    assert [(ex.prompt, ex.chosen, ex.rejected) for ex in examples] == \
+        [("\n\nHuman: what is it?\n\nAssistant:", " it is a fox", " is it")] * 2
+    feats, _ = preference_features(examples, tok, 32, 64)
+    hh, se = feats
+    assert se["chosen_ids"] == hh["chosen_ids"] and se["rejected_ids"] == hh["rejected_ids"]
+    assert se["prompt_len"] == hh["prompt_len"] == 13  # <bos> + 12 prompt tokens
+    n = se["prompt_len"]
+    assert se["chosen_ids"][n - 2:] == [tid("Assistant"), tid(":"), tid("Ġit"), tid("Ġis"), tid("Ġa"), tid("Ġfox"),
+                                        tok.eos_token_id]
+    assert se["rejected_ids"][n - 1:] == [tid(":"), tid("Ġis"), tid("Ġit"), tok.eos_token_id]
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhf_ds"):
+        old = _hh_and_stack_exchange(tmp_path, "\n\nHuman: {question}\n\nAssistant: ")
+    warned = [r.getMessage() for r in caplog.records if "join prompt and response differently" in r.getMessage()]
+    assert len(warned) == 1 and "hh.jsonl" in warned[0] and "se.jsonl" in warned[0] and "{response}" in warned[0]
+    old_se = preference_features(old, tok, 32, 64)[0][1]
+    n = old_se["prompt_len"]
+    assert n == 14 and old_se["chosen_ids"][n - 2:n + 3] == [tid(":"), tid("Ġ"), tid("i"), tid("t"), tid("Ġis")]
+    assert old_se["chosen_ids"] != hh["chosen_ids"]
+
+
+def test_a_response_template_gives_sft_targets_and_ppo_prompts_the_same_join(tmp_path):
+    """SFT: the target starts with 'Ġit' (label positions); PPO/eval prompts end at ':' (the model generates the
+    space, as it learned)."""
+    from rlhf_ds.data.formats import load_prompts, load_sft
+
+    tok = build_byte_level_bpe()
+    tid = tok.convert_tokens_to_ids
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"prompt": "what is it?", "response": "it is a fox"}) + "\n", encoding="utf-8")
+    template = "\n\nHuman: {prompt}\n\nAssistant: {response}"
+    feats, _ = sft_features(load_sft(str(path), template=template)[0], tok, 32, 64)
+    (hh,), _ = preference_features([PreferenceExample("\n\nHuman: what is it?\n\nAssistant:", " it is a fox", " no")],
+                                   tok, 32, 64)
+    assert feats[0]["input_ids"] == hh["chosen_ids"]
+    targets = [t for t in feats[0]["labels"] if t != -100]
+    assert targets == [tid("Ġit"), tid("Ġis"), tid("Ġa"), tid("Ġfox"), tok.eos_token_id]
+    prompts, _ = prompt_features(load_prompts(str(path), template=template)[0], tok, 32)
+    assert prompts[0] == hh["chosen_ids"][:hh["prompt_len"]] and prompts[0][-1] == tid(":")

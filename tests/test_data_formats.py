@@ -605,3 +605,53 @@ def test_rows_count_from_one_in_csv_json_parquet_and_saved_datasets(tmp_path):
     with pytest.raises(DataError) as err:
         parse_sft(rows)
     assert str(err.value) == "<records> row 5, field 'response': empty text"
+
+
+def test_a_template_may_end_with_response_which_moves_its_whitespace_to_the_responses(tmp_path):
+    from rlhf_ds.data.formats import render_template, split_template
+
+    assert split_template("\n\nHuman: {prompt}\n\nAssistant: {response}") == ("\n\nHuman: {prompt}\n\nAssistant:", " ")
+    assert split_template("Q: {prompt}\nA:\n {response}") == ("Q: {prompt}\nA:", "\n ")
+    assert split_template("Q: {prompt}\nA:{response}") == ("Q: {prompt}\nA:", "")
+    assert split_template(STACK_TEMPLATE) == (STACK_TEMPLATE, "")  # without {response}: as before
+    assert split_template("Q: {prompt} {{response}}") == ("Q: {prompt} {{response}}", "")  # literal braces
+    assert render_template("Question: {question}\n\nAnswer: {response}", "how?") == "Question: how?\n\nAnswer:"
+    se = write_jsonl(tmp_path / "se.jsonl", [{"question": "how 0?", "response_j": "like this", "response_k": ""}])
+    (pair,), _ = load_preferences(str(se), template="Question: {question}\n\nAnswer: {response}")
+    # the rendered text is the template's; an empty answer stays empty ([BOS] + prompt + [EOS])
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Question: how 0?\n\nAnswer:", " like this", "")
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "how 0?", "response": "x", "answer": "4"}])
+    (sft,), _ = load_sft(str(plain), template="Q: {prompt}\nA: {response}")
+    assert (sft.prompt, sft.response) == ("Q: how 0?\nA:", " x")
+    (prompt,), _ = load_prompts(str(plain), template="Q: {prompt}\nA: {response}")
+    assert prompt.prompt == "Q: how 0?\nA:" and prompt.columns == {"response": "x", "answer": "4"}
+
+
+@pytest.mark.parametrize("template", ["Q: {response} {prompt}", "Q: {prompt} {response}{response}",
+                                      "Q: {prompt} {response:>4}", "A: {response}"])
+def test_response_must_end_a_template_once(tmp_path, template):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(DataError) as err:
+        load_prompts(str(path), template=template)
+    assert err.value.file == str(path) and err.value.field == "template"
+    assert ("may only be its very end, once" if "{prompt}" in template else "must contain {prompt}") in str(err.value)
+
+
+def test_a_template_that_glues_answers_to_the_prompt_warns(tmp_path, caplog):
+    from rlhf_ds.data.formats import check_joins, join_kind
+
+    assert [join_kind(p, r) for p, r in (("A: ", "it"), ("A:", " it"), ("A: ", " it"), ("A:", "it"))] == \
+        ["prompt", "response", "both", "none"]
+    se = write_jsonl(tmp_path / "se.jsonl", SE)
+    with caplog.at_level("WARNING", logger="rlhf_ds"):
+        load_preferences(str(se), template="Question: {question}\n\nAnswer:")
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"{se}: template 'Question: {{question}}\\n\\nAnswer:' joins prompt and response without "
+                              "whitespace ('...ow 0?\\n\\nAnswer:' + 'like this ...' renders '?\\n\\nAnswer:like this ')")
+    assert "' {response}'" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhf_ds"):  # the same join everywhere, or no template: nothing to say
+        load_preferences(str(se), template="Question: {question}\n\nAnswer: {response}")
+        load_preferences([str(se), str(se)])
+    assert not caplog.records
+    assert check_joins([("a", None, ("response", "A:", " x")), ("b", "T {prompt}", None)]) is None

@@ -40,6 +40,11 @@ def assert_close(a: dict, b: dict, rel: float) -> None:
     assert sorted(a) == sorted(b)
     for step in a:
         for k in a[step]:
+            if k == "reward_accuracy" and max(abs(a[step]["reward_margin"]), abs(b[step]["reward_margin"])) < 1e-6:
+                # every pair a tie (step 1: policy == reference): "chosen > rejected" then counts 1e-7 roundings of
+                # the log-probs, which differ with the batch shape (a precomputed reference's margins read 9.5e-8
+                # where the live one's read exactly 0); the margins, losses and later steps are still compared
+                continue
             assert a[step][k] == pytest.approx(b[step][k], rel=rel, abs=rel), f"step {step} {k}: {a[step][k]} vs {b[step][k]}"
 
 
@@ -48,9 +53,11 @@ def runs(tiny_base, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("dpo")
     common = ["dpo", f"model={tiny_base}", f"train.max_steps={STEPS}", *SMALL]
     out = {name: str(root / name) for name in ("live_z3", "pre_z3", "pre_z0", "live_z0")}
+    # log-probs from hidden states (engine.logit_chunk_tokens' default) on 2 ranks ZeRO-3, whole logits on 1 rank ZeRO-0
     run_cli([*common, f"output_dir={out['live_z3']}", "train.grad_accum=1"], ranks=2)
     run_cli([*common, f"output_dir={out['live_z0']}", "train.grad_accum=2", "engine.zero_stage=0",
-             "reference.engine.zero_stage=0"], ranks=1)
+             "reference.engine.zero_stage=0", "engine.logit_chunk_tokens=0", "reference.engine.logit_chunk_tokens=0"],
+            ranks=1)
     run_cli([*common, f"output_dir={out['pre_z3']}", "train.grad_accum=1", "dpo.precompute_reference=true"], ranks=2)
     run_cli([*common, f"output_dir={out['pre_z0']}", "train.grad_accum=2", "dpo.precompute_reference=true",
              "engine.zero_stage=0", "reference.engine.zero_stage=0"], ranks=1)
@@ -94,6 +101,7 @@ def test_cached_reference_logps_equal_each_sequence_alone(runs, tiny_base):
     from rlhf_ds.data.features import preference_features
     from rlhf_ds.data.formats import load_preferences
     from rlhf_ds.models.loading import load_tokenizer
+    from rlhf_ds.rl.math import logprobs_from_logits
     from rlhf_ds.rl.preference import sequence_logps
 
     path = os.path.join(runs["pre_z3"], "reference_logps.safetensors")
@@ -116,7 +124,8 @@ def test_cached_reference_logps_equal_each_sequence_alone(runs, tiny_base):
             x = torch.tensor([ids])
             with torch.no_grad():
                 logits = model(input_ids=x).logits
-            alone, n = sequence_logps(logits, x, torch.ones_like(x), torch.tensor([f["prompt_len"]]))
+            alone, n = sequence_logps(logprobs_from_logits(logits[:, :-1], x[:, 1:]), x, torch.ones_like(x),
+                                      torch.tensor([f["prompt_len"]]))
             assert n.item() == len(ids) - f["prompt_len"]
             assert table["eval"][row, i].item() == pytest.approx(alone.item(), abs=1e-4 + 1e-6 * abs(alone.item()))
 

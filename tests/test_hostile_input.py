@@ -160,12 +160,14 @@ def test_csv_wrong_field_count(tiny_base, tmp_path):
 
 
 def test_tokenizer_without_pad_token_gets_a_distinct_pad(tiny_base, tmp_path):
-    """No PAD at all (GPT-2 style): a new `<|pad|>` is added, the embedding grows, and the saved folder keeps both."""
+    """No PAD at all (GPT-2 style) and no unused special token to take instead: a new `<|pad|>` is added, the embedding
+    grows, and the saved folder keeps both. (The old PAD is renamed to an ordinary, non-special token: a special one
+    would be taken as the PAD, tests/test_chat_checkpoints.py.)"""
     model = model_copy(tiny_base, tmp_path)
 
     def drop_pad(tok):
         pad = next(t for t in tok["added_tokens"] if t["content"] == "<|pad|>")
-        pad["content"] = "<|spare|>"
+        pad["content"], pad["special"] = "<|spare|>", False
         tok["model"]["vocab"]["<|spare|>"] = tok["model"]["vocab"].pop("<|pad|>")
 
     edit_json(os.path.join(model, "tokenizer.json"), drop_pad)

@@ -681,3 +681,27 @@ def test_reuse_distance_counts_what_a_trained_forward_keeps_for_its_backward(cap
     assert smaller.models["actor"].gpu_details["zero3_reuse_held"] == w * 10_000_000
     rc, out = _cli(["--actor", "7B", "--json", "--max-reuse-distance", "1e8"], capsys)
     assert rc == 0 and json.loads(out.out)["models"]["actor"]["gpu_details_bytes"]["zero3_reuse_held"] == w * 100_000_000
+
+
+def test_lora_actor_base_is_the_reference_and_chunked_logits_are_counted(tmp_path, capsys):
+    """As `rlhf-ds ppo` runs them: a LoRA actor without --reference has no second copy (its base with the adapters off
+    is the reference); log-probs computed in chunks hold one chunk of logits, not the whole micro-batch's."""
+    rc, out = _cli(["--actor", "1e9", "--lora-rank", "16", "--json"], capsys)
+    assert rc in (0, 1) and "reference" not in json.loads(out.out)["models"]
+    rc, out = _cli(["--actor", "1e9", "--lora-rank", "16", "--reference", "1e9", "--json"], capsys)
+    assert json.loads(out.out)["models"]["reference"]["n_params"] == 1e9
+
+    from rlhf_ds.planner import logit_bytes
+
+    # 8 x 512 tokens of a 152k vocabulary in bf16: 6.2 GB of logits and fp32 copies at once, 0.93 GB chunked by 512
+    assert logit_bytes(8 * 512, 151_936, 2) == 8 * 512 * 151_936 * 6
+    assert logit_bytes(8 * 512, 151_936, 2, chunk=512) == 512 * 151_936 * 10
+    assert logit_bytes(8 * 512, 1, 2, chunk=512) == 8 * 512 * 6  # a value head's width-1 output is not chunked
+    _save_config(tmp_path, "gpt2")
+    phases = {}
+    for chunk in (0, 64):
+        rc, out = _cli(["--actor", str(tmp_path), "--micro-batch", "8", "--logit-chunk-tokens", str(chunk), "--json"],
+                       capsys)
+        phases[chunk] = json.loads(out.out)["models"]["actor"]["phase_gpu_bytes"]
+    assert all(phases[64][k] <= phases[0][k] for k in phases[0])
+    assert any(phases[64][k] < phases[0][k] for k in phases[0])

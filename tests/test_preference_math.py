@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ds.rl.math import weighted_mean
+from rlhf_ds.rl.math import logprobs_from_logits, weighted_mean
 from rlhf_ds.rl.preference import preference_loss, sequence_logps
 
 T = lambda *v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
@@ -81,7 +81,7 @@ def test_sequence_logps_by_hand_and_padding_invariant():
     logits[0, 2, 1] = math.log(2.0)  # position 2 predicts token 3: p(1) = 2/4
     ids = torch.tensor([[0, 2, 2, 1, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 0]])  # last column is padding
-    total, n = sequence_logps(logits, ids, mask, torch.tensor([2]))
+    total, n = sequence_logps(logprobs_from_logits(logits[:, :-1], ids[:, 1:]), ids, mask, torch.tensor([2]))
     # response tokens: index 2 (predicted at 1, uniform: log 1/3) and index 3 (predicted at 2: log 1/2); pad excluded
     assert n.tolist() == [2]
     assert total.item() == pytest.approx(math.log(1 / 3) + math.log(1 / 2), rel=1e-12)
@@ -103,7 +103,7 @@ def test_sequence_logps_by_hand_and_padding_invariant():
         ids, mask = pad_batch(batch_seqs, 0)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-        return sequence_logps(logits, ids, mask, plens)
+        return sequence_logps(logprobs_from_logits(logits[:, :-1], ids[:, 1:]), ids, mask, plens)
 
     together, counts = logps(seqs, prompt_lens)
     assert counts.tolist() == [len(s) - p for s, p in zip(seqs, prompt_lens.tolist())]

@@ -69,3 +69,76 @@ def test_rm_report_command(tmp_path_factory, tmp_path):
     ppo = report["samples"]["policies"]["ppo"]
     assert ppo["n"] == 3 and ppo["distinct"] == 2 and {r["count"] for r in ppo["top"]} == {1, 2}
     assert "Highest-scoring responses of the PPO policy" in open(os.path.join(out, "rm_report.html"), encoding="utf-8").read()
+
+
+def test_rm_report_reads_a_users_preference_file_as_the_rm_step_does(tmp_path_factory, tmp_path, capsys):
+    """A user's stack-exchange file with its own column names: --columns renames them, and the prompts are rendered
+    with the template the reward model was trained with (its scalar_head.json; --template overrides, `none` turns it
+    off). The report's numbers are those of scoring the rendered texts directly."""
+    import shutil
+
+    from rlhf_ds import cli
+    from rlhf_ds.models.scalar_head import RewardScorer
+
+    template = "Question: {question}\n\nAnswer: {response}"
+    rm = str(tmp_path / "rm")
+    shutil.copytree(tiny_models(tmp_path_factory)["gpt2_rm"], rm)
+    meta_path = os.path.join(rm, "scalar_head.json")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    with open(meta_path, "w", encoding="utf-8") as f:
+        json.dump({**meta, "prompt_templates": [template]}, f)
+    subjects = ("fox", "cat", "lake", "drum")
+    rows = [{"title": f"describe the {s} .", "good": f"the {s} is calm .", "bad": f"{s} {s} {s} {s} {s} {s}",
+             "id": i} for i, s in enumerate(subjects)]
+    pairs = tmp_path / "se.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    columns = "{question: title, response_j: good, response_k: bad}"
+
+    out = str(tmp_path / "report")
+    assert cli.main(["rm-report", rm, "--pairs", str(pairs), "--columns", columns, "-o", out]) == 0
+    assert f"rm-report: pairs {pairs}: prompt template {template!r} (the reward model's training template" in \
+        capsys.readouterr().err
+    with open(os.path.join(out, "rm_report.json"), encoding="utf-8") as f:
+        got = json.load(f)["pairs"]
+    prompts = [f"Question: describe the {s} .\n\nAnswer:" for s in subjects]
+    scorer = RewardScorer(rm)
+    chosen = scorer.score(prompts, [f" the {s} is calm ." for s in subjects])
+    rejected = scorer.score(prompts, [" " + " ".join([s] * 6) for s in subjects])
+    assert (got["n"], got["rows"], got["rows_skipped"], got["format"], got["template"]) == \
+        (4, 4, 0, "stack_exchange", template)
+    assert got["accuracy"] == sum(c > r for c, r in zip(chosen, rejected)) / 4
+    assert got["by_margin"] == margin_table(chosen, rejected)
+    assert got["by_length_difference"] == length_table(chosen, rejected, [5] * 4, [6] * 4)
+    assert got["by_length_difference"][1] == {"bucket": "chosen shorter by 1-4", "n": 4, "accuracy": got["accuracy"]}
+    html_text = open(os.path.join(out, "rm_report.html"), encoding="utf-8").read()
+    assert "prompts rendered with the template" in html_text
+
+    # --template none: the bare question as the prompt, the answers as they are -> other scores
+    out2 = str(tmp_path / "report2")
+    assert cli.main(["rm-report", rm, "--pairs", str(pairs), "--columns", columns, "--template", "none",
+                     "-o", out2]) == 0
+    with open(os.path.join(out2, "rm_report.json"), encoding="utf-8") as f:
+        bare = json.load(f)["pairs"]
+    raw = [r["title"] for r in rows]
+    direct = scorer.score(raw, [r["good"] for r in rows]), scorer.score(raw, [r["bad"] for r in rows])
+    assert bare["template"] is None and bare["by_margin"] == margin_table(*direct)
+    # ranked answers (--format ranked): every pair of a row, as the rm step expands them
+    ranked = tmp_path / "ranked.csv"
+    ranked.write_text("q,answers\n" + "".join(f'"describe the {s} .","[""the {s} is calm ."", ""a {s} ."", '
+                                               f'""{s} {s} {s}""]"\n' for s in subjects), encoding="utf-8")
+    out3 = str(tmp_path / "report3")
+    assert cli.main(["rm-report", rm, "--pairs", str(ranked), "--format", "ranked", "--columns",
+                     '{"prompt": "q", "responses": "answers"}', "--template", "Q: {prompt}\\nA: {response}",
+                     "-o", out3]) == 0
+    with open(os.path.join(out3, "rm_report.json"), encoding="utf-8") as f:
+        r3 = json.load(f)["pairs"]
+    assert (r3["n"], r3["rows"], r3["format"], r3["template"]) == (12, 4, "ranked", "Q: {prompt}\nA: {response}")
+    # bad options: exit 2 before anything is written
+    for bad in (["--columns", "[1, 2]"], ["--template", "Q: {query}"], ["--format", "nope"]):
+        out4 = str(tmp_path / "bad")
+        assert cli.main(["rm-report", rm, "--pairs", str(pairs), *bad, "-o", out4]) == 2
+        assert not os.path.exists(out4)
+    err = capsys.readouterr().err
+    assert "--columns: expected a mapping of column names" in err and "unknown: 'query'" in err
+    assert "unknown preference format 'nope'" in err

@@ -71,8 +71,11 @@ def sft_pair(tiny_base, tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("sft_pair")
     common = ["sft", f"model={tiny_base}", f"train.max_steps={SFT_STEPS}", *SFT_SMALL]
     z0, z3 = str(root / "zero0"), str(root / "zero3")
-    run_cli([*common, f"output_dir={z0}", "engine.zero_stage=0", "train.grad_accum=2"], ranks=1)
-    run_cli([*common, f"output_dir={z3}", "engine.zero_stage=3", "train.grad_accum=1"], ranks=2)
+    # and whole logits on one side, log-probs from hidden states in chunks of 16 tokens (many per micro-batch) on the other
+    run_cli([*common, f"output_dir={z0}", "engine.zero_stage=0", "train.grad_accum=2", "engine.logit_chunk_tokens=0"],
+            ranks=1)
+    run_cli([*common, f"output_dir={z3}", "engine.zero_stage=3", "train.grad_accum=1", "engine.logit_chunk_tokens=16"],
+            ranks=2)
     return {"zero0": z0, "zero3": z3}
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .formats import SFTExample
+from .formats import PromptExample, SFTExample
 
 IGNORE_INDEX = -100
 
@@ -118,6 +118,20 @@ def _complete(tokenizer, prompt: list[int], response: list[int], max_seq_len: in
 def _prompts(tokenizer, examples, max_prompt_tokens: int, overflow: str, report: LengthReport) -> list[list[int] | None]:
     encoded = _encode(tokenizer, [render_prompt(tokenizer, ex) for ex in examples])
     return [_fit_prompt(tokenizer, ids, max_prompt_tokens, overflow, report) for ids in encoded]
+
+
+def measured_lengths(tokenizer, examples) -> tuple[list[int], list[int] | None]:
+    """Uncut token counts of each example: its prompt (with BOS, as the features encode it) and, for SFT examples and
+    preference pairs, the whole sequence (prompt + response + EOS; a pair's longer side); None for PPO prompts."""
+    report = LengthReport()
+    prompts = [len(ids) for ids in _prompts(tokenizer, examples, 1 << 62, "truncate", report)]
+    if not examples or isinstance(examples[0], PromptExample):
+        return prompts, None
+    if isinstance(examples[0], SFTExample):
+        sides = [_encode(tokenizer, [render_response(tokenizer, ex) for ex in examples])]
+    else:
+        sides = [_encode(tokenizer, [ex.chosen for ex in examples]), _encode(tokenizer, [ex.rejected for ex in examples])]
+    return prompts, [p + max(len(side[i]) for side in sides) + 1 for i, p in enumerate(prompts)]
 
 
 def sft_features(

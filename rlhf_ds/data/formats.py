@@ -13,7 +13,9 @@ Prompt formats:     messages (last turn from the user), prompt, question
 
 With ``fmt="auto"`` each file is detected on its own (a folder may mix formats). ``load_*`` take one source or a list
 (paths or ``SourceConfig``: own format, columns, prompt template, weight, row limit) and render plain prompts with the
-template (``{prompt}``/``{question}``), the same way for SFT, RM, PPO and evaluation (docs/data.md).
+template (``{prompt}``/``{question}``, optionally ending in ``{response}``: the whitespace before it then starts each
+response), the same way for SFT, RM, PPO and evaluation (docs/data.md); sources that join prompt and response
+differently are warned about (``check_joins``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class SFTExample:
     prompt: str | None = None
     response: str | None = None
     messages: list[dict] | None = None
+    origin: str = field(default="", compare=False, repr=False)  # "file: row N", for messages
 
 
 @dataclass
@@ -55,6 +58,7 @@ class PreferenceExample:
     margin: float = 0.0
     weight: float = 1.0
     group: int = 0
+    origin: str = field(default="", compare=False, repr=False)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class PromptExample:
     prompt: str | None = None
     messages: list[dict] | None = None
     columns: dict = field(default_factory=dict)
+    origin: str = field(default="", compare=False, repr=False)
 
 
 @dataclass
@@ -345,12 +350,15 @@ def _parse(records, fmt: str, columns: dict | None, on_bad_row: str, formats: di
     report, examples = ParseReport(fmt=", ".join(dict.fromkeys(fmts.values())) or fmt, total=len(records)), []
     for group, record in enumerate(records):
         try:
-            examples.extend(formats[fmts[record.file]][1](_Row(record.data, columns), group))
+            parsed = formats[fmts[record.file]][1](_Row(record.data, columns), group)
         except _BadRow as bad:
             if on_bad_row == "error":
                 raise DataError(bad.detail, record.file, record.row, bad.field) from None
             report.skipped[bad.reason] = report.skipped.get(bad.reason, 0) + 1
             continue
+        for ex in parsed:
+            ex.origin = f"{record.file}: row {record.row}"
+        examples.extend(parsed)
         report.kept += 1
     return examples, report
 
@@ -378,7 +386,7 @@ def _load(parse: Callable, source, split: str, kw: dict):
     template, seed = kw.pop("template", None), kw.pop("seed", 0)
     sources = [s if isinstance(s, SourceConfig) else SourceConfig(path=str(s))
                for s in (source if isinstance(source, list) else [source])]
-    examples, reports = [], []
+    examples, reports, joins = [], [], []
     for i, src in enumerate(sources):
         records = read_records(src.path, split=split)
         records = records[: src.limit] if src.limit else records
@@ -387,7 +395,9 @@ def _load(parse: Callable, source, split: str, kw: dict):
         options = {**kw, **({"fmt": src.format} if src.format else {}),
                    **({"columns": src.columns} if src.columns is not None else {})}
         got, report = parse(records, **options)
-        got = apply_template(got, src.template if src.template is not None else template, src.path)
+        used = src.template if src.template is not None else template
+        got = apply_template(got, used, src.path)
+        joins.append((str(src.path), used, source_join(got)))
         for ex in got:
             if isinstance(ex, PreferenceExample):
                 ex.group += sum(r.total for r in reports)  # rows of different sources are different groups
@@ -397,6 +407,9 @@ def _load(parse: Callable, source, split: str, kw: dict):
                      report.summary(), src.weight, len(got))
         examples += got
         reports.append(report)
+    warning = check_joins(joins)
+    if warning:
+        log.warning(warning)
     return examples, _combine(reports)
 
 
@@ -425,19 +438,44 @@ def resample(examples: list, weight: float, seed: int) -> list:
 
 
 TEMPLATE_FIELDS = ("prompt", "question")
+RESPONSE_FIELD = "response"  # a template's optional last field: where the response starts (`split_template`)
+WHITESPACE = " \t\n\r\f\v"
 
 
-def check_template(template: str, where: str) -> None:
-    """A template names the prompt as {prompt} (or {question}); literal braces are written {{ and }}."""
+def _template_fields(template: str, where: str) -> list[str]:
     try:
-        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as err:
         raise DataError(f"invalid template {template!r}: {err} (write literal braces as {{{{ and }}}})", file=where,
                         field="template") from None
-    bad = [n for n in names if n not in TEMPLATE_FIELDS]
-    if bad or not names:
-        raise DataError(f"template {template!r} must contain {{prompt}} (or {{question}}) and no other field"
-                        + (f"; unknown: {', '.join(map(repr, bad))}" if bad else ""), file=where, field="template")
+
+
+def check_template(template: str, where: str) -> None:
+    """A template names the prompt as {prompt} (or {question}) and may end with {response}; literal braces are
+    written {{ and }}."""
+    names = _template_fields(template, where)
+    bad = [n for n in names if n not in (*TEMPLATE_FIELDS, RESPONSE_FIELD)]
+    prompt_named = any(n in TEMPLATE_FIELDS for n in names)
+    if bad or not prompt_named:
+        raise DataError(f"template {template!r} must contain {{prompt}} (or {{question}}), may end with {{response}}, "
+                        "and names no other field" + (f"; unknown: {', '.join(map(repr, bad))}" if bad else ""),
+                        file=where, field="template")
+    if RESPONSE_FIELD in names and (names.count(RESPONSE_FIELD) > 1 or not template.endswith("{response}")):
+        raise DataError(f"template {template!r}: {{response}} may only be its very end, once (it marks where the "
+                        "response starts)", file=where, field="template")
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """(prompt template, response prefix) of a template. A template ending in {response} says how a response joins
+    its prompt: the whitespace right before {response} starts the response instead of ending the prompt, so
+    `"\\n\\nHuman: {prompt}\\n\\nAssistant: {response}"` renders the prompt `...\\n\\nAssistant:` and the response
+    `" " + answer`: the same text and the same tokens at the join as an HH dialogue (`':'` then `'Ġit'`, where a
+    template ending in `"Assistant: "` gives `':' 'Ġ'` then `'it'`). Without {response} the prefix is empty."""
+    if not template.endswith("{response}"):  # (a literal "{{response}}" ends in "}}")
+        return template, ""
+    head = template[: -len("{response}")]
+    prompt_part = head.rstrip(WHITESPACE)
+    return prompt_part, head[len(prompt_part):]
 
 
 def source_templates(source, template: str | None) -> list[str | None]:
@@ -451,21 +489,96 @@ def source_templates(source, template: str | None) -> list[str | None]:
 
 
 def render_template(template: str | None, prompt: str) -> str:
-    """The prompt text a model sees: `template` with {prompt}/{question} replaced, or the prompt itself."""
-    return prompt if template is None else template.format(**{name: prompt for name in TEMPLATE_FIELDS})
+    """The prompt text a model sees: `template` (up to the whitespace before a final {response}) with
+    {prompt}/{question} replaced, or the prompt itself."""
+    if template is None:
+        return prompt
+    return split_template(template)[0].format(**{name: prompt for name in TEMPLATE_FIELDS})
 
 
 def apply_template(examples: list, template: str | None, where: str) -> list:
-    """Render every plain prompt of `examples` with `template` (chats are rendered by the chat template instead)."""
+    """Render every plain prompt of `examples` with `template` (chats are rendered by the chat template instead);
+    a template ending in {response} also starts every non-empty response with its prefix (`split_template`)."""
     if template is None:
         return examples
     check_template(template, str(where))
     if any(getattr(ex, "messages", None) is not None for ex in examples):
         raise DataError("a template renders plain prompts; chat (messages) rows are rendered with the tokenizer's "
                         "chat template, so leave the template unset for them", file=str(where), field="template")
+    prefix = split_template(template)[1]
     for ex in examples:
         ex.prompt = render_template(template, ex.prompt)
+        if prefix:  # an empty preference answer stays empty: [BOS] + prompt + [EOS]
+            for key in ("response", "chosen", "rejected"):
+                if getattr(ex, key, None):
+                    setattr(ex, key, prefix + getattr(ex, key))
     return examples
+
+
+# ---- how sources join prompt and response ------------------------------------------------------------------------
+
+
+JOINS = {"prompt": "the whitespace ends the prompt", "response": "the whitespace starts the response",
+         "both": "whitespace on both sides", "none": "no whitespace between them"}
+
+
+def join_kind(prompt: str, response: str) -> str:
+    """Where the whitespace between a prompt and its response lies, which decides the tokens at the join: "prompt"
+    (`'Assistant: ' + 'it'`: `':' 'Ġ' | 'it'`), "response" (`'Assistant:' + ' it'`: `':' | 'Ġit'`, as HH dialogues),
+    "both", or "none" (`'Assistant:it'`)."""
+    before, after = prompt[-1:] in tuple(WHITESPACE), response[:1] in tuple(WHITESPACE)
+    return "both" if before and after else "prompt" if before else "response" if after else "none"
+
+
+def _responses(ex) -> list[str]:
+    if isinstance(ex, PreferenceExample):
+        return [ex.chosen, ex.rejected]
+    if isinstance(ex, SFTExample) and ex.messages is None:
+        return [ex.response]
+    return []
+
+
+def source_join(examples: list) -> tuple[str, str, str] | None:
+    """The most common join of a source's plain prompts and non-empty responses, with one example of it (prompt,
+    response); None when it has none (prompts only, chats)."""
+    seen: dict[str, tuple[int, str, str]] = {}
+    for ex in examples:
+        if getattr(ex, "messages", None) is not None:
+            continue
+        for response in _responses(ex):
+            if response:
+                kind = join_kind(ex.prompt, response)
+                count, p, r = seen.get(kind, (0, ex.prompt, response))
+                seen[kind] = (count + 1, p, r)
+    if not seen:
+        return None
+    kind = max(seen, key=lambda k: seen[k][0])
+    return kind, seen[kind][1], seen[kind][2]
+
+
+def _join_example(prompt: str, response: str) -> str:
+    """"'...end of the prompt' + 'start of the resp...'"."""
+    head = ("..." if len(prompt) > 14 else "") + prompt[-14:]
+    tail = response[:10] + ("..." if len(response) > 10 else "")
+    return f"{head!r} + {tail!r}"
+
+
+def check_joins(joins: list[tuple[str, str | None, tuple[str, str, str] | None]]) -> str | None:
+    """A warning (or None) about `joins`: (source path, its template, `source_join`) per source. Sources that join
+    prompt and response differently give the model different tokens where an answer starts; a templated source that
+    glues its answers to the prompt (`'Assistant:' + 'it'`) likely lacks a space."""
+    known = [(path, template, join) for path, template, join in joins if join is not None]
+    kinds = {join[0] for _, _, join in known}
+    described = "; ".join(f"{path}: {_join_example(p, r)} ({JOINS[kind]})" for path, _, (kind, p, r) in known)
+    hint = ("end a source's template with ' {response}' (e.g. \"\\n\\nHuman: {prompt}\\n\\nAssistant: {response}\") to "
+            "start its responses with the space, as HH dialogues do (docs/data.md, Prompt templates)")
+    if len(kinds) > 1:
+        return (f"the data sources join prompt and response differently, so the model sees different tokens where an "
+                f"answer starts: {described}; {hint}")
+    glued = [f"{path}: template {template!r} joins prompt and response without whitespace ({_join_example(p, r)} "
+             f"renders {(p[-10:] + r[:10])!r})" for path, template, (kind, p, r) in known
+             if kind == "none" and template is not None]
+    return f"{'; '.join(glued)}; if a space is meant, {hint}" if glued else None
 
 
 def load_sft(source, split: str = "train", **kw) -> tuple[list[SFTExample], ParseReport]:

@@ -45,6 +45,7 @@ WATCH_INTERVAL_S = 0.5
 PEER_DEATH_GRACE_S = 2.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm's preemption and time-limit warnings, a scheduler's stop
 PARENT_DEATH_SIGNAL = signal.SIGHUP  # only acted on once the launcher is really gone (see watch_launcher)
+THREADS_ENV = "RLHF_DS_THREADS"  # torch threads of each process; unset: the usable cores / processes on the machine
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _PR_SET_CHILD_SUBREAPER = 36
 _MAX_SIGNAL = 64
@@ -52,6 +53,44 @@ _MAX_SIGNAL = 64
 
 def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or "RANK" in os.environ
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which taskset, cgroups and Slurm narrow), else all."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def threads_per_process(processes: int = 1) -> int:
+    """Torch threads for each of `processes` processes sharing this machine: `$RLHF_DS_THREADS` when set, else the
+    usable cores divided among them (at least 1): CPU processes must not oversubscribe the cores (measured: 4 threads
+    on 2 cores ~100x slower; 2 threads on a busy 2-core machine ~10x slower than 1). A value that is not a whole
+    number >= 1 is a ValueError naming the variable."""
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{THREADS_ENV}={value!r}: expected a whole number of threads >= 1")
+        return int(value)
+    return max(1, usable_cores() // max(1, processes))
+
+
+def set_process_threads(export: bool = False) -> int:
+    """A command that runs as one process (generate, score, eval, rm-report, plan, serve-reward, chat, or a step run
+    without a launcher) calls this once at its start: torch's threads from `threads_per_process`, said on stderr as
+    one INFO line (the process is rank 0). `export` also sets `$RLHF_DS_THREADS`, so that a step's process-group
+    setup keeps the number."""
+    import torch
+
+    n = threads_per_process(1)
+    source = f"${THREADS_ENV}" if os.environ.get(THREADS_ENV, "").strip() else f"{usable_cores()} usable cores"
+    torch.set_num_threads(n)
+    if export:
+        os.environ[THREADS_ENV] = str(n)
+    print(f"{time.strftime('%H:%M:%S')} [rank0] INFO torch threads: {n} (from {source}; set {THREADS_ENV} to "
+          "change)", file=sys.stderr, flush=True)
+    return n
 
 
 def deepspeed_command(step_argv: list[str], num_gpus: int, master_port: int | None = None) -> list[str]:
@@ -72,8 +111,8 @@ def relaunch(step: str, run_dir: str, step_argv: list[str], num_gpus: int, maste
         print(f"rlhf-ds {step}: {in_use}", file=sys.stderr)
         return 2
     env = dict(os.environ)
-    # one thread per rank unless told otherwise: CPU ranks must not oversubscribe cores
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_gpus)))
+    # the cores shared among the ranks unless told otherwise: CPU ranks must not oversubscribe them
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_process(num_gpus)))
     result = supervise(deepspeed_command(step_argv, num_gpus, master_port), env, num_gpus)
     if result.problem:
         print(f"rlhf-ds {step}: {result.problem}; exit status {result.status}", file=sys.stderr)

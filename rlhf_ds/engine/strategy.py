@@ -33,9 +33,9 @@ def setup_distributed(timeout_minutes: float = 30.0) -> None:
     """Join the process group (gloo on CPU, NCCL on CUDA through the accelerator) and pin this rank's device/threads."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
     if on_cpu():
-        # ranks sharing a host must not oversubscribe its cores (measured: 4 threads on 2 cores is ~100x slower)
-        threads = max(1, (os.cpu_count() or 1) // max(1, local_world))
-        torch.set_num_threads(int(os.environ.get("RLHF_DS_THREADS", threads)))
+        from rlhf_ds.engine.launcher import threads_per_process  # ranks sharing a host split its usable cores
+
+        torch.set_num_threads(threads_per_process(local_world))
         _without_shm_comm_op()
     else:
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -1,9 +1,11 @@
 """Loading tokenizers and causal LMs from local `from_pretrained` folders, LoRA, and saving in Hugging Face format."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 from typing import Optional
 
 import torch
@@ -15,7 +17,11 @@ from rlhf_ds.engine import startup, strategy
 from rlhf_ds.models.unsharded import adapter_state_dict, is_peft, save_adapter, unsharded_copy
 from rlhf_ds.utils import atomic_directory, barrier, is_rank0
 
-PAD_TOKEN = "<|pad|>"
+PAD_TOKEN = "<|pad|>"  # added as PAD only when the tokenizer has no unused special token (unused_pad_token)
+# existing tokens taken as PAD first, in this order (when in no role and not in the chat template)
+PAD_NAMES = ("<pad>", "<|pad|>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>", "<|finetune_right_pad|>",
+             "<|pad_token|>", "<PAD>")
+RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_\d+\|>|<\|reserved_\d+\|>|<unused\d+>|\[unused\d+\]")
 # What `from_pretrained` loads weights from (sharded checkpoints through their index), in its order of preference.
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -135,8 +141,11 @@ def _has_tokenizer_files(path: str, trust_remote_code: bool) -> bool:
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """A tokenizer with a PAD token distinct from EOS.
 
-    PAD == EOS makes the EOS look like padding, so it is masked and the policy never learns to stop; a dedicated PAD
-    is added instead (the model's embedding is resized by `load_causal_lm` when needed), and a warning says so.
+    PAD == EOS makes the EOS look like padding, so it is masked and the policy never learns to stop. When the tokenizer
+    has no PAD or PAD == EOS, an unused special token it already has becomes the PAD (`unused_pad_token`: e.g.
+    `<|endoftext|>` of a ChatML model whose EOS is `<|im_end|>`), so the vocabulary and the model's embedding keep
+    their size. Only when it has none is a new PAD added (the embedding then grows by one row in `match_vocab`, under
+    ZeRO-3 too). A warning names the PAD and why.
     """
     path = resolve_model_dir(path)
     if not os.path.isdir(path):
@@ -155,19 +164,100 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
     added = 0
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         why = "has no PAD token" if tok.pad_token_id is None else f"uses its EOS {tok.eos_token!r} as PAD"
-        before = len(tok)
-        tok.add_special_tokens({"pad_token": PAD_TOKEN})
-        added = len(tok) - before
-        if tok.pad_token_id == tok.eos_token_id:
-            raise ModelLoadError(f"{path}: the tokenizer's EOS is {PAD_TOKEN!r}; cannot add a distinct PAD token")
-        log.warning(
-            "%s: the tokenizer %s; PAD == EOS would mask the EOS as padding so the model would never learn to stop, "
-            "so a distinct PAD %r (id %d) is used%s", path, why, PAD_TOKEN, tok.pad_token_id,
-            " (a new token: the model's embedding grows by one row)" if added else " (already in the vocabulary)",
-        )
+        spare = unused_pad_token(tok, path)
+        if spare is not None:
+            token, reason = spare
+            tok.pad_token = token
+            how = (f"(already in the vocabulary): {reason}; the vocabulary and the model's embedding keep their size")
+        else:
+            before = len(tok)
+            tok.add_special_tokens({"pad_token": PAD_TOKEN})
+            added = len(tok) - before
+            how = ("(a new token: the model's embedding grows by one row)" if added else "(already in the vocabulary)")
+            how += (": the tokenizer has no unused special token to take instead (each is BOS, EOS, UNK or another "
+                    "role, or appears in the chat template)")
+        if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+            raise ModelLoadError(f"{path}: the tokenizer's EOS is {tok.pad_token!r}; cannot use a distinct PAD token")
+        log.warning("%s: the tokenizer %s; PAD == EOS would mask the EOS as padding so the model would never learn to "
+                    "stop, so a distinct PAD %r (id %d) is used %s", path, why, tok.pad_token, tok.pad_token_id, how)
     setattr(tok, _ADDED, added)
     tok.padding_side = "left"  # decoder-only generation pads prompts on the left (saved with the tokenizer)
     return tok
+
+
+def _config_ids(path: str, keys: tuple[str, ...]) -> set[int]:
+    """Token ids named by `keys` (int or list) in the folder's config.json (and its text_config) and
+    generation_config.json; unreadable files count as naming none (check_model_dir reports them later)."""
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as f:
+                cfg = json.load(f)
+        except (OSError, ValueError, UnicodeDecodeError):
+            continue
+        for section in (cfg, cfg.get("text_config")) if isinstance(cfg, dict) else ():
+            for key in keys if isinstance(section, dict) else ():
+                value = section.get(key)
+                for v in value if isinstance(value, list) else [value]:
+                    if isinstance(v, int) and not isinstance(v, bool):
+                        ids.add(v)
+    return ids
+
+
+def _chat_templates(tok: PreTrainedTokenizerBase) -> list[str]:
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, dict):
+        return [t for t in template.values() if isinstance(t, str)]
+    if isinstance(template, list):  # [{"name": ..., "template": ...}] in some saved configs
+        return [t.get("template") for t in template if isinstance(t, dict) and isinstance(t.get("template"), str)]
+    return [template] if isinstance(template, str) else []
+
+
+def _model_vocab_size(path: str) -> Optional[int]:
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        vocab = cfg.get("vocab_size", (cfg.get("text_config") or {}).get("vocab_size"))
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return vocab if isinstance(vocab, int) else None
+
+
+def unused_pad_token(tok: PreTrainedTokenizerBase, path: str = "") -> Optional[tuple[str, str]]:
+    """(token, why) of a token the tokenizer already has that can serve as PAD, or None.
+
+    Candidates are the tokenizer's special added tokens and PAD-named tokens of its vocabulary (PAD_NAMES). Refused:
+    a token in a role (BOS, EOS, UNK, SEP, CLS, MASK, or a model-specific one such as an image token), a BOS/EOS id
+    of the folder's config.json or generation_config.json (models that stop on several ids), a token whose text
+    appears in the chat template (it is written into every conversation), and an id beyond the model's embedding.
+    Preferred: a PAD-named token, then a reserved special token, then the lowest id."""
+    vocab = tok.get_vocab()
+    limit = _model_vocab_size(path) if path else None
+    roles = {name: value for name, value in (tok.special_tokens_map or {}).items()
+             if name != "pad_token" and isinstance(value, str)}
+    taken_ids = {vocab[t] for t in roles.values() if t in vocab}
+    taken_ids |= {i for i in (tok.bos_token_id, tok.eos_token_id, getattr(tok, "unk_token_id", None)) if i is not None}
+    taken_ids |= _config_ids(path, ("bos_token_id", "eos_token_id")) if path else set()
+    templates = _chat_templates(tok)
+
+    def usable(token: str) -> bool:
+        i = vocab.get(token)
+        return (bool(token) and i is not None and i not in taken_ids and (limit is None or i < limit)
+                and not any(token in t for t in templates))
+
+    for name in PAD_NAMES:
+        if usable(name):
+            return name, "a PAD-named token of the vocabulary, in no role and not in the chat template"
+    special = sorted((i, str(t)) for i, t in (getattr(tok, "added_tokens_decoder", None) or {}).items()
+                     if getattr(t, "special", False))
+    specials = [t for _, t in special if usable(t)]
+    for token in specials:
+        if RESERVED_TOKEN.fullmatch(token):
+            return token, "a reserved special token, in no role and not in the chat template"
+    if specials:
+        return specials[0], ("an unused special token of the tokenizer (in no role such as BOS, EOS or UNK, and not in "
+                             "the chat template)")
+    return None
 
 
 def tokenizer_span(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -230,7 +320,7 @@ def load_pretrained(
         raise ModelLoadError(f"{path}: the weights do not match config.json (tensor shapes differ; the load report "
                              f"above names them): {_one_line(err)}") from err
     if tokenizer is not None:
-        match_vocab(model, tokenizer, path)
+        match_vocab(model, tokenizer, path, ds_config)
     return model, path
 
 
@@ -241,19 +331,90 @@ def load_causal_lm(path: str, ds_config: dict, precision: str = "fp32", disable_
                            tokenizer)[0]
 
 
-def match_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str) -> None:
-    """Grow the embedding for tokens the loader added (PAD); refuse a tokenizer that does not fit the model."""
+def match_vocab(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, path: str,
+                ds_config: Optional[dict] = None) -> None:
+    """Grow the embedding for tokens the loader added (PAD), ZeRO-3-partitioned or not; refuse a tokenizer that does
+    not fit the model. Records the PAD and EOS in the model's configs (saved with it)."""
     n_embed = model.config.vocab_size
     check_vocab(tokenizer, n_embed, path)
     span = tokenizer_span(tokenizer)
     if span > n_embed:
-        model.resize_token_embeddings(span)
-        log.info("%s: embedding resized from %d to %d rows for the added PAD token", path, n_embed, span)
+        grow_embeddings(model, span, ds_config or {})
+        log.info("%s: embedding grown from %d to %d rows for the added PAD token", path, n_embed, span)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
+    try:
+        embed = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # custom (remote-code) models may not say
+        embed = None
+    if isinstance(embed, torch.nn.Embedding) and embed.padding_idx is not None:
+        # built from config.json's pad_token_id (the EOS when PAD == EOS: its row would get no gradient); a reload of
+        # the saved model builds it from the PAD recorded above, so this run trains the same way
+        embed.padding_idx = tokenizer.pad_token_id
+
+
+def grow_embeddings(model: torch.nn.Module, rows: int, ds_config: dict) -> None:
+    """Grow the input embedding (and an untied output layer) to `rows` rows; old rows are kept, new rows (and output
+    biases) are the mean of the old ones.
+
+    Under ZeRO-3 the parameters are partitioned (a weight's local shape is its shard), which transformers'
+    `resize_token_embeddings` cannot read outside `HfDeepSpeedConfig`; here the old weights are gathered on every rank,
+    the new layers are built partitioned (`zero.Init` with this model's DeepSpeed config, on the device and in the
+    dtype it chooses, like the scalar heads) and filled by rank 0, so the model stays uniformly partitioned; full
+    copies of the old and new layers exist only inside the gather. A tied output layer keeps sharing the input
+    weight."""
+    embed = model.get_input_embeddings()
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    partitioned = strategy.is_partitioned(embed.weight)
+    if not isinstance(embed, torch.nn.Embedding) or (out is not None and not isinstance(out, torch.nn.Linear)):
+        if partitioned:
+            raise ModelLoadError(f"{type(model).__name__}: cannot grow its embedding ({type(embed).__name__}) under "
+                                 "ZeRO-3 for the added PAD token; use engine.zero_stage=0 or give the tokenizer a PAD")
+        model.resize_token_embeddings(rows)
+        return
+    tied = out is not None and out.weight is embed.weight
+    old_out = [] if out is None else ([out.bias] if tied else [out.weight, out.bias])
+    old_params = [p for p in [embed.weight, *old_out] if p is not None]
+    build = strategy.zero3_init(ds_config) if partitioned else contextlib.nullcontext()
+    dim, where = embed.embedding_dim, {} if partitioned else {"device": embed.weight.device}
+    with build:
+        new_embed = torch.nn.Embedding(rows, dim, padding_idx=embed.padding_idx, dtype=embed.weight.dtype, **where)
+        new_out = None
+        if out is not None and not (tied and out.bias is None):
+            new_out = torch.nn.Linear(dim, rows, bias=out.bias is not None, dtype=out.weight.dtype, **where)
+    new_params = [new_embed.weight] + ([] if new_out is None else [p for p in new_out.parameters()])
+    with strategy.gathered(old_params), strategy.gathered(new_params, modifier_rank=0), torch.no_grad():
+        _keep_rows(new_embed.weight, embed.weight)
+        if new_out is not None:
+            if not tied:
+                _keep_rows(new_out.weight, out.weight)
+            if out.bias is not None:
+                _keep_rows(new_out.bias, out.bias)
+    model.set_input_embeddings(new_embed)
+    if out is not None:
+        if new_out is None:  # tied, no bias: the same layer on the new weight
+            out.weight = new_embed.weight
+            out.out_features = rows
+        else:
+            if tied:
+                new_out.weight = new_embed.weight
+            model.set_output_embeddings(new_out)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config.vocab_size = rows
+    if config is not model.config:
+        model.config.vocab_size = rows
+    if hasattr(model, "vocab_size"):
+        model.vocab_size = rows
+
+
+def _keep_rows(new: torch.Tensor, old: torch.Tensor) -> None:
+    """`new`'s first rows := `old`, the others := the mean of `old`'s rows (in place, full tensors)."""
+    n = old.shape[0]
+    new[:n].copy_(old)
+    new[n:] = old.float().mean(dim=0).to(new.dtype)
 
 
 def default_lora_targets(model: torch.nn.Module) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 
 from rlhf_ds.config import GenerationConfig, PPOAlgoConfig
 from rlhf_ds.engine import strategy
-from rlhf_ds.models.inputs import token_outputs
+from rlhf_ds.models.inputs import token_logprobs
 from rlhf_ds.rewards.base import RewardBatch, WeightedReward
 from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import AdvantageInputs, explained_variance, get_estimator, group_stats
@@ -26,7 +26,7 @@ class Experience:
     attention_mask: torch.Tensor  # [B, P+R]
     prompt_len: int
     action_mask: torch.Tensor  # [B, R] float: response tokens up to and including the first EOS
-    old_logp: torch.Tensor
+    old_logp: Optional[torch.Tensor]  # None: on-policy, the update's own log-probs (detached) are the old ones
     ref_logp: torch.Tensor
     old_values: Optional[torch.Tensor]  # None without a critic
     advantages: Optional[torch.Tensor]  # None for evaluation rollouts
@@ -42,17 +42,14 @@ class Experience:
 
 
 def sequence_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                      temperature: float, with_entropy: bool = False, packing: bool = False):
-    """Log-probs (and entropies) of the response tokens under `model`, logits divided by the sampling temperature.
+                      temperature: float, with_entropy: bool = False, packing: bool = False, chunk_tokens: int = 0):
+    """Log-probs (and entropies) of the response tokens under `model`, logits divided by the sampling temperature;
+    0 at padding. `chunk_tokens`: see `token_logprobs`.
 
     Positions count real tokens only, so a left-padded batch gives each sequence the log-probs it has alone.
     """
-    logits = token_outputs(model, sequences, attention_mask, packing)
-    logits = logits[:, prompt_len - 1 : -1]
-    logp = rlm.logprobs_from_logits(logits, sequences[:, prompt_len:], temperature)
-    if with_entropy:
-        return logp, rlm.entropy_from_logits(logits, temperature)
-    return logp
+    return token_logprobs(model, sequences, attention_mask, packing, temperature, prompt_len, with_entropy,
+                          chunk_tokens)
 
 
 def token_values(critic, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
@@ -66,28 +63,49 @@ def _chunks(n: int, size: int):
 
 
 class ExperienceMaker:
+    """`reference` None: the actor's LoRA base (its adapters switched off) is the reference. `logit_chunks`: the
+    actor's and the reference's `logit_chunk_tokens` (see `token_logprobs`)."""
+
     def __init__(self, engine: RolloutEngine, actor, reference, critic, reward: WeightedReward, tokenizer,
                  ppo: PPOAlgoConfig, generation: GenerationConfig, kl_controller,
-                 gold_reward: Optional[Callable[[str, str], float]] = None):
+                 gold_reward: Optional[Callable[[str, str], float]] = None, logit_chunks: tuple[int, int] = (0, 0)):
         self.engine, self.actor, self.reference, self.critic, self.reward = engine, actor, reference, critic, reward
         self.tok, self.ppo, self.gen = tokenizer, ppo, generation
         self.kl_ctl = kl_controller
         self.estimator = get_estimator(ppo.advantage_estimator)
         self.gold_reward = gold_reward
+        self.actor_chunk, self.reference_chunk = logit_chunks
+
+    def on_policy(self) -> bool:
+        """Whether the update's own log-probs are the old ones: one epoch, one optimizer step over the whole rollout
+        (no weight changes between its micro-batches) and no KL in the reward (which needs them before the update)."""
+        p = self.ppo
+        return (p.old_logprobs_from_update and p.ppo_epochs == 1 and self.kl_ctl.beta == 0
+                and p.rollout_batch_size * p.n_samples_per_prompt == p.micro_batch_size * p.grad_accum)
+
+    def reference_logprobs(self, seq: torch.Tensor, mask: torch.Tensor, P: int, T: float) -> torch.Tensor:
+        if self.reference is None:
+            with strategy.unwrap(self.actor).disable_adapter():
+                return sequence_logprobs(self.actor, seq, mask, P, T, packing=self.ppo.packing,
+                                         chunk_tokens=self.actor_chunk)
+        return sequence_logprobs(self.reference, seq, mask, P, T, packing=self.ppo.packing,
+                                 chunk_tokens=self.reference_chunk)
 
     @torch.no_grad()
-    def _forward_all(self, seq: torch.Tensor, mask: torch.Tensor, P: int):
+    def _forward_all(self, seq: torch.Tensor, mask: torch.Tensor, P: int, with_old: bool):
         T = self.gen.temperature if self.gen.do_sample else 1.0
         packing = self.ppo.packing
         old, ref, values = [], [], []
         for s in _chunks(seq.shape[0], self.ppo.micro_batch_size):
-            old.append(sequence_logprobs(self.actor, seq[s], mask[s], P, T, packing=packing))
-            ref.append(sequence_logprobs(self.reference, seq[s], mask[s], P, T, packing=packing))
+            if with_old:
+                old.append(sequence_logprobs(self.actor, seq[s], mask[s], P, T, packing=packing,
+                                             chunk_tokens=self.actor_chunk))
+            ref.append(self.reference_logprobs(seq[s], mask[s], P, T))
             if self.critic is not None:
                 values.append(token_values(self.critic, seq[s], mask[s], P, packing))
         for trained in (self.actor, self.critic):
             strategy.forward_only_pass_done(trained)
-        return torch.cat(old), torch.cat(ref), torch.cat(values) if values else None
+        return torch.cat(old) if old else None, torch.cat(ref), torch.cat(values) if values else None
 
     def make(self, prompt_ids: list[list[int]], prompt_texts: list[str], rows: Optional[list[dict]] = None,
              group_offset: int = 0, train: bool = True) -> Experience:
@@ -98,7 +116,8 @@ class ExperienceMaker:
                         p.n_samples_per_prompt if train else 1, group_offset)
         seq, attn, P = batch.sequences, batch.attention_mask, batch.prompt_len
         t1 = time.time()
-        old_logp, ref_logp, values = self._forward_all(seq, attn, P)
+        # on-policy training rollouts: the update computes the old log-probs itself (see `on_policy`)
+        old_logp, ref_logp, values = self._forward_all(seq, attn, P, with_old=not (train and self.on_policy()))
         raw_scores, components = self.reward(RewardBatch(batch.prompts, batch.responses, batch.rows, seq, attn, P))
         raw_scores = raw_scores.to(seq.device, torch.float32)
         t_score = time.time() - t1
@@ -109,13 +128,13 @@ class ExperienceMaker:
             scores = scores.clamp(-p.score_clip, p.score_clip)
         if p.missing_eos_penalty is not None:
             scores = torch.where(batch.has_eos, scores, scores + p.missing_eos_penalty)
-        kl = rlm.kl_per_token(old_logp, ref_logp, p.kl_estimator) * m
+        # no old log-probs: beta is 0 and the update reports the KL (see `on_policy`)
+        kl = torch.zeros_like(ref_logp) if old_logp is None else rlm.kl_per_token(old_logp, ref_logp, p.kl_estimator) * m
         if values is not None:
             values = values * m
         stats = {
             "reward": raw_scores.mean().item(),
             "score_with_penalty": scores.mean().item(),
-            "kl": (rlm.kl_per_token(old_logp, ref_logp, "k1") * m).sum(1).mean().item(),
             "non_score_reward": (-self.kl_ctl.beta * kl).sum(1).mean().item(),
             "response_length": m.sum(1).mean().item(),
             "eos_rate": batch.has_eos.float().mean().item(),
@@ -124,6 +143,8 @@ class ExperienceMaker:
             "time_weight_sync": batch.sync_seconds,
             "gen_tokens": float(m.sum().item()),
         }
+        if old_logp is not None:
+            stats["kl"] = (rlm.kl_per_token(old_logp, ref_logp, "k1") * m).sum(1).mean().item()
         if len(components) > 1:
             stats.update({f"reward_{name}": c.float().mean().item() for name, c in components.items()})
         advantages = returns = None

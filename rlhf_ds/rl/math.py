@@ -84,6 +84,71 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     return torch.logsumexp(z, dim=-1) - (F.softmax(z, dim=-1) * z).sum(-1)
 
 
+class _ChunkedProjectionLogprobs(torch.autograd.Function):
+    """Log-probs of `ids` (and entropies) under softmax((hidden @ weight.T + bias) / temperature), `chunk` rows of
+    `hidden` at a time; backward recomputes each chunk's logits, so no `[rows, vocabulary]` tensor outlives its chunk.
+
+    With z the scaled logits and p = softmax(z): d logp / dz = onehot(id) - p, d entropy / dz = -p * (z - E_p[z]).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, temperature, chunk):
+        logp, entropy = hidden.new_empty(ids.shape, dtype=torch.float32), hidden.new_empty(ids.shape, dtype=torch.float32)
+        for i in range(0, ids.shape[0], chunk):
+            z, p = _chunk_softmax(hidden[i : i + chunk], weight, bias, temperature)
+            # entropy = -sum p log p = logsumexp(z) - E_p[z]; log p(id) = z_id - logsumexp(z)
+            lse = torch.logsumexp(z, dim=-1)
+            logp[i : i + chunk] = z.gather(-1, ids[i : i + chunk, None])[:, 0] - lse
+            entropy[i : i + chunk] = lse - torch.linalg.vecdot(p, z)
+        ctx.save_for_backward(hidden, weight, bias, ids)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, ids = ctx.saved_tensors
+        d_hidden = torch.zeros_like(hidden)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        d_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        for i in range(0, ids.shape[0], ctx.chunk):
+            h, rows = hidden[i : i + ctx.chunk], slice(i, i + ctx.chunk)
+            z, p = _chunk_softmax(h, weight, bias, ctx.temperature)
+            # d_z = -p * (g_logp + g_entropy * (z - E_p[z])) + onehot(id) * g_logp, built in z's storage
+            d_z = z.sub_(torch.linalg.vecdot(p, z)[:, None]).mul_(grad_entropy[rows, None])
+            d_z.add_(grad_logp[rows, None]).mul_(p).neg_()
+            del p
+            d_z.scatter_add_(-1, ids[rows, None], grad_logp[rows, None])
+            d_logits = d_z.div_(ctx.temperature).to(weight.dtype)
+            d_hidden[rows] = d_logits @ weight
+            if weight.dtype == torch.float32:
+                d_weight.addmm_(d_logits.t(), h)
+            else:  # as autograd's half-precision matmul gives it, summed over chunks in fp32
+                d_weight += (d_logits.t() @ h).float()
+            if d_bias is not None:
+                d_bias += d_logits.float().sum(0)
+        return (d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype), None, None,
+                None)
+
+
+def _chunk_softmax(hidden, weight, bias, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the fp32 logits / temperature, their softmax) of a chunk of hidden states, with no other full-width copy."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = F.linear(hidden, weight, bias)
+    z = z.float() if z.dtype != torch.float32 else z
+    if temperature != 1.0:
+        z.div_(temperature)
+    return z, torch.softmax(z, dim=-1)
+
+
+def chunked_projection_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias, ids: torch.Tensor,
+                                temperature: float = 1.0, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each `ids[n]`, entropy) under softmax of the logits `hidden[n] @ weight.T (+ bias)` divided by
+    `temperature`, in fp32, for `[N, H]` hidden states; the `[N, vocabulary]` logits exist `chunk` rows at a time, in
+    forward and backward. Equals `logprobs_from_logits` / `entropy_from_logits` of the whole logits."""
+    return _ChunkedProjectionLogprobs.apply(hidden, weight, bias, ids, temperature, chunk)
+
+
 def kl_per_token(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1",
                  log_ratio_clip=None) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from samples of the policy.

@@ -13,29 +13,28 @@ accuracy = mean(chosen_rewards > rejected_rewards) and margin = mean(chosen_rewa
 * simpo (Meng et al. 2024): no reference; with length-normalised log-probs a_c, a_r:
   loss = -log sigmoid(beta * (a_c - a_r) - gamma) (gamma: target reward margin). Implicit reward: beta * a.
 
-Nothing here knows about models or DeepSpeed, except `sequence_logps`, which turns logits into the inputs above.
+Nothing here knows about models or DeepSpeed.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from rlhf_ds.rl.math import logprobs_from_logits
 
 LOSSES = ("sigmoid", "ipo", "simpo")
 
 
-def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+def sequence_logps(token_logp: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    prompt_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-prob of the response tokens, number of response tokens) per row of a right-padded batch.
+    """(summed log-prob of the response tokens, number of response tokens) per row of a right-padded batch, from
+    `token_logp[:, t - 1]`, the log-prob of token t given the ones before it (`[B, T - 1]`).
 
-    Token t is a response token when `prompt_len <= t` and it is a real token; it is predicted by the logits at t - 1.
-    Padded positions are selected away (never multiplied), so whatever the model computes there does not leak in.
+    Token t is a response token when `prompt_len <= t` and it is a real token. Padded positions are selected away
+    (never multiplied), so whatever sits there does not leak in.
     """
-    logp = logprobs_from_logits(logits[:, :-1], input_ids[:, 1:])  # fp32 at least
     positions = torch.arange(1, input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     response = (positions >= prompt_lens.to(input_ids.device).unsqueeze(1)) & attention_mask[:, 1:].bool()
-    total = torch.where(response, logp, torch.zeros_like(logp)).sum(-1)
+    total = torch.where(response, token_logp, torch.zeros_like(token_logp)).sum(-1)
     return total, response.sum(-1)
 
 

@@ -160,16 +160,22 @@ def preference_data(cfg, tokenizer, step_name: str) -> tuple[list[dict], list[di
         files = builtin_data(cfg.task, cfg.output_dir)
         train_src, eval_src = files["pref_train"], files["pref_eval"]
 
-    def featurize(source):
+    def read(source):
         examples, report = load_preferences(source, fmt=data.format, columns=data.columns, on_bad_row=data.on_bad_row,
                                             template=data.template, seed=seed)
+        return source, examples, report
+
+    def featurize(source, examples, report):
         feats, lengths = preference_features(examples, tokenizer, data.max_prompt_tokens, data.max_seq_len,
                                              data.prompt_overflow)
         log.info("%s data %s: %s; %s", step_name, source, report.summary(), lengths.summary())
         return feats
 
-    train_feats = featurize(train_src)
-    eval_feats = featurize(eval_src) if eval_src else None
+    sets = [read(train_src), *([read(eval_src)] if eval_src else [])]
+    log.info("%s: %s", step_name, fit_budgets(cfg, tokenizer, [ex for _, examples, _ in sets for ex in examples],
+                                              cfg.model, unit="pairs"))
+    train_feats = featurize(*sets[0])
+    eval_feats = featurize(*sets[1]) if eval_src else None
     return (*split_eval(train_feats, eval_feats, data.eval_split, seed, "pairs", global_batch(cfg.train)),
             data.train is None)
 
@@ -215,6 +221,75 @@ def _largest_fraction(n: int, most: int) -> float | None:
     while fraction > 0 and max(1, int(n * fraction)) > most:
         fraction = round(fraction - 0.001, 3)
     return fraction if fraction > 0 else None
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
+
+
+def model_positions(model_path: str) -> tuple[Optional[int], str]:
+    """(the token positions a model folder's config.json allows, the key that says so); (None, "") when it does not
+    say (rotary families without a limit)."""
+    import json
+
+    from rlhf_ds.models.loading import resolve_model_dir
+
+    try:
+        with open(os.path.join(resolve_model_dir(model_path), "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None, ""  # the loader names what is wrong with the folder
+    for section in (config, config.get("text_config") or {}):
+        for key in POSITION_KEYS:
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key], key
+    return None, ""
+
+
+def fit_budgets(cfg, tokenizer, examples: list, model_path: str, new_tokens: Optional[int] = None,
+                unit: str = "examples") -> str:
+    """Set the token budgets left null (`data.max_prompt_tokens`, `data.max_seq_len`) from the measured lengths of
+    `examples` (all the step will read) within the positions of the model at `model_path`; `new_tokens`: the tokens a
+    PPO response may add after its prompt. Refuses, before any model loads (exit 2), a budget beyond the model's
+    positions and budgets that would cut more than `data.max_cut_share` of the examples, naming the key to raise and
+    the longest example's row. Returns a line saying what the budgets are and where they came from."""
+    from rlhf_ds.config import ConfigError
+    from rlhf_ds.data.features import measured_lengths
+    from rlhf_ds.data.readers import DataError
+
+    data = cfg.data
+    positions, key = model_positions(model_path)
+    prompts, whole = measured_lengths(tokenizer, examples)
+    room = 1 if new_tokens is None else new_tokens  # tokens a sequence needs after its prompt
+    said = []
+    if data.max_prompt_tokens is None:
+        limits = [n for n in (positions and positions - room, data.max_seq_len and data.max_seq_len - 1) if n]
+        data.max_prompt_tokens = max(2, min([max(prompts), *limits]))
+        said.append(f"max_prompt_tokens {data.max_prompt_tokens} (the longest prompt: {max(prompts)})")
+    if data.max_seq_len is None:
+        longest = data.max_prompt_tokens + new_tokens if whole is None else max(whole)
+        data.max_seq_len = max(data.max_prompt_tokens + 1, min(longest, positions or longest))
+        said.append(f"max_seq_len {data.max_seq_len} (the longest " +
+                    ("prompt budget + generation.max_new_tokens" if whole is None else f"example: {longest}") + ")")
+    need, what = ((data.max_prompt_tokens + new_tokens, "data.max_prompt_tokens + generation.max_new_tokens")
+                  if new_tokens is not None else (data.max_seq_len, "data.max_seq_len"))
+    if positions is not None and need > positions:
+        raise ConfigError(f"{what} ({need}) exceeds the {positions} positions of the model {model_path} "
+                          f"(config.json {key}): lower it")
+    checks = [("data.max_prompt_tokens", "prompts", prompts, data.max_prompt_tokens)]
+    if whole is not None:
+        checks.append(("data.max_seq_len", "sequences (prompt + response + EOS)", whole, data.max_seq_len))
+    for name, kind, lengths, budget in checks:
+        over = [i for i, n in enumerate(lengths) if n > budget]
+        if over and len(over) > data.max_cut_share * len(lengths):
+            i = max(over, key=lengths.__getitem__)
+            within = f" (the model has {positions} positions)" if positions else ""
+            raise DataError(
+                f"{len(over)} of {len(lengths)} {unit} ({len(over) / len(lengths):.1%}) have {kind} longer than "
+                f"{name}={budget} tokens and would be cut (data.max_cut_share allows {data.max_cut_share:.1%}); the "
+                f"longest has {lengths[i]} tokens, at {examples[i].origin or 'an unnamed row'}: raise {name} to "
+                f"{lengths[i]}{within}, or raise data.max_cut_share to cut them")
+    return (f"token budgets from the data: {', '.join(said)}" if said else
+            f"token budgets: max_prompt_tokens {data.max_prompt_tokens}, max_seq_len {data.max_seq_len}")
 
 
 def split_eval(train: list, eval_: list | None, split: int | float, seed: int, unit: str = "examples",

@@ -32,7 +32,7 @@ from rlhf_ds.data.features import collate_preferences, pair_tokens, pair_weight
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_causal_lm, load_tokenizer, resolve_model_dir, \
     save_causal_lm
-from rlhf_ds.models.inputs import token_outputs
+from rlhf_ds.models.inputs import token_logprobs
 from rlhf_ds.rl.math import weighted_mean
 from rlhf_ds.rl.preference import preference_loss, sequence_logps
 from rlhf_ds.steps import loop
@@ -44,11 +44,11 @@ log = logging.getLogger("rlhf_ds")
 CACHE_VERSION = "1"
 
 
-def pair_logps(model, batch: dict, packing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(model, batch: dict, packing: bool = False, chunk_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed response log-probs, response token counts) of the [2B] rows of a collated preference batch."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    logits = token_outputs(model, ids, mask, packing)
-    return sequence_logps(logits, ids, mask, batch["prompt_lens"].repeat(2))
+    logp = token_logprobs(model, ids, mask, packing, chunk_tokens=chunk_tokens)
+    return sequence_logps(logp, ids, mask, batch["prompt_lens"].repeat(2))
 
 
 def pair_terms(d, policy: torch.Tensor, counts: torch.Tensor, ref: Optional[torch.Tensor]):
@@ -122,7 +122,7 @@ def precompute_reference(cfg: DPOConfig, tokenizer, sets: dict[str, list[dict]])
 
             def sums(idx: list[int]) -> torch.Tensor:  # this batch's values at their places of a [2, n] table
                 batch = loop.to_device(collate_preferences([feats[i] for i in idx], pad))
-                logps, _ = pair_logps(reference, batch, cfg.train.packing)
+                logps, _ = pair_logps(reference, batch, cfg.train.packing, cfg.reference.engine.logit_chunk_tokens)
                 out = torch.zeros(2, n, dtype=torch.float64)
                 out[:, idx] = logps.detach().to("cpu", torch.float64).view(2, len(idx))
                 return out.view(-1)
@@ -151,12 +151,12 @@ EVAL_KEYS = ("loss", "reward_chosen", "reward_rejected", "reward_margin", "rewar
 
 
 def evaluate_dpo(engine, reference: Callable[[dict], Optional[torch.Tensor]], d, features: list[dict], pad_id: int,
-                 batch_size: int, packing: bool = False) -> dict:
+                 batch_size: int, packing: bool = False, chunk_tokens: int = 0) -> dict:
     """Held-out pairs: preference loss (pair-weighted), implicit rewards, margin, accuracy, summed log-probs."""
 
     def sums(idx: list[int]) -> torch.Tensor:
         batch = loop.to_device(collate_preferences([features[i] for i in idx], pad_id))
-        policy, counts = pair_logps(engine, batch, packing)
+        policy, counts = pair_logps(engine, batch, packing, chunk_tokens)
         losses, chosen, rejected = pair_terms(d, policy, counts, reference(batch))
         w, half = batch["weight"].double(), len(idx)
         return torch.tensor([(losses.double() * w).sum().item(), w.sum().item(), chosen.sum().item(),
@@ -189,6 +189,7 @@ def run(cfg: DPOConfig) -> dict:
     trainable, total_params = count_parameters(model)
     log.info("dpo: %d of %d parameters trainable", trainable, total_params)
     engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total_steps)
+    chunk = cfg.engine.logit_chunk_tokens
 
     ref_engine = None
     if d.loss == "simpo":
@@ -206,16 +207,16 @@ def run(cfg: DPOConfig) -> dict:
         if "ref_logps" in batch:
             return batch["ref_logps"].float()  # cached float32 values, exactly (float32 -> float64 -> float32)
         if source == "engine":
-            return pair_logps(ref_engine, batch, train.packing)[0]
+            return pair_logps(ref_engine, batch, train.packing, cfg.reference.engine.logit_chunk_tokens)[0]
         if source == "adapters_off":
             with strategy.unwrap(engine).disable_adapter():
-                return pair_logps(engine, batch, train.packing)[0]
+                return pair_logps(engine, batch, train.packing, chunk)[0]
         return None
 
     log.info("dpo: %s loss, beta %g; reference log-probs: %s", d.loss, d.beta, source)
 
     def loss(batch: dict):
-        policy, counts = pair_logps(engine, batch, train.packing)
+        policy, counts = pair_logps(engine, batch, train.packing, chunk)
         losses, chosen, rejected = pair_terms(d, policy, counts, reference(batch))
         value = weighted_mean(losses, batch["weight"])
         half = chosen.shape[0]
@@ -236,7 +237,8 @@ def run(cfg: DPOConfig) -> dict:
         name="dpo", features=train_feats, collate=lambda feats: collate_preferences(feats, pad), loss=loss,
         count=lambda batch: len(batch["weight"]), weight=pair_weight,
         length=pair_tokens, unit="pairs", postfix=("loss", "reward_accuracy", "logp_chosen"),
-        evaluate=(lambda: evaluate_dpo(engine, reference, d, eval_feats, pad, train.eval_batch_size, train.packing))
+        evaluate=(lambda: evaluate_dpo(engine, reference, d, eval_feats, pad, train.eval_batch_size, train.packing,
+                                       chunk))
         if eval_feats else None)
     results = loop.run(engine, task, train, ctx)
     results.update(trainable_params=trainable, total_params=total_params, loss_type=d.loss, beta=d.beta,

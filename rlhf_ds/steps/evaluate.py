@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from rlhf_ds.config import ConfigError, EvalConfig, GenerationConfig, save_config, to_dict
+from rlhf_ds.engine.launcher import threads_per_process
 from rlhf_ds.utils import atomic_write_json, atomic_write_text, is_rank0
 
 log = logging.getLogger("rlhf_ds")
@@ -87,7 +88,10 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
     """Responses to prompt texts: [{"response", "response_tokens", "eos"}], in the order of `prompts`.
 
     Prompts are encoded as in training (BOS + prompt, left-truncated to `max_prompt_tokens`), batched by length and
-    left-padded; a response ends at its first EOS. Sampling draws from torch's global generator (seed it first).
+    left-padded; a response ends at its first EOS. A response is the decoded text of its tokens, whitespace included
+    (not stripped: after a prompt ending "Assistant:" it starts with the space the model wrote, so prompt + response is
+    the text it produced and scores as PPO's rollouts do). Sampling draws from torch's global generator (seed it
+    first).
     """
     from rlhf_ds.data.features import pad_batch, prompt_features
     from rlhf_ds.data.formats import PromptExample
@@ -114,7 +118,7 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
         rmask, has_eos = response_mask(responses, tokenizer.eos_token_id)
         for row, i in enumerate(chunk):
             kept = responses[row][rmask[row].bool()]
-            out[i] = {"response": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+            out[i] = {"response": tokenizer.decode(kept, skip_special_tokens=True),
                       "response_tokens": int(rmask[row].sum()), "eos": bool(has_eos[row])}
     return out  # type: ignore[return-value]
 
@@ -169,7 +173,7 @@ def run(cfg: EvalConfig) -> dict:
     save_config(cfg, os.path.join(out_dir, "config.yaml"))
     setup_logging(out_dir)
     metrics = MetricsLogger(out_dir, "eval", cfg.tracking, to_dict(cfg))
-    torch.set_num_threads(int(os.environ.get("RLHF_DS_THREADS", torch.get_num_threads())))
+    torch.set_num_threads(threads_per_process())  # (the CLI has said the number)
 
     gold_fn: Optional[Callable[[str, str], float]] = None
     best_fn = None
@@ -195,7 +199,8 @@ def run(cfg: EvalConfig) -> dict:
         if prompts is None:  # each prompt k times: sample j of both policies is compared with the same seed stream
             prompts = [render_prompt(tokenizer, ex) for ex in examples] * cfg.samples_per_prompt
         torch.manual_seed(cfg.seed)
-        gens[name] = generate(model, tokenizer, prompts, cfg.generation, cfg.batch_size, cfg.max_prompt_tokens)
+        budget = prompt_budget(model, cfg.generation.max_new_tokens, cfg.max_prompt_tokens)
+        gens[name] = generate(model, tokenizer, prompts, cfg.generation, cfg.batch_size, budget)
         del model
         log.info("eval: %s policy (%s) answered %d prompts in %.1fs", name, path, len(prompts), time.time() - t0)
     assert prompts is not None
@@ -205,7 +210,7 @@ def run(cfg: EvalConfig) -> dict:
             for p, row in zip(prompts, rows):
                 row["gold_reward"] = gold_fn(p, row["response"])
     if cfg.reward_model:
-        scorer = reward_scorer(cfg.reward_model, device, cfg.precision, cfg.max_prompt_tokens,
+        scorer = reward_scorer(cfg.reward_model, device, cfg.precision, budget,
                                cfg.generation.max_new_tokens)
         for name, rows in gens.items():
             scores = scorer.score(prompts, [r["response"] for r in rows], batch_size=cfg.batch_size)
@@ -275,31 +280,55 @@ def flatten(tree: dict, prefix: str = "", sep: str = "/") -> dict:
 
 
 # ---- rlhf-ds generate / score / chat ----------------------------------------------------------------------------------
+GENERATED_COLUMNS = ("prompt", "response", "response_tokens", "eos", "sample")
+
+
 def generate_file(model_path: str, prompts_path: str, output: str, gen: GenerationConfig, batch_size: int = 16,
                   max_prompt_tokens: Optional[int] = None, num_samples: int = 1, limit: int = 0, seed: int = 1234,
                   device: str = "auto", precision: str = "fp32", fmt: str = "auto",
                   trust_remote_code: bool = False, prompt_overflow: str = "truncate") -> list[dict]:
-    """Prompts file (any prompt format the data readers accept) -> responses JSONL, written atomically. Prompts longer
-    than the budget (`prompt_budget`) are left-truncated or skipped (`prompt_overflow`), counted and named by row."""
+    """Prompts file (any prompt format the data readers accept) -> responses JSONL, written atomically: each input row
+    whole (a reference answer, ids, metadata ...) with the rendered `prompt`, `response`, `response_tokens`, `eos` (and
+    `sample`); an input column of one of these names that holds something else is kept as `input_<name>`. Prompts
+    longer than the budget (`prompt_budget`) are left-truncated or skipped (`prompt_overflow`), counted and named by
+    row."""
     from rlhf_ds.data.features import render_prompt
-    from rlhf_ds.data.formats import load_prompts
+    from rlhf_ds.data.formats import parse_prompts
+    from rlhf_ds.data.readers import DataError, read_records
 
-    examples, _ = load_prompts(prompts_path, fmt=fmt)
-    if limit:
-        examples = examples[:limit]
+    records = read_records(prompts_path)
+    if not records:
+        raise DataError("no rows found", file=str(prompts_path))
+    records = records[:limit] if limit else records
+    examples, _ = parse_prompts(records, fmt=fmt)  # one example per row (a bad row is an error)
     model, tokenizer = load_policy(model_path, pick_device(device), precision, trust_remote_code)
     budget = prompt_budget(model, gen.max_new_tokens, max_prompt_tokens)
-    prompts = [render_prompt(tokenizer, ex) for ex in examples]
-    prompts = [prompts[i] for i in fit_prompts(prompts, tokenizer, budget, prompt_overflow, f"prompts in {prompts_path}")]
+    rendered = [render_prompt(tokenizer, ex) for ex in examples]
+    keep = fit_prompts(rendered, tokenizer, budget, prompt_overflow, f"prompts in {prompts_path}")
+    prompts = [rendered[i] for i in keep]
+    renamed: set[str] = set()
+
+    def output_row(i: int, generated: dict) -> dict:
+        row = {**records[i].data}
+        new = {"prompt": rendered[i], **generated}
+        for key in GENERATED_COLUMNS:
+            if key in row and key in new and row[key] != new[key]:
+                row[f"input_{key}"] = row.pop(key)
+                renamed.add(key)
+        return {**row, **new}
+
     torch.manual_seed(seed)
     rows = []
     for k in range(num_samples):
-        for p, g in zip(prompts, generate(model, tokenizer, prompts, gen, batch_size, budget)):
-            rows.append({"prompt": p, **g, **({"sample": k} if num_samples > 1 else {})})
-    if num_samples > 1:
-        rows.sort(key=lambda r: (prompts.index(r["prompt"]), r["sample"]))
-    atomic_write_text(output, "".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+        for i, g in zip(keep, generate(model, tokenizer, prompts, gen, batch_size, budget)):
+            rows.append((i, k, output_row(i, {**g, **({"sample": k} if num_samples > 1 else {})})))
+    rows.sort(key=lambda r: r[:2])  # input order, then sample
+    if renamed:
+        print(f"input columns {', '.join(sorted(renamed))} are kept as "
+              f"{', '.join('input_' + key for key in sorted(renamed))} (generate writes its own)", file=sys.stderr)
+    out = [row for _, _, row in rows]
+    atomic_write_text(output, "".join(json.dumps(r) + "\n" for r in out))
+    return out
 
 
 def score_file(model_path: str, input_path: str, output: str, batch_size: int = 32, normalised: bool = True,

@@ -8,18 +8,17 @@ import torch
 
 from rlhf_ds.config import TrainConfig
 from rlhf_ds.data.features import collate_sft
-from rlhf_ds.models.inputs import token_outputs
+from rlhf_ds.models.inputs import token_logprobs
 from rlhf_ds.steps import loop
 from rlhf_ds.steps.common import StepContext
 
 
-def lm_loss(engine, batch: dict, packing: bool = False) -> tuple[torch.Tensor, int]:
-    """(summed token NLL, number of labelled tokens) for one micro-batch."""
-    logits = token_outputs(engine, batch["input_ids"], batch["attention_mask"], packing)
-    shift_logits = logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
-        reduction="sum")
+def lm_loss(engine, batch: dict, packing: bool = False, chunk_tokens: int = 0) -> tuple[torch.Tensor, int]:
+    """(summed token NLL, number of labelled tokens) for one micro-batch; `chunk_tokens`: see `token_logprobs`."""
+    labels = batch["labels"]
+    logp = token_logprobs(engine, batch["input_ids"], batch["attention_mask"], packing, chunk_tokens=chunk_tokens,
+                          labels=labels)
+    nll = -torch.where(labels[:, 1:] != -100, logp, torch.zeros_like(logp)).sum()
     return nll, labelled_tokens(batch)
 
 
@@ -28,11 +27,12 @@ def labelled_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def evaluate_lm(engine, features: list[dict], pad_id: int, batch_size: int, packing: bool = False) -> dict:
+def evaluate_lm(engine, features: list[dict], pad_id: int, batch_size: int, packing: bool = False,
+                chunk_tokens: int = 0) -> dict:
     """Token-weighted loss over the whole eval set (exact across ranks), and perplexity."""
 
     def sums(idx: list[int]) -> torch.Tensor:
-        nll, n = lm_loss(engine, loop.to_device(collate_sft([features[i] for i in idx], pad_id)), packing)
+        nll, n = lm_loss(engine, loop.to_device(collate_sft([features[i] for i in idx], pad_id)), packing, chunk_tokens)
         return torch.tensor([nll.item(), n], dtype=torch.float64)
 
     total = loop.eval_sums(engine, len(features), batch_size, sums)
@@ -41,11 +41,12 @@ def evaluate_lm(engine, features: list[dict], pad_id: int, batch_size: int, pack
 
 
 def train_lm(engine, train_features: list[dict], eval_features: list[dict], pad_id: int, train: TrainConfig,
-             ctx: StepContext, desc: str) -> dict:
-    """Next-token training of `engine` (metrics as "<desc>/..."); returns the loop's figures."""
+             ctx: StepContext, desc: str, chunk_tokens: int = 0) -> dict:
+    """Next-token training of `engine` (metrics as "<desc>/..."); returns the loop's figures. `chunk_tokens`: see
+    `token_logprobs`."""
 
     def loss(batch: dict):
-        nll, n = lm_loss(engine, batch, train.packing)
+        nll, n = lm_loss(engine, batch, train.packing, chunk_tokens)
         mean = nll / max(n, 1)
         return mean, {"loss": mean.item()}
 
@@ -53,6 +54,7 @@ def train_lm(engine, train_features: list[dict], eval_features: list[dict], pad_
         name=desc, features=train_features, collate=lambda feats: collate_sft(feats, pad_id), loss=loss,
         count=lambda batch: int(batch["attention_mask"].sum()), weight=labelled_tokens,
         length=lambda f: len(f["input_ids"]), unit="tokens",
-        evaluate=(lambda: evaluate_lm(engine, eval_features, pad_id, train.eval_batch_size, train.packing))
+        evaluate=(lambda: evaluate_lm(engine, eval_features, pad_id, train.eval_batch_size, train.packing,
+                                      chunk_tokens))
         if eval_features else None)
     return loop.run(engine, task, train, ctx)

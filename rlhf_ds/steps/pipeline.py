@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from rlhf_ds import run_lock
+from rlhf_ds.engine.launcher import threads_per_process
 from rlhf_ds.config import (ALGORITHM_STEPS, PIPELINE_STEPS, STEP_CONFIGS, ConfigError, PipelineConfig, save_config,
                             step_list)
 from rlhf_ds.engine.launcher import PREEMPTED_EXIT_CODE, LaunchResult, supervise
@@ -134,7 +135,7 @@ def plan(cfg: PipelineConfig) -> list[StepPlan]:
                 if getattr(step_cfg, key):
                     inputs[key.replace("_model", "")] = getattr(step_cfg, key)
             # answer as PPO trained: same prompt budget and response length, unless set for eval
-            if not _explicit(step_cfg.max_prompt_tokens, default.max_prompt_tokens):
+            if not _explicit(step_cfg.max_prompt_tokens, default.max_prompt_tokens):  # null: both from the model
                 step_cfg.max_prompt_tokens = cfg.ppo.data.max_prompt_tokens
             if not _explicit(step_cfg.generation.max_new_tokens, default.generation.max_new_tokens):
                 step_cfg.generation.max_new_tokens = cfg.ppo.generation.max_new_tokens
@@ -190,7 +191,7 @@ def _run_step(p: StepPlan, run_dir: str, master_port: Optional[int]) -> tuple[La
     save_config(p.cfg, config_path)
     cmd = _step_command(p.name, config_path, p.ranks, master_port)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // p.ranks)))
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_process(p.ranks)))
     log.info("pipeline: %s on %d rank(s): %s", p.name, p.ranks, " ".join(cmd))
     t0 = time.time()
     result = supervise(cmd, env, p.ranks, launcher=p.ranks > 1)

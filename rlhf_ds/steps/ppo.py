@@ -36,7 +36,7 @@ from rlhf_ds.rollout.base import RolloutEngine
 from rlhf_ds.rollout.fast_decode import check_decode
 from rlhf_ds.rollout.hybrid import HybridEngine, check_backend
 from rlhf_ds.rollout.tensor_parallel import TensorParallelEngine, check_tp_supported
-from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, split_eval, start_step
+from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, fit_budgets, split_eval, start_step
 from rlhf_ds.steps.lm_training import lm_loss
 from rlhf_ds.tracking.metrics import progress
 from rlhf_ds.tracking.rollout_stats import collapse_starts
@@ -46,8 +46,9 @@ log = logging.getLogger("rlhf_ds")
 
 
 def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
-    """The engines: actor (trained), reference (frozen), critic (trained; only for estimators that need one, else None)
-    and the reward model (frozen; only when `reward.model` is given, else None)."""
+    """The engines: actor (trained), reference (frozen; None when the actor is LoRA and `reference.model` is unset: the
+    actor's base with its adapters off is the reference, no second copy), critic (trained; only for estimators that
+    need one, else None) and the reward model (frozen; only when `reward.model` is given, else None)."""
     p = cfg.ppo
     samples = p.rollout_batch_size * p.n_samples_per_prompt
     updates = p.steps * p.ppo_epochs * (samples // (p.micro_batch_size * p.grad_accum))
@@ -58,11 +59,12 @@ def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
         actor = apply_lora(actor, cfg.actor.engine.lora)
     actor = strategy.init_trainable(actor, cfg.actor.engine, actor_ds, updates)
 
-    ref_ds = strategy.ds_config_for(cfg.reference.engine, p.micro_batch_size, inference=True,
-                                     role="reference")
-    reference = load_causal_lm(cfg.reference.model or cfg.actor.model, ref_ds, cfg.reference.engine.precision,
-                               disable_dropout=True, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
-    reference = strategy.init_frozen(reference, ref_ds)
+    reference = None
+    if not lora_base_is_reference(cfg):
+        ref_ds = strategy.ds_config_for(cfg.reference.engine, p.micro_batch_size, inference=True, role="reference")
+        reference = load_causal_lm(cfg.reference.model or cfg.actor.model, ref_ds, cfg.reference.engine.precision,
+                                   disable_dropout=True, trust_remote_code=cfg.trust_remote_code, tokenizer=tokenizer)
+        reference = strategy.init_frozen(reference, ref_ds)
 
     critic = None
     if get_estimator(p.advantage_estimator).needs_critic:
@@ -86,6 +88,12 @@ def build_models(cfg: PPOConfig, tokenizer, reward_tokenizer):
                                         trust_remote_code=cfg.trust_remote_code, tokenizer=reward_tokenizer)
         reward = strategy.init_frozen(reward, reward_ds)
     return actor, critic, reference, reward
+
+
+def lora_base_is_reference(cfg: PPOConfig) -> bool:
+    """A LoRA actor with no `reference.model` is its own reference with the adapters off (its frozen base is the
+    starting policy), as in DPO; set `reference.model` for a separate frozen copy."""
+    return cfg.actor.engine.lora.enabled and cfg.reference.model is None
 
 
 def build_reward(cfg: PPOConfig, reward_engine, tokenizer, reward_tokenizer) -> WeightedReward:
@@ -144,15 +152,20 @@ def collapse_due(history: list[dict], p) -> list[tuple[str, str, float]]:
             if collapse_starts([h[f"ppo/{key}"] for h in history], limit, p.collapse_patience)]
 
 
-def load_prompt_items(cfg: PPOConfig, tokenizer, source) -> list[tuple[list[int], str, dict]]:
+def read_prompts(cfg: PPOConfig, source) -> list:
+    examples, report = load_prompts(source, fmt=cfg.data.format, columns=cfg.data.columns,
+                                    on_bad_row=cfg.data.on_bad_row, template=cfg.data.template, seed=cfg.train.seed)
+    log.info("ppo prompts %s: %s", source, report.summary())
+    return examples
+
+
+def prompt_items(cfg: PPOConfig, tokenizer, examples: list, source) -> list[tuple[list[int], str, dict]]:
     """(token ids, rendered text, the row's other columns) of each prompt kept (`data.prompt_overflow`)."""
-    examples, report = load_prompts(source, fmt=cfg.data.format, columns=cfg.data.columns, on_bad_row=cfg.data.on_bad_row,
-                                    template=cfg.data.template, seed=cfg.train.seed)
     ids, lengths = prompt_features(examples, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)
     if len(ids) != len(examples):  # featurize one by one only where prompts can be dropped, to keep rows aligned
         examples = [ex for ex in examples
                     if prompt_features([ex], tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)[0]]
-    log.info("ppo prompts %s: %s; %s", source, report.summary(), lengths.summary())
+    log.info("ppo prompts %s: %s", source, lengths.summary())
     return [(i, render_prompt(tokenizer, ex), ex.columns) for i, ex in zip(ids, examples)]
 
 
@@ -190,12 +203,15 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
             mb = exp.minibatch(order[start : start + p.micro_batch_size])
             seq, attn, m = mb["sequences"], mb["attention_mask"], mb["action_mask"]
             logp, entropy = sequence_logprobs(actor, seq, attn, exp.prompt_len, T, with_entropy=True,
-                                              packing=p.packing)
-            pg_loss, pg = rlm.policy_loss(logp, mb["old_logp"], mb["advantages"], m, clip_low, clip_high, **agg,
+                                              packing=p.packing, chunk_tokens=cfg.actor.engine.logit_chunk_tokens)
+            old_logp = mb.get("old_logp", logp.detach())  # absent: on-policy (see ExperienceMaker.on_policy)
+            pg_loss, pg = rlm.policy_loss(logp, old_logp, mb["advantages"], m, clip_low, clip_high, **agg,
                                           dual_clip=p.dual_clip)
             loss = pg_loss
             figures = {"policy_loss": pg_loss.item(), "clipfrac": float(pg["clipfrac"]), "approx_kl": float(pg["approx_kl"]),
                        "ratio": float(pg["ratio_mean"]), "entropy": rlm.masked_mean(entropy, m).item()}
+            if exp.old_logp is None:  # the rollout's KL to the reference, which the experience could not compute
+                figures["kl"] = (rlm.kl_per_token(logp.detach(), mb["ref_logp"], "k1") * m).sum(1).mean().item()
             if "dual_clipfrac" in pg:  # ppo.dual_clip set
                 figures["dual_clipfrac"] = float(pg["dual_clipfrac"])
             if p.kl_loss_coef > 0:
@@ -204,7 +220,8 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
                 loss = loss + p.kl_loss_coef * kl_loss
                 figures.update(kl_loss=kl_loss.item(), kl_loss_token_mean=float(kl_mean))
             if ptx is not None:
-                nll, tokens = lm_loss(actor, {k: v.to(dev) for k, v in ptx.batch(step, count).items()}, p.packing)
+                nll, tokens = lm_loss(actor, {k: v.to(dev) for k, v in ptx.batch(step, count).items()}, p.packing,
+                                      cfg.actor.engine.logit_chunk_tokens)
                 ptx_loss = nll / max(tokens, 1)
                 loss = loss + p.ptx_coef * ptx_loss
                 figures["ptx_loss"] = ptx_loss.item()
@@ -291,11 +308,15 @@ def run(cfg: PPOConfig) -> dict:
             from rlhf_ds.data.builtin_task import BuiltinTask
 
             gold = BuiltinTask(cfg.task.seed).gold_reward
-    items = load_prompt_items(cfg, tokenizer, prompt_src)
+    examples = read_prompts(cfg, prompt_src)
+    given = read_prompts(cfg, cfg.data.eval) if cfg.data.eval else None
+    log.info("ppo: %s", fit_budgets(cfg, tokenizer, examples + (given or []), cfg.actor.model,
+                                    cfg.generation.max_new_tokens, "prompts"))
+    items = prompt_items(cfg, tokenizer, examples, prompt_src)
     check_prompt_templates(cfg)
     # held-out prompts (data.eval, or data.eval_split of the training prompts): never trained on, evaluated every
     # ppo.eval_every steps and at the end
-    given = load_prompt_items(cfg, tokenizer, cfg.data.eval) if cfg.data.eval else None
+    given = prompt_items(cfg, tokenizer, given, cfg.data.eval) if given else None
     items, eval_items = split_eval(items, given, cfg.data.eval_split, cfg.train.seed)
     if eval_items and len(eval_items) < world_size():
         raise DataError(f"{len(eval_items)} held-out prompts cannot give each of {world_size()} ranks one")
@@ -307,7 +328,12 @@ def run(cfg: PPOConfig) -> dict:
     engine = build_rollout_engine(cfg, actor, tokenizer)
     reward = build_reward(cfg, reward_engine, tokenizer, reward_tokenizer)
     kl_ctl = rlm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
-    maker = ExperienceMaker(engine, actor, reference, critic, reward, tokenizer, p, cfg.generation, kl_ctl, gold)
+    maker = ExperienceMaker(engine, actor, reference, critic, reward, tokenizer, p, cfg.generation, kl_ctl, gold,
+                            (cfg.actor.engine.logit_chunk_tokens, cfg.reference.engine.logit_chunk_tokens))
+    log.info("ppo: reference log-probs from %s; old log-probs from %s",
+             "the actor's LoRA base (adapters off)" if reference is None else "a frozen copy",
+             "the update's own forward (on-policy: one epoch, one optimizer step, no KL in the reward)"
+             if maker.on_policy() else "a forward pass after each rollout")
     ptx = PtxBatches(cfg, tokenizer, ptx_src) if p.ptx_coef > 0 else None
     ema = ShardedEMA(strategy.unwrap(actor), p.ema_decay) if p.ema_decay > 0 else None
 

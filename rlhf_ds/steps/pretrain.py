@@ -146,7 +146,8 @@ def run(cfg: PretrainConfig) -> dict:
     model = load_causal_lm(init_dir, ds_cfg, cfg.engine.precision, tokenizer=tokenizer)
     engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total_optimizer_steps(len(train_blocks), cfg.train))
     ctx.begin({"model": engine})
-    results = train_lm(engine, train_blocks, eval_blocks, tokenizer.pad_token_id, cfg.train, ctx, "pretrain")
+    results = train_lm(engine, train_blocks, eval_blocks, tokenizer.pad_token_id, cfg.train, ctx, "pretrain",
+                       cfg.engine.logit_chunk_tokens)
     save_causal_lm(strategy.unwrap(engine), tokenizer, os.path.join(cfg.output_dir, "model"))
     results["vocab_size"] = len(tokenizer)
     return ctx.finish(results)

@@ -9,7 +9,7 @@ from rlhf_ds.data.features import sft_features
 from rlhf_ds.data.formats import load_sft
 from rlhf_ds.engine import strategy
 from rlhf_ds.models.loading import apply_lora, count_parameters, load_causal_lm, load_tokenizer, save_causal_lm
-from rlhf_ds.steps.common import builtin_data, global_batch, split_eval, start_step
+from rlhf_ds.steps.common import builtin_data, fit_budgets, global_batch, split_eval, start_step
 from rlhf_ds.steps.lm_training import train_lm
 from rlhf_ds.steps.loop import total_optimizer_steps
 
@@ -34,17 +34,22 @@ def run(cfg: SFTConfig) -> dict:
         train_src, eval_src = files["sft_train"], files["sft_eval"]
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
 
-    def featurize(source):
+    def read(source):
         examples, report = load_sft(source, fmt=data.format, columns=data.columns, on_bad_row=data.on_bad_row,
                                    template=data.template, seed=cfg.train.seed)
+        return source, examples, report
+
+    def featurize(source, examples, report):
         feats, lengths = sft_features(
             examples, tokenizer, data.max_prompt_tokens, data.max_seq_len, data.prompt_overflow, cfg.loss_on_prompt
         )
         log.info("sft data %s: %s; %s", source, report.summary(), lengths.summary())
         return feats
 
-    train_feats = featurize(train_src)
-    eval_feats = featurize(eval_src) if eval_src else None
+    sets = [read(train_src), *([read(eval_src)] if eval_src else [])]
+    log.info("sft: %s", fit_budgets(cfg, tokenizer, [ex for _, examples, _ in sets for ex in examples], cfg.model))
+    train_feats = featurize(*sets[0])
+    eval_feats = featurize(*sets[1]) if eval_src else None
     # held out, and what is left fills a global batch: refused here, before any model loads
     train_feats, eval_feats = split_eval(train_feats, eval_feats, data.eval_split, cfg.train.seed, "examples",
                                          global_batch(cfg.train))
@@ -60,7 +65,8 @@ def run(cfg: SFTConfig) -> dict:
     engine = strategy.init_trainable(model, cfg.engine, ds_cfg, total_steps)
     log_partitioning(engine)
     ctx.begin({"model": engine})
-    results = train_lm(engine, train_feats, eval_feats, tokenizer.pad_token_id, cfg.train, ctx, "sft")
+    results = train_lm(engine, train_feats, eval_feats, tokenizer.pad_token_id, cfg.train, ctx, "sft",
+                       cfg.engine.logit_chunk_tokens)
     results.update(trainable_params=trainable, total_params=total)
     save_causal_lm(strategy.unwrap(engine), tokenizer, os.path.join(cfg.output_dir, "model"))
     return ctx.finish(results)

@@ -1,7 +1,9 @@
 """`rlhf-ds rm-report`: what a reward model rewards.
 
-* accuracy on held-out preference pairs by the RM's own margin |r_chosen - r_rejected| (is a confident RM right more
-  often?) and by the length difference of the two answers (does it just prefer the longer, or the shorter, one?);
+* accuracy on held-out preference pairs (any preference format, read with the rm step's format / columns / template
+  options; the template defaults to the RM's own) by the RM's own margin |r_chosen - r_rejected| (is a confident RM
+  right more often?) and by the length difference of the two answers (does it just prefer the longer, or the shorter,
+  one?);
 * the highest-scoring responses among a policy's samples (distinct texts, with how often each was sampled): when PPO
   collapses onto one over-rewarded answer, it is at the top of this list with a large count.
 
@@ -15,6 +17,7 @@ import html
 import json
 import math
 import os
+import sys
 from typing import Optional, Sequence
 
 from rlhf_ds.utils import atomic_write_json, atomic_write_text
@@ -98,20 +101,63 @@ def _policy_samples(path: str) -> dict[str, dict[str, list]]:
     return out
 
 
+NO_TEMPLATE = "none"  # --template none: the pairs' prompts as they are, whatever the reward model was trained with
+
+
+def trained_templates(reward_model: str) -> Optional[list]:
+    """The prompt templates the reward model was trained with (`prompt_templates` of its scalar_head.json; None =
+    prompts as they were), or None when it does not say (an older or a plain model folder)."""
+    from rlhf_ds.models.loading import resolve_model_dir
+    from rlhf_ds.models.scalar_head import HEAD_META
+
+    path = os.path.join(resolve_model_dir(reward_model), HEAD_META)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f).get("prompt_templates")
+    except (ValueError, AttributeError):
+        return None
+    return saved if isinstance(saved, list) else None
+
+
+def pairs_template(reward_model: str, template: Optional[str] = None) -> tuple[Optional[str], str]:
+    """(the template to render the pairs' prompts with, where it came from): `template` when given (`none`: the
+    prompts as they are), else the reward model's own when it was trained with exactly one (the same rendering as its
+    training pairs: a user's raw preference file reads as in `rlhf-ds rm`), else none."""
+    if template is not None:
+        return (None, "--template none") if template == NO_TEMPLATE else (template, "--template")
+    trained = trained_templates(reward_model)
+    if trained is not None and len(trained) == 1:
+        return trained[0], "the reward model's training template, from its scalar_head.json"
+    if trained:
+        return None, (f"the reward model was trained with several templates {trained}: pass --template to render the "
+                      "pairs like one of them")
+    return None, "the reward model names no template"
+
+
 def build_rm_report(scorer, pairs: Optional[str] = None, samples: Optional[str] = None, batch_size: int = 32,
-                    top: int = 10) -> dict:
-    """Score held-out pairs and/or a policy's samples with `scorer` (a RewardScorer) and tabulate them."""
+                    top: int = 10, fmt: str = "auto", columns: Optional[dict] = None, template: Optional[str] = None,
+                    on_bad_row: str = "error") -> dict:
+    """Score preference pairs and/or a policy's samples with `scorer` (a RewardScorer) and tabulate them. `pairs` is
+    any preference file or folder, read as `rlhf-ds rm` reads its data: `fmt` (data.format), `columns`
+    (data.columns), `template` (data.template: a plain prompt rendered with it, None = as it is) and `on_bad_row`."""
     from rlhf_ds.data.formats import load_preferences
 
     report: dict = {}
     if pairs:
-        examples, parsed = load_preferences(pairs)
+        examples, parsed = load_preferences(pairs, fmt=fmt, columns=columns, template=template, on_bad_row=on_bad_row)
+        if not examples:
+            from rlhf_ds.data.readers import DataError
+
+            raise DataError(f"no preference pairs left ({parsed.summary()})", file=str(pairs))
         prompts = [ex.prompt for ex in examples]
         chosen = scorer.score(prompts, [ex.chosen for ex in examples], batch_size=batch_size)
         rejected = scorer.score(prompts, [ex.rejected for ex in examples], batch_size=batch_size)
         cw = [len(ex.chosen.split()) for ex in examples]
         rw = [len(ex.rejected.split()) for ex in examples]
-        report["pairs"] = {"source": pairs, "n": len(examples), "format": parsed.fmt,
+        report["pairs"] = {"source": pairs, "n": len(examples), "format": parsed.fmt, "template": template,
+                           "rows": parsed.total, "rows_skipped": sum(parsed.skipped.values()),
                            "accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(examples),
                            "by_margin": margin_table(chosen, rejected),
                            "by_length_difference": length_table(chosen, rejected, cw, rw),
@@ -127,14 +173,24 @@ def build_rm_report(scorer, pairs: Optional[str] = None, samples: Optional[str] 
 
 
 def write_rm_report(reward_model: str, output_dir: str, pairs: Optional[str] = None, samples: Optional[str] = None,
-                    batch_size: int = 32, device: str = "auto", precision: str = "fp32") -> dict:
-    """`rlhf-ds rm-report`: rm_report.json and rm_report.html in `output_dir` (written only once everything is scored)."""
+                    batch_size: int = 32, device: str = "auto", precision: str = "fp32", fmt: str = "auto",
+                    columns: Optional[dict] = None, template: Optional[str] = None, on_bad_row: str = "error") -> dict:
+    """`rlhf-ds rm-report`: rm_report.json and rm_report.html in `output_dir` (written only once everything is scored).
+    The pairs' options are build_rm_report's; `template` None = the reward model's own (`pairs_template`)."""
+    from rlhf_ds.data.formats import check_template
     from rlhf_ds.steps.evaluate import pick_device, reward_scorer
 
     if not pairs and not samples:
         raise ValueError("rm-report needs --pairs (held-out preference pairs) and/or --samples (a policy's responses)")
+    if pairs:
+        template, why = pairs_template(reward_model, template)
+        if template is not None:
+            check_template(template, "--template")
+        print(f"rm-report: pairs {pairs}: prompt template {template!r} ({why})", file=sys.stderr)
     scorer = reward_scorer(reward_model, pick_device(device), precision)
-    report = {"reward_model": reward_model, **build_rm_report(scorer, pairs, samples, batch_size)}
+    report = {"reward_model": reward_model, **build_rm_report(scorer, pairs, samples, batch_size, fmt=fmt,
+                                                              columns=columns, template=template,
+                                                              on_bad_row=on_bad_row)}
     os.makedirs(output_dir, exist_ok=True)
     atomic_write_json(os.path.join(output_dir, "rm_report.json"), report)
     atomic_write_text(os.path.join(output_dir, "rm_report.html"),
@@ -160,7 +216,10 @@ def rm_report_html(report: dict) -> str:
         head = "<tr><th>bucket</th><th>pairs</th><th>accuracy</th></tr>"
         longer = pairs["longer_preferred"]
         parts.append(
-            f"<p>{pairs['n']} held-out pairs ({html.escape(pairs['source'])}): accuracy {_num(pairs['accuracy'])}. "
+            f"<p>{pairs['n']} held-out pairs ({html.escape(str(pairs['source']))}"
+            + (f", prompts rendered with the template {html.escape(repr(pairs['template']))}"
+               if pairs.get("template") else "")
+            + f"): accuracy {_num(pairs['accuracy'])}. "
             f"Among pairs of unequal length the labels prefer the longer answer in {_num(longer['labels'], '{:.0%}')} "
             f"of them, the reward model in {_num(longer['reward_model'], '{:.0%}')}.</p>"
             f"<h3>Accuracy by the RM's margin |r_chosen - r_rejected|</h3><table>{head}{_bucket_rows(pairs['by_margin'])}"
