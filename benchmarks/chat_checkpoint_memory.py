@@ -46,6 +46,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -458,7 +459,8 @@ def git_commit(path: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default=REPO, help="rlhf_ds checkout to run (default: this one)")
-    parser.add_argument("--work", default="/tmp/me/bench_chat", help="models, data and runs (models are reused)")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "rlhf_ds_bench_chat"),
+                        help="models, data and runs (models are reused)")
     parser.add_argument("--only", default="a,b,c", help="settings to run: a comma list of a, b, c")
     parser.add_argument("--steps", type=int, default=3, help="GRPO steps per run (step 1 is left out of s/step)")
     parser.add_argument("--vocabs", default=",".join(map(str, SWEEP_VOCABS)), help="vocabularies of the sweep (c)")

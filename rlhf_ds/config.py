@@ -564,10 +564,10 @@ def to_dict(cfg) -> dict:
 
 
 def save_config(cfg, path: str) -> None:
-    """Write the resolved config (all defaults filled in) atomically."""
+    """Write the resolved config (all defaults filled in; a config object or its `to_dict`) atomically."""
     from rlhf_ds.utils import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg if isinstance(cfg, dict) else to_dict(cfg), sort_keys=False))
 
 
 @dataclass

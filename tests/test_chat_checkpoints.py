@@ -225,8 +225,8 @@ def test_grown_models_reload(runs):
     assert again.get_input_embeddings().weight.shape[0] == BASE_VOCAB + 1
 
 
-@pytest.mark.parametrize("case", ["chatml", "template_uses_it", "is_unk", "named_pad", "reserved", "stops_on_it",
-                                  "none_left"])
+@pytest.mark.parametrize("case", ["chatml", "template_uses_it", "is_unk", "unk_of_a_word_level_tokenizer",
+                                  "named_pad", "reserved", "stops_on_it", "none_left"])
 def test_which_existing_token_becomes_pad(case, tmp_path):
     """`unused_pad_token`'s rules on tokenizers of `chat_models.py` (milliseconds, no model)."""
     from chat_models import CHATML, build_tokenizer
@@ -237,8 +237,15 @@ def test_which_existing_token_becomes_pad(case, tmp_path):
     path = ""
     if case == "template_uses_it":  # a template that writes <|endoftext|> leaves no candidate
         tok.chat_template = CHATML + "{{ '<|endoftext|>' }}"
-    elif case == "is_unk":  # a token in a role (here UNK) is never taken
+    elif case == "is_unk":  # SmolLM2 names <|endoftext|> its UNK, which a byte-level BPE never produces: taken
         tok.unk_token = "<|endoftext|>"
+    elif case == "unk_of_a_word_level_tokenizer":  # there UNK stands for unknown words in the text: never taken
+        from tokenizers import Tokenizer, models
+        from transformers import PreTrainedTokenizerFast
+
+        words = Tokenizer(models.WordLevel({"<unk>": 0, "<|im_end|>": 1, "hi": 2}, unk_token="<unk>"))
+        tok = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", eos_token="<|im_end|>",
+                                      pad_token="<|im_end|>")
     elif case == "named_pad":  # a PAD-named token wins over the lowest unused id
         tok.add_special_tokens({"additional_special_tokens": ["<|finetune_right_pad_id|>"]})
     elif case == "reserved":
@@ -249,7 +256,7 @@ def test_which_existing_token_becomes_pad(case, tmp_path):
             json.dump({"eos_token_id": [2, 0]}, f)
     elif case == "none_left":
         tok = build_tokenizer("no_pad")
-    expected = {"chatml": "<|endoftext|>", "named_pad": "<|finetune_right_pad_id|>",
+    expected = {"chatml": "<|endoftext|>", "is_unk": "<|endoftext|>", "named_pad": "<|finetune_right_pad_id|>",
                 "reserved": "<|reserved_special_token_3|>"}.get(case)
     found = unused_pad_token(tok, path)
     assert (found[0] if found else None) == expected

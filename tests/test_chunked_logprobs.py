@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from rlhf_ds.models.inputs import final_hidden_states, token_logprobs
+from rlhf_ds.models.inputs import output_projection, token_logprobs
 from rlhf_ds.rl import math as rlm
 
 VOCAB = 97
@@ -52,7 +52,7 @@ def figures(policy, reference, ids, mask, packing, chunk, start):
     logp, entropy = token_logprobs(policy, ids, mask, packing, 0.7, start, True, chunk)
     with torch.no_grad():
         ref = token_logprobs(reference, ids, mask, packing, 0.7, start, False, chunk)
-    real = mask[:, start:].bool()
+    real = mask[:, start:].bool() & mask[:, start - 1 : -1].bool()  # a row's first token has no prediction
     kl = rlm.kl_per_token(logp, ref, "k3")
     loss = rlm.masked_mean(logp * 0.3 + entropy * 0.2 + kl, real)
     loss.backward()
@@ -96,9 +96,9 @@ def test_sft_labels_and_ignored_positions():
 
 def test_families_that_transform_logits_use_the_full_head():
     model = llama(0)
-    assert final_hidden_states(model, *batch("right")) is not None
+    assert output_projection(model) is model.lm_head
     model.config.final_logit_softcapping = 30.0  # Gemma-2 style: the head's logits are changed after the projection
-    assert final_hidden_states(model, *batch("right")) is None
+    assert output_projection(model) is None
     ids, mask = batch("right")
     logp = token_logprobs(model, ids, mask, chunk_tokens=4)  # falls back to the model's own logits
     with torch.no_grad():

@@ -30,21 +30,16 @@ def token_outputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                   output: str = "logits") -> torch.Tensor:
     """`model`'s per-token `output` ("logits" of a causal LM, "last_hidden_state" of a backbone) for a padded batch,
     `[B, T, ...]`; `packing` runs the real tokens as one padding-free row. `model` may be a DeepSpeed engine."""
-    return _forward(model, input_ids, attention_mask, packing, lambda out: getattr(out, output))
-
-
-def _forward(model, input_ids, attention_mask, packing: bool, pick, **kwargs) -> torch.Tensor:
-    """`pick(model output)` (a `[rows, tokens, ...]` tensor) in the `[B, T, ...]` layout of the batch."""
     positions = position_ids(attention_mask)
     if not packing:
-        return pick(model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
-                          **kwargs))
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        return getattr(out, output)
     real = attention_mask.bool()
     packed_positions = positions[real].unsqueeze(0)
     out = model(input_ids=input_ids[real].unsqueeze(0), position_ids=packed_positions,
                 attention_mask=packed_attention_mask(packed_positions[0], getattr(model, "module", model).config),
-                use_cache=False, **kwargs)  # a DeepSpeed engine's own `config` is its JSON: the model's is on its module
-    packed = pick(out)[0]
+                use_cache=False)  # a DeepSpeed engine's own `config` is its JSON: the model's is on its module
+    packed = getattr(out, output)[0]
     full = packed.new_zeros(*input_ids.shape, *packed.shape[1:])
     full[real] = packed
     return full
@@ -55,30 +50,18 @@ def _forward(model, input_ids, attention_mask, packing: bool, pick, **kwargs) ->
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def _chunkable(lm) -> bool:
-    config = lm.config
-    if any(getattr(config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
-        return False
-    # a plain projection: not one with LoRA adapters or other wrappers, whose own forward must run
-    return ("logits_to_keep" in inspect.signature(lm.forward).parameters
-            and type(lm.get_output_embeddings()) is torch.nn.Linear)
-
-
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, packing: bool = False):
-    """(the causal LM's last hidden states `[B, T, H]`, its output projection), the model's forward computing logits
-    for one position only; None where the family cannot (see LOGIT_TRANSFORMS): then the caller uses the logits."""
+def output_projection(model):
+    """The causal LM's output layer where `token_logprobs` may run it chunked, else None: a plain `nn.Linear` (not one
+    with LoRA adapters or another wrapper, whose own forward must run) that the model's forward applies to its last
+    hidden states and returns as is (families that soft-cap or scale logits: see LOGIT_TRANSFORMS)."""
     lm = getattr(model, "module", model)
     lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft: the transformers model inside
-    if not _chunkable(lm):
+    if any(getattr(lm.config, key, None) not in (None, 1, 1.0) for key in LOGIT_TRANSFORMS):
         return None
-    captured = []
-    hook = lm.base_model.register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
-    try:
-        # called through `model` (a DeepSpeed engine, peft) so ZeRO-3 gathers and LoRA apply as in any forward
-        hidden = _forward(model, input_ids, attention_mask, packing, lambda _out: captured[-1], logits_to_keep=1)
-    finally:
-        hook.remove()
-    return hidden, lm.get_output_embeddings()
+    head = lm.get_output_embeddings()
+    if "logits_to_keep" not in inspect.signature(lm.forward).parameters or type(head) is not torch.nn.Linear:
+        return None
+    return head
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, packing: bool = False,
@@ -87,41 +70,42 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     """Log-prob of each token `labels[:, t]` (default: `input_ids`) for t >= `start` given the tokens before it,
     `[B, T - start]`, logits divided by `temperature` (and the entropy of each of those distributions).
 
-    `chunk_tokens` > 0: from the last hidden states, the output projection and log-softmax run on that many real
-    tokens at a time, in forward and backward, so no `[B, T, vocab]` logits (nor their fp32 copies) ever exist whole;
-    positions whose label is padding (attention mask 0, or label -100) are not computed and read 0. 0: the model's
+    `chunk_tokens` > 0: the model's output layer, for this one forward, turns each last hidden state whose next token
+    is real (it and the position before it have attention mask 1, label not -100) into its log-prob and entropy, `chunk_tokens` tokens at a time in
+    forward and backward (`rlm.chunked_projection_logprobs`), so no `[B, T, vocab]` logits (nor their fp32 copies) ever
+    exist whole; other positions read 0. The projection stays inside the model's forward, so a DeepSpeed engine sees
+    its outputs as usual (ZeRO-3 gathers, backward hooks). 0, or a family `output_projection` refuses: the model's
     full logits, as any caller of `token_outputs`.
     """
     labels = input_ids if labels is None else labels
     targets = labels[:, start:]
-    picked = final_hidden_states(model, input_ids, attention_mask, packing) if chunk_tokens > 0 else None
-    if picked is None:
+    head = output_projection(model) if chunk_tokens > 0 else None
+    if head is None:
         logits = token_outputs(model, input_ids, attention_mask, packing)[:, start - 1 : -1]
         safe = targets.clamp(min=0)  # -100 labels: any id; the caller selects them away
         logp = rlm.logprobs_from_logits(logits, safe, temperature)
         return (logp, rlm.entropy_from_logits(logits, temperature)) if with_entropy else logp
-    hidden, head = picked
-    real = attention_mask[:, start:].bool() & (targets >= 0)
-    logp, entropy = _head_logprobs(head, hidden[:, start - 1 : -1][real], targets[real], temperature, chunk_tokens)
-    outs = []
-    for flat in (logp, entropy)[: 2 if with_entropy else 1]:
-        full = flat.new_zeros(targets.shape)
-        full[real] = flat
-        outs.append(full)
-    return tuple(outs) if with_entropy else outs[0]
+    # the id each position predicts (-1: none), in the layout the output layer sees (a packed row when packing)
+    predicts = torch.full_like(input_ids, -1)
+    # a token is predicted when it and the position before it are real (a row's first token has no prediction)
+    real = attention_mask.bool()
+    predicts[:, start - 1 : -1] = torch.where(real[:, start - 1 : -1] & real[:, start:] & (targets >= 0), targets, -1)
+    layout = predicts[real].unsqueeze(0) if packing else predicts
 
-
-def _head_logprobs(head: torch.nn.Linear, rows: torch.Tensor, ids: torch.Tensor, temperature: float, chunk: int):
-    """`rlm.chunked_projection_logprobs` with `head`'s weights, inside one call of `head`: ZeRO-3 gathers its weights
-    once for all chunks (the same collectives on every rank, however many tokens each has) and again for backward."""
     def chunked(self, hidden):
-        return rlm.chunked_projection_logprobs(hidden, self.weight, self.bias, ids, temperature, chunk)
+        wanted = layout >= 0
+        logp, entropy = rlm.chunked_projection_logprobs(hidden[wanted], self.weight, self.bias, layout[wanted],
+                                                        temperature, chunk_tokens)
+        out = logp.new_zeros(*layout.shape, 2)
+        out[wanted] = torch.stack([logp, entropy], -1)
+        return out  # what the model returns as its "logits"
 
     head.forward = types.MethodType(chunked, head)
     try:
-        return head(rows)
+        both = token_outputs(model, input_ids, attention_mask, packing)[:, start - 1 : -1]
     finally:
         del head.forward  # back to the class's forward
+    return (both[..., 0], both[..., 1]) if with_entropy else both[..., 0]
 
 
 def packed_attention_mask(positions: torch.Tensor, config):

@@ -227,16 +227,19 @@ def unused_pad_token(tok: PreTrainedTokenizerBase, path: str = "") -> Optional[t
     """(token, why) of a token the tokenizer already has that can serve as PAD, or None.
 
     Candidates are the tokenizer's special added tokens and PAD-named tokens of its vocabulary (PAD_NAMES). Refused:
-    a token in a role (BOS, EOS, UNK, SEP, CLS, MASK, or a model-specific one such as an image token), a BOS/EOS id
+    a token in a role (BOS, EOS, UNK unless `never_emits_unk`, SEP, CLS, MASK, or a model-specific one such as an
+    image token), a BOS/EOS id
     of the folder's config.json or generation_config.json (models that stop on several ids), a token whose text
     appears in the chat template (it is written into every conversation), and an id beyond the model's embedding.
     Preferred: a PAD-named token, then a reserved special token, then the lowest id."""
     vocab = tok.get_vocab()
     limit = _model_vocab_size(path) if path else None
+    free_unk = never_emits_unk(tok)  # byte-level BPE: UNK is a name only (SmolLM2's <|endoftext|>)
     roles = {name: value for name, value in (tok.special_tokens_map or {}).items()
-             if name != "pad_token" and isinstance(value, str)}
+             if name != "pad_token" and isinstance(value, str) and not (free_unk and name == "unk_token")}
     taken_ids = {vocab[t] for t in roles.values() if t in vocab}
-    taken_ids |= {i for i in (tok.bos_token_id, tok.eos_token_id, getattr(tok, "unk_token_id", None)) if i is not None}
+    unk = None if free_unk else getattr(tok, "unk_token_id", None)
+    taken_ids |= {i for i in (tok.bos_token_id, tok.eos_token_id, unk) if i is not None}
     taken_ids |= _config_ids(path, ("bos_token_id", "eos_token_id")) if path else set()
     templates = _chat_templates(tok)
 
@@ -254,10 +257,27 @@ def unused_pad_token(tok: PreTrainedTokenizerBase, path: str = "") -> Optional[t
     for token in specials:
         if RESERVED_TOKEN.fullmatch(token):
             return token, "a reserved special token, in no role and not in the chat template"
+    if specials and specials[0] == tok.unk_token:
+        return specials[0], "the tokenizer's UNK, which its byte-level BPE never produces (not in the chat template)"
     if specials:
         return specials[0], ("an unused special token of the tokenizer (in no role such as BOS, EOS or UNK, and not in "
                              "the chat template)")
     return None
+
+
+def never_emits_unk(tok: PreTrainedTokenizerBase) -> bool:
+    """Whether encoding can never give the UNK token: a byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) spells any text
+    in byte tokens, so its UNK, if it names one, is an unused special token."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return False
+    try:
+        spec = json.loads(backend.to_str())
+    except (ValueError, AttributeError):
+        return False
+    parts = [spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}]
+    parts += [p for part in list(parts) for p in (part.get("pretokenizers") or part.get("decoders") or [])]
+    return spec.get("model", {}).get("type") == "BPE" and any(p.get("type") == "ByteLevel" for p in parts)
 
 
 def tokenizer_span(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -38,6 +38,9 @@ class StepContext:
     guard: "NonFiniteGuard"  # the non-finite-loss guard every backward goes through, saved with each checkpoint
     metrics: Optional[MetricsLogger] = None
     resumed: dict = field(default_factory=dict)
+    # the config as given (before budgets left null were filled from the data): config.yaml, what a rerun or a resume
+    # of it compares against
+    given: dict = field(default_factory=dict)
 
     def begin(self, engines: dict) -> None:
         """Inputs are valid and the trained `engines` (name -> DeepSpeed engine) exist: write config.yaml, open the
@@ -47,7 +50,7 @@ class StepContext:
         if is_rank0():
             os.makedirs(self.run_dir, exist_ok=True)
             self.checkpoint.prepare_dir()
-            save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
+            save_config(self.given or self.cfg, os.path.join(self.run_dir, "config.yaml"))
             atomic_write_json(os.path.join(self.run_dir, "ds_config.json"), strategy.built_ds_configs)
         barrier()
         if self.checkpoint.resume_path:
@@ -79,9 +82,10 @@ def start_step(cfg, step_name: str) -> StepContext:
     set_seed(train.seed if train else 0)
     setup_logging(cfg.output_dir)
     log.info("%s: world size %d, device %s, run dir %s", step_name, world_size(), strategy.device(), cfg.output_dir)
-    checkpoint = CheckpointManager(cfg, step_name, to_dict(cfg))
+    given = to_dict(cfg)
+    checkpoint = CheckpointManager(cfg, step_name, given)
     startup.phase("reading data")
-    ctx = StepContext(cfg, step_name, cfg.output_dir, checkpoint, LoopState(), NonFiniteGuard(train))
+    ctx = StepContext(cfg, step_name, cfg.output_dir, checkpoint, LoopState(), NonFiniteGuard(train), given=given)
     checkpoint.register("loop", ctx.loop_state)
     checkpoint.register("nonfinite_guard", ctx.guard)
     return ctx
