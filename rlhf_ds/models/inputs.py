@@ -1,6 +1,6 @@
 """The one place that turns a batch of token ids into a model call: every forward pass (LM loss, reward-model and critic
-scores, PPO log-probs and values, DPO log-probs) goes through `token_outputs` or, for log-probs, `token_logprobs`, which
-computes them from the last hidden states a chunk of tokens at a time, so full-vocabulary logits never exist whole.
+scores, PPO log-probs and values, DPO log-probs) goes through `token_outputs` or, for log-probs, `token_logprobs`, whose
+output layer computes them a chunk of tokens at a time, so full-vocabulary logits never exist whole.
 
 A batch is `[B, T]` ids with an attention mask (left, right or both sides padded). Padded, the model sees the batch as
 it is, positions counted over real tokens only (so padding never shifts them). Packed (padding-free), the real tokens
@@ -71,9 +71,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     `[B, T - start]`, logits divided by `temperature` (and the entropy of each of those distributions).
 
     `chunk_tokens` > 0: the model's output layer, for this one forward, turns each last hidden state whose next token
-    is real (it and the position before it have attention mask 1, label not -100) into its log-prob and entropy, `chunk_tokens` tokens at a time in
-    forward and backward (`rlm.chunked_projection_logprobs`), so no `[B, T, vocab]` logits (nor their fp32 copies) ever
-    exist whole; other positions read 0. The projection stays inside the model's forward, so a DeepSpeed engine sees
+    is real (it and the position before it have attention mask 1, label not -100) into its log-prob and entropy,
+    `chunk_tokens` tokens at a time in forward and backward (`rlm.chunked_projection_logprobs`), so no `[B, T, vocab]`
+    logits (nor their fp32 copies) ever exist whole; other positions read 0. The projection stays inside the model's forward, so a DeepSpeed engine sees
     its outputs as usual (ZeRO-3 gathers, backward hooks). 0, or a family `output_projection` refuses: the model's
     full logits, as any caller of `token_outputs`.
     """
