@@ -690,7 +690,25 @@ class PPOAlgoConfig:
     whiten_scope: Literal["rank", "global"] = "rank"  # whiten over this rank's rollout or over all ranks' together
     group_std_eps: float = 1e-6  # grpo: added to the group's standard deviation
     score_clip: Optional[float] = None  # clip the RM score to +-score_clip
-    missing_eos_penalty: Optional[float] = -1.0  # added to the score of responses with no EOS; null disables
+    # added to the score of responses with no EOS; null disables; auto: -1 when the reward is a reward model alone
+    # (InstructGPT / DeepSpeed-Chat), none when a function or a server scores (a -1 would outweigh a 0/1 task reward)
+    # or when overlong shaping is on
+    missing_eos_penalty: Union[float, Literal["auto"], None] = "auto"
+    # DAPO's overlong shaping, opt-in: a response longer than generation.max_new_tokens - overlong_buffer tokens loses
+    # overlong_penalty_factor x (its excess / overlong_buffer), the full factor at max_new_tokens; 0 = off
+    overlong_buffer: int = 0
+    overlong_penalty_factor: float = 1.0  # the overlong penalty at generation.max_new_tokens (DAPO: 1.0)
+    # warn when the task reward (the reward sources before penalties and KL) has not varied within any group (or
+    # within the rollout, for estimators without groups) for this many steps in a row: the update then comes only from
+    # the penalties and the KL; 0 disables
+    no_signal_patience: int = 3
+    # DAPO's dynamic sampling for group estimators: groups whose task rewards are all equal carry no gradient; they
+    # are dropped and each rank samples further prompts (rollout_batch_size at a time, from its own stream of the data)
+    # until its rollout holds rollout_batch_size groups with signal, or dynamic_sampling_max_rounds extra rounds are
+    # spent (then the rollout is filled up with dropped groups, which add no policy gradient, and ppo/ds_filled_groups says
+    # how many). Rank-local: no collective between rounds
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4  # extra sampling rounds per step at most (>= 1)
     ptx_coef: float = 0.0  # PPO-ptx: InstructGPT used 27.8 (with its own loss scales)
     ptx_data: Optional[str] = None  # text corpus for ptx; None = the built-in task's pretraining corpus
     ema_decay: float = 0.0  # > 0 keeps an EMA copy of the actor (saved as ema/), e.g. 0.992
@@ -723,6 +741,27 @@ class PPOConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
+
+    def _check_dynamic_sampling(self, estimator) -> None:
+        """Dynamic sampling needs groups, and rounds that each rank can run alone (no collective in decoding or
+        scoring)."""
+        p = self.ppo
+        if not estimator.needs_groups:
+            raise ConfigError(f"ppo.dynamic_sampling drops groups of equal rewards, but ppo.advantage_estimator="
+                              f"{p.advantage_estimator} has no groups (use grpo, dr_grpo, rloo or "
+                              "reinforce_pp_baseline)")
+        if p.dynamic_sampling_max_rounds < 1:
+            raise ConfigError(f"ppo.dynamic_sampling_max_rounds is {p.dynamic_sampling_max_rounds}: a cap of extra "
+                              "sampling rounds must be >= 1 (set ppo.dynamic_sampling=false to sample once)")
+        h = self.hybrid
+        if h.tp_size > 1 or h.backend != "portable" or not h.keep_copy:
+            raise ConfigError("ppo.dynamic_sampling decodes its extra rounds on each rank alone with the copy synced "
+                              "for the step: it needs hybrid.tp_size=1, hybrid.backend=portable and "
+                              "hybrid.keep_copy=true")
+        if self.reward.model and self.reward.engine.zero_stage == 3:
+            raise ConfigError("ppo.dynamic_sampling scores its extra rounds on each rank alone, but a ZeRO-3 reward "
+                              "model's forward is collective: set reward.engine.zero_stage=0 (or use reward.function "
+                              "/ reward.url)")
 
     def validate(self) -> None:
         from rlhf_ds.rl.advantages import get_estimator
@@ -764,9 +803,16 @@ class PPOConfig:
         if not estimator.needs_critic and self.critic.model is not None:
             raise ConfigError(f"ppo.advantage_estimator={p.advantage_estimator} trains no critic, but critic.model is "
                               "set; remove it or use advantage_estimator=gae")
-        if p.missing_eos_penalty is not None and p.missing_eos_penalty > 0:
+        if p.missing_eos_penalty not in (None, "auto") and p.missing_eos_penalty > 0:
             raise ConfigError(f"ppo.missing_eos_penalty is {p.missing_eos_penalty}: a penalty must be <= 0 (it is "
                               "added to the score of responses that never end)")
+        if not 0 <= p.overlong_buffer < self.generation.max_new_tokens or p.overlong_penalty_factor < 0:
+            raise ConfigError(f"ppo.overlong_buffer ({p.overlong_buffer}) must be in 0..generation.max_new_tokens - 1 "
+                              f"({self.generation.max_new_tokens - 1}) and ppo.overlong_penalty_factor >= 0")
+        if p.no_signal_patience < 0:
+            raise ConfigError("ppo.no_signal_patience must be >= 0")
+        if p.dynamic_sampling:
+            self._check_dynamic_sampling(estimator)
         if p.kl_coef < 0 or p.kl_loss_coef < 0:
             raise ConfigError("ppo.kl_coef and ppo.kl_loss_coef must be >= 0")
         for name in ("clip_eps", "clip_eps_low", "clip_eps_high", "kl_loss_log_ratio_clip"):
@@ -881,6 +927,14 @@ class EvalConfig:
     ppo_model: Optional[str] = "runs/ppo"  # None = evaluate the SFT policy alone
     dpo_model: Optional[str] = None  # a DPO policy to evaluate side by side with the others (e.g. runs/dpo)
     reward_model: Optional[str] = "runs/rm"  # None = no RM scores
+    # a verifiable reward "package.module:function" or "path/file.py:function" (as ppo's reward.function): each
+    # response's function reward, the share that passes (reward >= pass_threshold) and pass@k per policy
+    reward_function: Optional[str] = None
+    pass_threshold: float = 1.0  # a response passes when its function reward is at least this
+    # k of pass@k (unbiased estimate from samples_per_prompt samples; each k <= samples_per_prompt); empty = 1 and
+    # samples_per_prompt
+    pass_k: list[int] = field(default_factory=list)
+    greedy_pass: bool = True  # with reward_function: also one greedy answer per prompt, its share passing
     prompts: Optional[str] = None  # prompts file; None = the built-in task's held-out eval_prompts.jsonl
     template: Optional[str] = None  # prompt template, as the data.template the policies were trained with
     max_prompts: int = 0  # 0 = all
@@ -906,6 +960,16 @@ class EvalConfig:
         if self.generation.temperature <= 0 or self.generation.max_new_tokens <= 0:
             raise ConfigError("eval.generation.temperature and max_new_tokens must be > 0")
         validate_generation("generation", self.generation)
+        if self.reward_function:
+            from rlhf_ds.rewards.function import load_function
+
+            load_function(self.reward_function)  # a typo fails before any model is loaded
+        elif self.pass_k:
+            raise ConfigError("eval.pass_k counts responses that pass eval.reward_function, which is not set")
+        bad = [k for k in self.pass_k if not 1 <= k <= self.samples_per_prompt]
+        if bad:
+            raise ConfigError(f"eval.pass_k {bad}: each k must be in 1..eval.samples_per_prompt "
+                              f"({self.samples_per_prompt})")
 
 
 register_step_config("eval", EvalConfig)

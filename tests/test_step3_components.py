@@ -114,7 +114,8 @@ def test_grpo_against_a_served_reward_model_scores_as_in_process(models, remote_
     # the same run with the reward model in the step instead of behind HTTP: same seeds -> same rollouts at step 1, and
     # the same scores keep every later step's update (hence rollouts) the same
     out = str(tmp_path / "in_process")
-    cmd = ppo_command(models, out, f"reward.model={models['llama_rm']}")
+    # the same shaping as the remote run: the auto missing-EOS penalty applies to a reward model alone, not a server
+    cmd = ppo_command(models, out, f"reward.model={models['llama_rm']}", "ppo.missing_eos_penalty=null")
     rc, stdout, stderr = run(cmd, str(tmp_path), "in_process")
     assert rc == 0, f"exit {rc}:\n{stdout[-3000:]}\n{stderr[-6000:]}"
     local = assert_finite_rewards(out)

@@ -56,6 +56,13 @@ def on_topic(prompts: list[str], responses: list[str], **columns) -> list[float]
     return [on_topic_score(p, r) for p, r in zip(prompts, responses)]
 
 
+def names_subject(prompts: list[str], responses: list[str], **columns) -> list[float]:
+    """A verifiable 0/1 reward for the built-in task: 1.0 when the response names the prompt's subject noun
+    ("describe the red fox ." -> "fox"). The built-in SFT model rarely does (a few % of sampled answers): a sparse,
+    checkable signal, as a weak base meets on a verifiable task."""
+    return [1.0 if BuiltinTask.subject_of(p) in tokenize(r) else 0.0 for p, r in zip(prompts, responses)]
+
+
 def exact_match(prompts: list[str], responses: list[str], answer: list[str], **columns) -> list[float]:
     """1.0 where the response is the row's `answer` column (surrounding whitespace ignored), else 0.0.
 

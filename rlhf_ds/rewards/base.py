@@ -63,6 +63,10 @@ def as_scores(values, n: int, who: str) -> torch.Tensor:
 class WeightedReward:
     parts: list[tuple[str, float, RewardSource]]  # (name, weight, source)
 
+    def names(self) -> list[str]:
+        """The sources, as `reward.weights` names them (model, function, remote)."""
+        return [name for name, _, _ in self.parts]
+
     def __call__(self, batch: RewardBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(sum of weight x score [B], {name: unweighted score [B]}); every source sees the whole batch."""
         n = len(batch)

@@ -25,7 +25,7 @@ WHITEN_SCOPES = ("rank", "global")
 
 @dataclass
 class AdvantageInputs:
-    scores: torch.Tensor  # [B] sequence reward (after score clip / missing-EOS penalty)
+    scores: torch.Tensor  # [B] sequence reward (the task reward after shaping: rlhf_ds/rl/shaping.py)
     kl: torch.Tensor  # [B, T] per-token KL estimate vs the reference; pads arbitrary
     mask: torch.Tensor  # [B, T] 1 on response tokens, 0 on pads
     group_ids: torch.Tensor  # [B] long: samples of one prompt share an id; groups need not be contiguous
@@ -156,14 +156,25 @@ def _centre(x: torch.Tensor, baseline: torch.Tensor, inverse: torch.Tensor, n_gr
     return _zero_in_constant_groups(x - baseline, x, inverse, n_groups)
 
 
-def group_stats(scores: torch.Tensor, group_ids: torch.Tensor) -> dict:
+def constant_groups(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """[groups] bool, in the order of the sorted group ids: every sample of the group has bitwise the same x."""
+    ids, inverse = torch.unique(group_ids, return_inverse=True)
+    return _constant_groups(x, inverse, len(ids))
+
+
+def group_stats(scores: torch.Tensor, group_ids: torch.Tensor, shaped: Optional[torch.Tensor] = None) -> dict:
     """``zero_signal_groups``: share of prompts whose samples all scored the same.
 
     Such a group has zero advantage under every group baseline, so it spends compute and teaches
-    nothing; a high share means the task is too easy or too hard for the current policy.
+    nothing; a high share means the task is too easy or too hard for the current policy. With
+    ``shaped`` (the scores after penalties) also ``penalty_only_groups``: the share whose task
+    scores are all equal but whose shaped scores are not -- their update comes from the penalties alone.
     """
-    ids, inverse = torch.unique(group_ids, return_inverse=True)
-    return {"zero_signal_groups": _constant_groups(scores, inverse, len(ids)).float().mean().item()}
+    constant = constant_groups(scores, group_ids)
+    stats = {"zero_signal_groups": constant.float().mean().item()}
+    if shaped is not None:
+        stats["penalty_only_groups"] = (constant & ~constant_groups(shaped, group_ids)).float().mean().item()
+    return stats
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:

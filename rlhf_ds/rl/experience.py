@@ -16,6 +16,8 @@ from rlhf_ds.models.inputs import token_logprobs
 from rlhf_ds.rewards.base import RewardBatch, WeightedReward
 from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import AdvantageInputs, explained_variance, get_estimator, group_stats
+from rlhf_ds.rl.dynamic_sampling import Scored, fill_with_signal
+from rlhf_ds.rl.shaping import ScoreShaping
 from rlhf_ds.rollout.base import RolloutEngine, rollout
 from rlhf_ds.tracking.rollout_stats import rollout_stats
 
@@ -75,6 +77,7 @@ class ExperienceMaker:
         self.estimator = get_estimator(ppo.advantage_estimator)
         self.gold_reward = gold_reward
         self.actor_chunk, self.reference_chunk = logit_chunks
+        self.shaping = ScoreShaping.from_config(ppo, reward.names(), generation.max_new_tokens)
 
     def on_policy(self) -> bool:
         """Whether the update's own log-probs are the old ones: one epoch, one optimizer step over the whole rollout
@@ -107,33 +110,54 @@ class ExperienceMaker:
             strategy.forward_only_pass_done(trained)
         return torch.cat(old) if old else None, torch.cat(ref), torch.cat(values) if values else None
 
+    def _scored_rollout(self, prompt_ids, prompt_texts, rows, n_samples: int, group_offset: int,
+                        sync: bool = True) -> tuple[Scored, float]:
+        """A rollout and its task reward; the seconds spent scoring."""
+        batch = rollout(self.engine, prompt_ids, prompt_texts, rows, self.gen, self.tok, n_samples, group_offset,
+                        sync=sync)
+        t0 = time.time()
+        task, components = self.reward(RewardBatch(batch.prompts, batch.responses, batch.rows, batch.sequences,
+                                                   batch.attention_mask, batch.prompt_len))
+        return Scored(batch, task.to(batch.sequences.device, torch.float32), components), time.time() - t0
+
     def make(self, prompt_ids: list[list[int]], prompt_texts: list[str], rows: Optional[list[dict]] = None,
-             group_offset: int = 0, train: bool = True) -> Experience:
+             group_offset: int = 0, train: bool = True,
+             more_prompts: Optional[Callable[[], tuple[list, list, list]]] = None) -> Experience:
         """One rollout of `prompt_ids` and everything computed from it. `train=False` (held-out evaluation) samples one
-        response per prompt and computes no advantages."""
+        response per prompt and computes no advantages. `more_prompts` (dynamic sampling): further prompts (ids, texts,
+        rows), as many as `prompt_ids`, for the rounds that replace groups without signal."""
         p = self.ppo
-        batch = rollout(self.engine, prompt_ids, prompt_texts, rows, self.gen, self.tok,
-                        p.n_samples_per_prompt if train else 1, group_offset)
+        n = p.n_samples_per_prompt if train else 1
+        scored, t_score = self._scored_rollout(prompt_ids, prompt_texts, rows, n, group_offset)
+        ds_stats = {}
+        if train and more_prompts is not None:
+            def more() -> Scored:
+                nonlocal t_score
+                extra, seconds = self._scored_rollout(*more_prompts(), n, group_offset, sync=False)
+                t_score += seconds
+                return extra
+
+            scored, ds_stats = fill_with_signal(scored, more, len(prompt_ids), p.dynamic_sampling_max_rounds,
+                                                self.tok.pad_token_id)
+        batch, raw_scores, components = scored.batch, scored.task_reward, scored.components
         seq, attn, P = batch.sequences, batch.attention_mask, batch.prompt_len
         t1 = time.time()
         # on-policy training rollouts: the update computes the old log-probs itself (see `on_policy`)
         old_logp, ref_logp, values = self._forward_all(seq, attn, P, with_old=not (train and self.on_policy()))
-        raw_scores, components = self.reward(RewardBatch(batch.prompts, batch.responses, batch.rows, seq, attn, P))
-        raw_scores = raw_scores.to(seq.device, torch.float32)
-        t_score = time.time() - t1
+        t_score += time.time() - t1
 
         m = batch.response_mask.float()
-        scores = raw_scores.clone()
-        if p.score_clip is not None:
-            scores = scores.clamp(-p.score_clip, p.score_clip)
-        if p.missing_eos_penalty is not None:
-            scores = torch.where(batch.has_eos, scores, scores + p.missing_eos_penalty)
+        scores = self.shaping(raw_scores, batch.has_eos, m.sum(1))
         # no old log-probs: beta is 0 and the update reports the KL (see `on_policy`)
         kl = torch.zeros_like(ref_logp) if old_logp is None else rlm.kl_per_token(old_logp, ref_logp, p.kl_estimator) * m
         if values is not None:
             values = values * m
         stats = {
+            # the task reward (the sources' weighted sum, before clipping, penalties and KL); "reward" is its older
+            # name, kept for the dashboards and summaries that read it
+            "task_reward": raw_scores.mean().item(),
             "reward": raw_scores.mean().item(),
+            "task_reward_std": raw_scores.std(unbiased=False).item(),
             "score_with_penalty": scores.mean().item(),
             "non_score_reward": (-self.kl_ctl.beta * kl).sum(1).mean().item(),
             "response_length": m.sum(1).mean().item(),
@@ -153,7 +177,8 @@ class ExperienceMaker:
             advantages, returns = self.estimator.fn(inputs, p)
             stats["return_mean"] = rlm.masked_mean(returns, m).item()
             if p.n_samples_per_prompt > 1:
-                stats.update(group_stats(scores, batch.group_ids))
+                stats.update(group_stats(raw_scores, batch.group_ids, scores))
+            stats.update(ds_stats)
             if values is not None:
                 stats["value_mean"] = rlm.masked_mean(values, m).item()
                 stats["explained_variance"] = explained_variance(values, returns, m)

@@ -25,8 +25,10 @@ class GenerationOutput:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig) -> GenerationOutput:
-        """Responses to left-padded prompts from the actor's current weights. Collective (the weight sync)."""
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig,
+                 sync: bool = True) -> GenerationOutput:
+        """Responses to left-padded prompts from the actor's current weights. Collective (the weight sync);
+        `sync=False` reuses the last sync's weights and, where the engine can, decodes on this rank alone."""
 
 
 @dataclass
@@ -78,15 +80,17 @@ def with_response_column(sequences: torch.Tensor, prompt_len: int, pad_token_id:
 
 
 def rollout(engine: RolloutEngine, prompt_ids: list[list[int]], prompts: list[str], rows: list[dict],
-            gen: GenerationConfig, tokenizer, n_samples: int = 1, group_offset: int = 0) -> RolloutBatch:
+            gen: GenerationConfig, tokenizer, n_samples: int = 1, group_offset: int = 0,
+            sync: bool = True) -> RolloutBatch:
     """`n_samples` responses to each prompt, the samples of one prompt next to each other with one group id
-    (`group_offset` + the prompt's index). Sampling draws from torch's global generator: seed it first."""
+    (`group_offset` + the prompt's index). Sampling draws from torch's global generator: seed it first. `sync`: see
+    `RolloutEngine.generate`."""
     ids = [p for p in prompt_ids for _ in range(n_samples)]
     texts = [p for p in prompts for _ in range(n_samples)]
     rows = [r for r in (rows or [{}] * len(prompts)) for _ in range(n_samples)]
     group_ids = torch.arange(group_offset, group_offset + len(prompt_ids)).repeat_interleave(n_samples)
     padded, pmask = pad_batch(ids, tokenizer.pad_token_id, side="left")
-    out = engine.generate(padded, pmask, gen)
+    out = engine.generate(padded, pmask, gen, sync=sync)
     P = out.prompt_len
     seq = with_response_column(out.sequences, P, tokenizer.pad_token_id)
     rmask, has_eos = response_mask(seq[:, P:], tokenizer.eos_token_id)
@@ -97,3 +101,31 @@ def rollout(engine: RolloutEngine, prompt_ids: list[list[int]], prompts: list[st
     responses = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(seq[:, P:], rmask)]
     return RolloutBatch(seq, attention, action, P, group_ids, has_eos, texts, responses, rows,
                         out.seconds + time.time() - t0, out.sync_seconds)
+
+
+def select_samples(batch: RolloutBatch, index: list[int]) -> RolloutBatch:
+    """The samples `index` of `batch`, in that order (same columns)."""
+    idx = torch.tensor(index, dtype=torch.long)
+    return RolloutBatch(batch.sequences[idx], batch.attention_mask[idx], batch.action_mask[idx], batch.prompt_len,
+                        batch.group_ids[idx], batch.has_eos[idx], [batch.prompts[i] for i in index],
+                        [batch.responses[i] for i in index], [batch.rows[i] for i in index],
+                        batch.seconds, batch.sync_seconds)
+
+
+def concat_batches(batches: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """One batch of the samples of `batches`, in order: prompts left-padded and responses right-padded to the widest
+    (padding is masked out of attention and actions, as any padding). Seconds add up."""
+    P = max(b.prompt_len for b in batches)
+    R = max(b.sequences.shape[1] - b.prompt_len for b in batches)
+
+    def widen(t: torch.Tensor, b: RolloutBatch, value: int) -> torch.Tensor:
+        left, right = P - b.prompt_len, R - (t.shape[1] - b.prompt_len)
+        return torch.nn.functional.pad(t, (left, right), value=value)
+
+    return RolloutBatch(torch.cat([widen(b.sequences, b, pad_token_id) for b in batches]),
+                        torch.cat([widen(b.attention_mask, b, 0) for b in batches]),
+                        torch.cat([widen(b.action_mask, b, 0) for b in batches]), P,
+                        torch.cat([b.group_ids for b in batches]), torch.cat([b.has_eos for b in batches]),
+                        [p for b in batches for p in b.prompts], [r for b in batches for r in b.responses],
+                        [r for b in batches for r in b.rows], sum(b.seconds for b in batches),
+                        sum(b.sync_seconds for b in batches))

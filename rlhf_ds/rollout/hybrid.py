@@ -65,11 +65,16 @@ class HybridEngine:
         return self._plain
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig) -> GenerationOutput:
-        """Responses for left-padded prompts. Collective (the weight sync) but decoding is rank-local."""
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig,
+                 sync: bool = True) -> GenerationOutput:
+        """Responses for left-padded prompts. Collective (the weight sync) but decoding is rank-local; `sync=False`
+        decodes with the copy the last sync wrote (weights unchanged since), on this rank alone."""
         t0 = time.time()
+        if not sync and (self.backend != "portable" or self._plain is None):
+            raise RuntimeError("generate(sync=False) needs a generation copy kept from an earlier sync "
+                               "(hybrid.backend=portable, hybrid.keep_copy=true)")
         # DeepSpeed's CUDA hybrid engine switches modes inside engine.generate itself
-        model = self.actor if self.backend == "deepspeed" else self._generation_module()
+        model = self.actor if self.backend == "deepspeed" else self._generation_module() if sync else self._plain
         t_sync = time.time() - t0
         dev = strategy.device()
         out = self._decoder.generate(model, input_ids=prompt_ids.to(dev), attention_mask=prompt_mask.to(dev),

@@ -302,9 +302,12 @@ class TensorParallelEngine:
         return under_leader_state()
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig) -> GenerationOutput:
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig,
+                 sync: bool = True) -> GenerationOutput:
         """Responses to this rank's left-padded prompts. Collective over the world (weight sync) and, while decoding,
-        over the TP group."""
+        over the TP group: never rank-local, so `sync=False` is refused."""
+        if not sync:
+            raise RuntimeError("tensor-parallel generation decodes with its TP group: it cannot run on one rank alone")
         t0 = time.time()
         model = self._generation_module()
         t_sync = time.time() - t0

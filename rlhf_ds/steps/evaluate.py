@@ -4,17 +4,23 @@ Evaluation: on held-out prompts (the built-in task's `eval_prompts.jsonl` by def
 the DPO policy, when given) each answer (sampled at T=1 by default, several samples per prompt, batched, left-padded,
 one process, no DeepSpeed engine); every response is scored by the gold reward (built-in task only) and by the reward model. Reported: mean gold reward and mean RM score of each policy,
 the win rates of PPO (and DPO) over SFT, and of DPO over PPO, by gold reward (ties count 0.5) and by RM score,
-response lengths and EOS rates. Written:
-`<output_dir>/results.json` and `samples.jsonl` (one line per prompt: both responses and their scores).
+response lengths and EOS rates. With `reward_function` (a verifiable reward, called as PPO's reward.function with the
+prompt rows' other columns), also per policy: the mean function reward, the accuracy (share of sampled responses whose
+reward is >= `pass_threshold`), the unbiased pass@k for each k of `pass_k` (Chen et al. 2021) and, with `greedy_pass`,
+the share of greedy answers (one per prompt) that pass. Written:
+`<output_dir>/results.json` and `samples.jsonl` (one line per prompt and sample: every policy's response and its
+scores; sample j of prompt i is line j * n_prompts + i; the first n_prompts lines also hold the greedy answers).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import numbers
 import os
 import sys
 import time
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -150,6 +156,41 @@ def win_rate(a: list[float], b: list[float], tol: float = 1e-9) -> float:
     return sum(1.0 if x > y + tol else 0.5 if abs(x - y) <= tol else 0.0 for x, y in zip(a, b)) / len(a)
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c pass (Chen et al. 2021): 1 - C(n-c, k) / C(n, k), the chance that k
+    samples drawn without replacement from the n hold at least one pass. Computed as a product (no huge binomials):
+    C(n-c, k) / C(n, k) = prod_{i=n-c+1..n} (1 - k / i). ValueError unless 0 <= c <= n and 1 <= k <= n."""
+    for name, v in (("n", n), ("c", c), ("k", k)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise ValueError(f"pass_at_k: {name} must be an integer, got {v!r}")
+    if n < 0 or c < 0 or k < 1:
+        raise ValueError(f"pass_at_k: needs n >= 0, c >= 0 and k >= 1 (n={n}, c={c}, k={k})")
+    if k > n or c > n:
+        raise ValueError(f"pass_at_k: needs k <= n and c <= n (n={n}, c={c}, k={k})")
+    if n - c < k:  # every draw of k holds a pass
+        return 1.0
+    miss = 1.0
+    for i in range(n - c + 1, n + 1):
+        miss *= 1.0 - k / i
+    return 1.0 - miss
+
+
+def mean_pass_at_k(passes: Sequence[Sequence[bool]], k: int) -> Optional[float]:
+    """pass@k averaged over prompts; `passes[i]` holds whether each sample of prompt i passed (None: no prompts)."""
+    return _mean(pass_at_k(len(p), sum(bool(x) for x in p), k) for p in passes)
+
+
+def score_function(reward, prompts: list[str], rows: list[dict], columns: list[dict], threshold: float) -> None:
+    """Each generated row gets "function_reward" (the FunctionReward `reward` of its prompt and response, the prompt
+    row's `columns` passed on) and "passed" (reward >= `threshold`)."""
+    from rlhf_ds.rewards.base import RewardBatch
+
+    scores = reward(RewardBatch(list(prompts), [r["response"] for r in rows], list(columns))).tolist()
+    for row, s in zip(rows, scores):
+        row["function_reward"] = float(s)
+        row["passed"] = float(s) >= threshold
+
+
 def _builtin_prompts(cfg: EvalConfig, out_dir: str) -> str:
     from rlhf_ds.data.builtin_task import BuiltinTask
 
@@ -190,6 +231,14 @@ def run(cfg: EvalConfig) -> dict:
     log.info("eval prompts %s: %s; evaluating %d", source, report.summary(), len(examples))
     device = pick_device(cfg.device)
     models = {name: getattr(cfg, f"{name}_model") for name in POLICIES if getattr(cfg, f"{name}_model")}
+    n_prompts = len(examples)
+    function = None
+    if cfg.reward_function:
+        from rlhf_ds.rewards.function import FunctionReward
+
+        function = FunctionReward(cfg.reward_function)
+    greedy_gen = dataclasses.replace(cfg.generation, do_sample=False)
+    greedy: dict[str, list[dict]] = {}  # one greedy answer per prompt and policy (reward_function with greedy_pass)
 
     prompts: Optional[list[str]] = None
     gens: dict[str, list[dict]] = {}
@@ -201,6 +250,12 @@ def run(cfg: EvalConfig) -> dict:
         torch.manual_seed(cfg.seed)
         budget = prompt_budget(model, cfg.generation.max_new_tokens, cfg.max_prompt_tokens)
         gens[name] = generate(model, tokenizer, prompts, cfg.generation, cfg.batch_size, budget)
+        if function is not None and cfg.greedy_pass:
+            if cfg.generation.do_sample:
+                torch.manual_seed(cfg.seed)
+                greedy[name] = generate(model, tokenizer, prompts[:n_prompts], greedy_gen, cfg.batch_size, budget)
+            else:  # the samples are greedy already: the first one of each prompt is the greedy answer
+                greedy[name] = [dict(r) for r in gens[name][:n_prompts]]
         del model
         log.info("eval: %s policy (%s) answered %d prompts in %.1fs", name, path, len(prompts), time.time() - t0)
     assert prompts is not None
@@ -217,6 +272,12 @@ def run(cfg: EvalConfig) -> dict:
             for row, s in zip(rows, scores):
                 row["rm_score"] = float(s)
         del scorer
+    if function is not None:
+        columns = [examples[i % n_prompts].columns for i in range(len(prompts))]  # sample j of prompt i: j * n + i
+        for name in gens:
+            score_function(function, prompts, gens[name], columns, cfg.pass_threshold)
+            if name in greedy:
+                score_function(function, prompts[:n_prompts], greedy[name], columns[:n_prompts], cfg.pass_threshold)
 
     def per_policy(key: str) -> Optional[dict]:
         values = {name: _mean(r[key] for r in rows if key in r) for name, rows in gens.items()}
@@ -227,6 +288,25 @@ def run(cfg: EvalConfig) -> dict:
             return None
         return win_rate([r[key] for r in gens[a]], [r[key] for r in gens[b]])
 
+    verified: dict = {}
+    if function is not None:
+        ks = sorted(set(cfg.pass_k or [1, cfg.samples_per_prompt]))
+        groups = {name: [[rows[j * n_prompts + i]["passed"] for j in range(cfg.samples_per_prompt)]
+                         for i in range(n_prompts)] for name, rows in gens.items()}
+        verified = {
+            "reward_function": cfg.reward_function,
+            "pass_threshold": cfg.pass_threshold,
+            "function_reward": per_policy("function_reward"),
+            "accuracy": {name: _mean(float(r["passed"]) for r in rows) for name, rows in gens.items()},
+            "pass_at_k": {name: {str(k): mean_pass_at_k(g, k) for k in ks} for name, g in groups.items()},
+        }
+        if greedy:
+            verified["greedy_accuracy"] = {name: _mean(float(r["passed"]) for r in rows) for name, rows in greedy.items()}
+        for name in gens:
+            log.info("eval: %s policy, reward function %s: accuracy %s, pass@k %s%s", name, cfg.reward_function,
+                     verified["accuracy"][name], verified["pass_at_k"][name],
+                     f", greedy accuracy {verified['greedy_accuracy'][name]}" if name in greedy else "")
+
     results = {
         "n_prompts": len(prompts) // cfg.samples_per_prompt,
         "samples_per_prompt": cfg.samples_per_prompt,
@@ -236,6 +316,7 @@ def run(cfg: EvalConfig) -> dict:
         "rm_win_rate_ppo_vs_sft": wins("rm_score"),
         "response_length": per_policy("response_tokens"),
         "eos_rate": {name: _mean(float(r["eos"]) for r in rows) for name, rows in gens.items()},
+        **verified,
         "prompts": source,
         "models": {**{name: path for name, path in models.items()}, "reward": cfg.reward_model},
         "greedy": not cfg.generation.do_sample,
@@ -253,9 +334,13 @@ def run(cfg: EvalConfig) -> dict:
         row: dict = {"prompt": p}
         for name, rows in gens.items():
             row[f"{name}_response"] = rows[i]["response"]
-            for key in ("gold_reward", "rm_score"):
+            for key in ("gold_reward", "rm_score", "function_reward"):
                 if key in rows[i]:
                     row[f"{name}_{key}"] = rows[i][key]
+        for name, rows in greedy.items():  # the first n_prompts lines: sample 0 of each prompt
+            if i < len(rows):
+                row[f"{name}_greedy_response"] = rows[i]["response"]
+                row[f"{name}_greedy_function_reward"] = rows[i]["function_reward"]
         samples.append(row)
     atomic_write_text(os.path.join(out_dir, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in samples))
     atomic_write_json(os.path.join(out_dir, "results.json"), results)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,6 +32,7 @@ from rlhf_ds.rewards.model import ModelReward
 from rlhf_ds.rewards.remote import RemoteReward
 from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import get_estimator
+from rlhf_ds.rl.dynamic_sampling import PromptStream
 from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
 from rlhf_ds.rollout.base import RolloutEngine
 from rlhf_ds.rollout.fast_decode import check_decode
@@ -152,6 +154,16 @@ def collapse_due(history: list[dict], p) -> list[tuple[str, str, float]]:
             if collapse_starts([h[f"ppo/{key}"] for h in history], limit, p.collapse_patience)]
 
 
+def no_signal_due(history: list[dict], p) -> bool:
+    """Whether the no-task-signal warning is due at the last step of `history`: the task reward had no variance within
+    any group (within any rank's rollout, without groups) for `no_signal_patience` steps in a row, starting now."""
+    if p.n_samples_per_prompt > 1:
+        constant = [h["ppo/zero_signal_groups"] >= 1.0 for h in history]
+    else:
+        constant = [h["ppo/task_reward_std"] == 0.0 for h in history]
+    return collapse_starts([0.0 if c else 1.0 for c in constant], 0.5, p.no_signal_patience)
+
+
 def read_prompts(cfg: PPOConfig, source) -> list:
     examples, report = load_prompts(source, fmt=cfg.data.format, columns=cfg.data.columns,
                                     on_bad_row=cfg.data.on_bad_row, template=cfg.data.template, seed=cfg.train.seed)
@@ -265,7 +277,7 @@ def evaluate_prompts(maker: ExperienceMaker, items: list[tuple[list[int], str, d
     return {f"ppo/eval_{k}": v for k, v in zip(keys, mean)}
 
 
-EVAL_FIGURES = ("reward", "kl", "gold_reward", "response_length", "eos_rate", "distinct_fraction", "distinct_2")
+EVAL_FIGURES = ("task_reward", "reward", "kl", "gold_reward", "response_length", "eos_rate", "distinct_fraction", "distinct_2")
 
 
 def save_models(cfg: PPOConfig, actor, critic, tokenizer, ema, out_dir: str) -> None:
@@ -334,6 +346,9 @@ def run(cfg: PPOConfig) -> dict:
              "the actor's LoRA base (adapters off)" if reference is None else "a frozen copy",
              "the update's own forward (on-policy: one epoch, one optimizer step, no KL in the reward)"
              if maker.on_policy() else "a forward pass after each rollout")
+    log.info("ppo: reward %s; score shaping: %s%s", "+".join(reward.names()), maker.shaping.describe(),
+             f"; dynamic sampling: up to {p.dynamic_sampling_max_rounds} extra rounds of {p.rollout_batch_size} "
+             "prompts per rank" if p.dynamic_sampling else "")
     ptx = PtxBatches(cfg, tokenizer, ptx_src) if p.ptx_coef > 0 else None
     ema = ShardedEMA(strategy.unwrap(actor), p.ema_decay) if p.ema_decay > 0 else None
 
@@ -342,6 +357,9 @@ def run(cfg: PPOConfig) -> dict:
     ctx.checkpoint.register("clock", clock)
     if ema is not None:
         ctx.checkpoint.register("ema", ema, per_rank=True)
+    stream = PromptStream(items, cfg.train.seed, rank()) if p.dynamic_sampling else None
+    if stream is not None:  # this rank's extra prompts for dynamic sampling, its cursor saved with each checkpoint
+        ctx.checkpoint.register("extra_prompts", stream, per_rank=True)
     ctx.begin({"actor": actor, **({"critic": critic} if critic is not None else {})})
     history = ctx.loop_state.setdefault("history", [])  # after begin: a resumed run's rows are restored there
     if eval_items and is_rank0():
@@ -360,7 +378,8 @@ def run(cfg: PPOConfig) -> dict:
         mine = [items[i] for i in order[pos * per_step + rank() * p.rollout_batch_size:][: p.rollout_batch_size]]
         torch.manual_seed(cfg.train.seed * 100003 + step * 101 + rank())  # sampling stream per rank and step
 
-        exp = maker.make(*(list(x) for x in zip(*mine)), group_offset=rank() * p.rollout_batch_size)
+        exp = maker.make(*(list(x) for x in zip(*mine)), group_offset=rank() * p.rollout_batch_size,
+                         more_prompts=None if stream is None else partial(stream.take, p.rollout_batch_size))
         t0 = time.time()
         train_stats = train_on_experience(exp, actor, critic, cfg, ptx, step, guard)
         t_train = time.time() - t0
@@ -381,6 +400,13 @@ def run(cfg: PPOConfig) -> dict:
         if eval_items and (step == p.steps or (p.eval_every and step % p.eval_every == 0)):
             metrics.update(evaluate_prompts(maker, eval_items, cfg))
         history.append(metrics)
+        if no_signal_due(history, p):
+            log.warning("step %d: the task reward (the reward sources before penalties and KL) has not varied %s in "
+                        "the last %d steps: the update comes only from the penalties and the KL (ppo/"
+                        "penalty_only_groups); the task may be too hard for this policy: check its pass rate with "
+                        "`rlhf-ds eval reward_function=...`, try ppo.dynamic_sampling=true or more samples per prompt",
+                        step, "within any group" if p.n_samples_per_prompt > 1 else "within any rollout",
+                        p.no_signal_patience)
         for key, what, limit in collapse_due(history, p):
             log.warning("step %d: the rollouts are collapsing: only %.0f%% of the %s were distinct in each of the last "
                         "%d steps (below %g); the reward model may be over-rewarding one answer or one pattern (see "
@@ -400,9 +426,12 @@ def run(cfg: PPOConfig) -> dict:
     window = history[-max(1, len(history) // 10):]
     # summary figures over the last 10% of steps
     results = {name: float(np.mean([h[f"ppo/{key}"] for h in window])) for name, key in
-               (("reward_mean", "reward"), ("kl", "kl"), ("beta", "beta"), ("response_length", "response_length"),
+               (("reward_mean", "reward"), ("task_reward", "task_reward"), ("kl", "kl"), ("beta", "beta"), ("response_length", "response_length"),
                 ("eos_rate", "eos_rate"), ("distinct_fraction", "distinct_fraction"), ("distinct_2", "distinct_2"),
                 ("reward_length_corr", "reward_length_corr"))}
+    if p.dynamic_sampling:  # over the whole run: prompts sampled per step, and the steps short of signal
+        results.update(ds_prompts_sampled=float(np.sum([h["ppo/ds_prompts_sampled"] for h in history])) * world_size(),
+                       ds_steps_filled=sum(h["ppo/ds_filled_groups"] > 0 for h in history))
     results.update(collapse_distinct_below=p.collapse_distinct_below, collapse_distinct2_below=p.collapse_distinct2_below,
                    collapse_warning_steps=[i + 1 for i in range(len(history)) if collapse_due(history[: i + 1], p)])
     if eval_items:  # held-out prompts: the starting policy and the trained one

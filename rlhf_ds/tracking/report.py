@@ -214,7 +214,7 @@ def _ppo_plot(key: str, title: str, ylabel: str, extra=None):
 
 
 def _reward_extra(ax, rows, summary):
-    _line(ax, *series(rows, "ppo", "ppo/score_with_penalty"), "with missing-EOS penalty", "#ff9896", alpha=0.8)
+    _line(ax, *series(rows, "ppo", "ppo/score_with_penalty"), "with penalties (shaped)", "#ff9896", alpha=0.8)
     for name in ("sft", "ppo"):
         _hline(ax, get(summary, f"eval.rm_score.{name}"), f"eval, {name.upper()} policy", COLORS[name] if name == "sft" else "#8c564b", ":")
 
