@@ -39,10 +39,24 @@ TRAINING_STEPS = {
 PLAN_HELP = "memory planner: will a job fit, and which settings make it fit"
 
 
-def _step_parser(sub, name: str, help_text: str, launcher: bool = True):
-    from rlhf_ds.config_help import keys_help
+class _Parser(argparse.ArgumentParser):
+    """A parser whose help may end with a step's config keys (`keys_step`), read only when the help is printed: the
+    names registered for component keys come from modules that import torch."""
 
-    p = sub.add_parser(name, help=help_text, description=help_text, epilog=keys_help(name),
+    def __init__(self, *args, keys_step: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keys_step = keys_step
+
+    def format_help(self) -> str:
+        if self.keys_step:
+            from rlhf_ds.config_help import keys_help
+
+            self.epilog = keys_help(self.keys_step)
+        return super().format_help()
+
+
+def _step_parser(sub, name: str, help_text: str, launcher: bool = True):
+    p = sub.add_parser(name, help=help_text, description=help_text, keys_step=name,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config")
     if launcher:
@@ -85,7 +99,7 @@ def _generation_config(args) -> GenerationConfig:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; `plan`'s own arguments are added (importing the planner) only when `command` is "plan"."""
     parser = argparse.ArgumentParser(prog="rlhf-ds", description="RLHF (pretrain, SFT, reward model, PPO) on DeepSpeed")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _step_parser(sub, "pretrain", "step 0: train a tokenizer and a small causal LM from scratch")
     _step_parser(sub, "sft", "step 1: supervised fine-tuning")
     _step_parser(sub, "rm", "step 2: reward model from pairwise rankings")

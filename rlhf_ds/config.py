@@ -3,25 +3,48 @@
 Every step has one dataclass (``PretrainConfig``, ``SFTConfig``, ``RMConfig``, ``PPOConfig``, ``PipelineConfig``). Shared
 sections (``EngineConfig``, ``TrainConfig``, ``DataConfig``, ``TrackingConfig``) keep one meaning everywhere, and the
 DeepSpeed JSON is derived from them (see ``rlhf_ds.engine.ds_config``) so batch sizes, precision and ZeRO stage have
-one source of truth.
+one source of truth. Keys that name a pluggable component (``Registered``) are checked against its registry once the
+config's ``plugins`` are imported.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import inspect
 import math
 import os
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config that cannot run: names the key and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Marks a key whose value names a registered component (rlhf_ds/registry.py); for a mapping, each of its keys.
+    `where` is the registry as "module:attribute", imported only when the names are needed: the registries' modules
+    import torch."""
+
+    where: str
+
+    def registry(self):
+        module, _, attribute = self.where.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+# keys naming registered components: plain text when read, checked once the config's plugins are imported
+EstimatorName = Annotated[str, Registered("rlhf_ds.rl.advantages:ESTIMATORS")]
+PreferenceLossName = Annotated[str, Registered("rlhf_ds.rl.preference:LOSSES")]
+RolloutBackendName = Annotated[str, Registered("rlhf_ds.rollout.backends:BACKENDS")]
+RewardSourceOptions = Annotated[dict[str, dict[str, Any]], Registered("rlhf_ds.rewards.base:SOURCES")]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -185,6 +208,16 @@ class BuiltinTaskConfig:
 # Steps
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
+class StepConfig:
+    """What every step's config has (the pipeline's too, which hands its list to each step)."""
+
+    # modules that register components (advantage estimators, reward sources, rollout backends, preference losses):
+    # "package.module" or "path/to/file.py" (relative to the working directory), imported in every process before the
+    # config is checked (docs/architecture.md)
+    plugins: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ArchConfig:
     """A small causal LM built from scratch (step 0)."""
 
@@ -198,7 +231,7 @@ class ArchConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(StepConfig):
     output_dir: str = "runs/pretrain"  # run directory: model/, checkpoints/, logs/, metrics.jsonl, results.json
     arch: ArchConfig = field(default_factory=ArchConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(max_seq_len=64))
@@ -210,7 +243,7 @@ class PretrainConfig:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(StepConfig):
     output_dir: str = "runs/sft"  # run directory: model/, checkpoints/, logs/, metrics.jsonl, results.json
     model: str = "runs/pretrain"  # local from_pretrained folder, or a step run dir holding model/
     trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
@@ -429,7 +462,12 @@ def load_config(step: str, path: Optional[str] = None, overrides: Optional[list[
 
 
 def validate(cfg) -> None:
-    """Combinations that cannot work, caught before any process group or model exists."""
+    """Combinations that cannot work, caught before any process group or model exists. The config's plugins are
+    imported first, so that the names of the components they register are known."""
+    from rlhf_ds.registry import load_plugins  # lazy: the registry module imports this one
+
+    load_plugins(cfg.plugins)
+    check_registered(cfg)
     for name, eng in _engines(cfg):
         validate_engine(name, eng)
     train = getattr(cfg, "train", None)
@@ -465,6 +503,25 @@ def validate(cfg) -> None:
     extra = getattr(cfg, "validate", None)
     if callable(extra):
         extra()
+
+
+def check_registered(section, prefix: str = "") -> None:
+    """Every key marked `Registered` names a registered component; the error lists the registered names. A step's
+    section of the pipeline is left to that step's own validation, after its own plugins."""
+    hints = typing.get_type_hints(type(section), include_extras=True)
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, StepConfig):
+            continue
+        if dataclasses.is_dataclass(value):
+            check_registered(value, f"{prefix}{f.name}.")
+        for mark in getattr(hints[f.name], "__metadata__", ()):
+            registry = mark.registry()
+            for name in value if isinstance(value, dict) else [value]:
+                try:
+                    registry.get(name)
+                except ValueError as e:
+                    raise ConfigError(f"{prefix}{f.name}: {e}") from None
 
 
 def validate_data(data: DataConfig) -> None:
@@ -571,7 +628,7 @@ def save_config(cfg, path: str) -> None:
 
 
 @dataclass
-class RMConfig:
+class RMConfig(StepConfig):
     output_dir: str = "runs/rm"  # run directory: model/, checkpoints/, logs/, metrics.jsonl, results.json
     model: str = "runs/sft"  # backbone: any local causal-LM folder (SFT output, a base model, another architecture)
     trust_remote_code: bool = False  # run model code shipped inside a checkpoint folder (off: safe default)
@@ -608,7 +665,10 @@ class RewardConfig(RoleConfig):
 
     function: Optional[str] = None  # Python reward "package.module:function" or "path/file.py:function"
     url: Optional[str] = None  # a reward model served by `rlhf-ds serve-reward`, e.g. http://127.0.0.1:8000
-    weights: dict[str, float] = field(default_factory=dict)  # source ("model", "function", "remote") -> weight; missing = 1.0
+    # reward sources registered by plugins, each with its options: {name: {option: value}} (docs/architecture.md)
+    registered: RewardSourceOptions = field(default_factory=dict)
+    # source ("model", "function", "remote" or a registered name) -> weight; missing = 1.0
+    weights: dict[str, float] = field(default_factory=dict)
     timeout_s: float = 30.0  # remote: seconds to wait for one answer
     retries: int = 3  # remote: attempts after the first one fails (connection refused, timeout, HTTP 5xx)
     backoff_s: float = 1.0  # remote: first wait between attempts; doubles each retry
@@ -619,7 +679,7 @@ class RewardConfig(RoleConfig):
     def sources(self) -> list[str]:
         """The reward sources given, as the names `weights` uses."""
         return [name for name, given in (("model", self.model), ("function", self.function), ("remote", self.url))
-                if given]
+                if given] + list(self.registered)
 
 
 @dataclass
@@ -633,8 +693,9 @@ class GenerationConfig:
 
 @dataclass
 class HybridConfig:
-    # portable (hook-free copy synced from the shards, any device) or DeepSpeed's CUDA engine
-    backend: Literal["portable", "deepspeed"] = "portable"
+    # portable (hook-free copy synced from the shards, any device), deepspeed (DeepSpeed's CUDA engine), or a backend a
+    # plugin registers
+    backend: RolloutBackendName = "portable"
     gather_group_size: int = 32  # parameter tensors gathered at once when syncing the generation copy
     keep_copy: bool = True  # keep the unsharded generation copy between rollouts (else free it each time)
     # ranks of one node that decode together, each holding a tensor-parallel slice of the generation copy (1 = whole)
@@ -649,8 +710,9 @@ class PPOAlgoConfig:
     steps: int = 60  # PPO iterations (rollout + update)
     rollout_batch_size: int = 16  # prompts per rank per iteration
     # how advantages are estimated (rlhf_ds/rl/advantages.py): gae (PPO, trains a critic), or critic-free grpo (group
-    # mean/std), dr_grpo (group mean), rloo (leave-one-out), reinforce_pp (REINFORCE++), reinforce_pp_baseline
-    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "gae"
+    # mean/std), dr_grpo (group mean), rloo (leave-one-out), reinforce_pp (REINFORCE++), reinforce_pp_baseline, or an
+    # estimator a plugin registers
+    advantage_estimator: EstimatorName = "gae"
     n_samples_per_prompt: int = 1  # responses sampled per prompt (a group, kept on one rank); > 1 for group estimators
     micro_batch_size: int = 8  # per rank, for scoring and training forward passes
     grad_accum: int = 1  # micro-batches per optimizer step (per rank)
@@ -722,7 +784,7 @@ class PPOAlgoConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(StepConfig):
     output_dir: str = "runs/ppo"  # run directory: model/, critic/, checkpoints/, logs/, metrics.jsonl, results.json
     actor: RoleConfig = field(default_factory=lambda: RoleConfig("runs/sft", EngineConfig(lr=5e-5, warmup_ratio=0.0, lr_schedule="constant")))
     # built only for advantage_estimator=gae; None = the reward model (the actor when there is none or it reads other ids)
@@ -763,6 +825,21 @@ class PPOConfig:
                               "model's forward is collective: set reward.engine.zero_stage=0 (or use reward.function "
                               "/ reward.url)")
 
+    def _check_registered_sources(self) -> None:
+        """reward.registered: no built-in source's name (reward.weights could not tell them apart), and options that
+        the source's factory takes, so that a typo fails here rather than on every rank after the models load."""
+        from rlhf_ds.rewards.base import SOURCES
+
+        for name, options in self.reward.registered.items():
+            if name in ("model", "function", "remote"):
+                raise ConfigError(f"reward.registered.{name}: {name!r} is a built-in source's name (model, function, "
+                                  "remote); register the plugin's source under another name")
+            try:
+                inspect.signature(SOURCES.get(name)).bind(**options)
+            except TypeError as e:
+                raise ConfigError(f"reward.registered.{name}: options {sorted(options)} do not fit the source's "
+                                  f"factory: {e}") from None
+
     def validate(self) -> None:
         from rlhf_ds.rl.advantages import get_estimator
 
@@ -771,19 +848,20 @@ class PPOConfig:
             raise ConfigError("ppo needs actor.model (the SFT output)")
         if not r.sources():
             raise ConfigError("ppo needs a reward: reward.model (a reward model folder, default runs/rm), "
-                              "reward.function (package.module:function or file.py:function) and/or reward.url (a "
-                              "reward model served by `rlhf-ds serve-reward`)")
-        if r.model == DEFAULT_REWARD_MODEL and (r.function or r.url) and not os.path.exists(r.model):
+                              "reward.function (package.module:function or file.py:function), reward.url (a "
+                              "reward model served by `rlhf-ds serve-reward`) and/or reward.registered (sources "
+                              "plugins register)")
+        if r.model == DEFAULT_REWARD_MODEL and (r.function or r.url or r.registered) and not os.path.exists(r.model):
             raise ConfigError(f"reward.model is {DEFAULT_REWARD_MODEL} (the default), which does not exist; to use "
-                              "reward.function / reward.url alone set reward.model=null")
+                              "reward.function / reward.url / reward.registered alone set reward.model=null")
         if r.function:
             from rlhf_ds.rewards.function import load_function
 
             load_function(r.function)  # import it now: a typo fails before any rank starts
-        unknown = set(r.weights) - {"model", "function", "remote"}
-        if unknown or set(r.weights) - set(r.sources()):
+        self._check_registered_sources()
+        if set(r.weights) - set(r.sources()):
             raise ConfigError(f"reward.weights names {sorted(r.weights)}, but the reward sources given are "
-                              f"{r.sources()} (names: model, function, remote)")
+                              f"{r.sources()} (names: model, function, remote, or a reward.registered name)")
         if r.timeout_s <= 0 or r.retries < 0 or r.backoff_s < 0 or r.batch_size < 1:
             raise ConfigError("reward.timeout_s and reward.batch_size must be > 0, reward.retries and "
                               "reward.backoff_s >= 0")
@@ -862,7 +940,8 @@ register_step_config("ppo", PPOConfig)
 class DPOAlgoConfig:
     """Offline preference optimisation (`rlhf-ds dpo`); the losses are in rlhf_ds/rl/preference.py."""
 
-    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"  # sigmoid (DPO), ipo or simpo (no reference model)
+    # sigmoid (DPO), ipo, simpo (no reference model), or a loss a plugin registers (rlhf_ds/rl/preference.py)
+    loss: PreferenceLossName = "sigmoid"
     beta: float = 0.1  # sigmoid/ipo: strength of the implicit KL to the reference; simpo: reward scale (paper: 2-10)
     label_smoothing: float = 0.0  # conservative DPO: the probability that a preference label is flipped (< 0.5)
     simpo_gamma: float = 0.5  # SimPO target reward margin (gamma; gamma / beta is the margin in log-prob units)
@@ -876,11 +955,13 @@ class DPOAlgoConfig:
     reference_cache: Optional[str] = None  # None = <output_dir>/reference_logps.safetensors
 
     def averages(self) -> bool:
-        return self.loss in ("simpo", "ipo") if self.length_normalize is None else self.length_normalize
+        from rlhf_ds.rl.preference import LOSSES
+
+        return LOSSES.get(self.loss).averages if self.length_normalize is None else self.length_normalize
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(StepConfig):
     output_dir: str = "runs/dpo"  # run directory: config.yaml, metrics.jsonl, results.json, model/, checkpoints/
     model: str = "runs/sft"  # the policy's starting point (the SFT output)
     # the frozen reference: model None = the policy's starting weights; with engine.lora on (and no precomputation)
@@ -896,20 +977,23 @@ class DPOConfig:
     task: BuiltinTaskConfig = field(default_factory=BuiltinTaskConfig)
 
     def validate(self) -> None:
-        d = self.dpo
+        from rlhf_ds.rl.preference import LOSSES
+
+        d, loss = self.dpo, LOSSES.get(self.dpo.loss)
         if d.beta <= 0:
             raise ConfigError(f"dpo.beta must be > 0, got {d.beta}")
         if not 0 <= d.label_smoothing < 0.5:
             raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
-        if d.label_smoothing and d.loss == "ipo":
-            raise ConfigError("dpo.label_smoothing applies to the sigmoid and simpo losses, not ipo")
+        if d.label_smoothing and not loss.smooths:
+            smoothing = [name for name, other in LOSSES.items() if other.smooths]
+            raise ConfigError(f"dpo.label_smoothing applies to the {' and '.join(smoothing)} losses, not {d.loss}")
         if d.sft_coef < 0:
             raise ConfigError(f"dpo.sft_coef must be >= 0, got {d.sft_coef}")
         if d.loss == "simpo" and d.length_normalize is False:
             raise ConfigError("dpo.loss=simpo is defined on length-normalised log-probs: leave dpo.length_normalize "
                               "unset (or true)")
-        if d.loss == "simpo" and (self.reference.model or d.precompute_reference):
-            raise ConfigError("dpo.loss=simpo uses no reference model: unset reference.model and "
+        if not loss.needs_reference and (self.reference.model or d.precompute_reference):
+            raise ConfigError(f"dpo.loss={d.loss} uses no reference model: unset reference.model and "
                               "dpo.precompute_reference")
         validate_engine("reference.engine", self.reference.engine)
 
@@ -918,7 +1002,7 @@ register_step_config("dpo", DPOConfig)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(StepConfig):
     """Final evaluation (`rlhf-ds eval`): sampled responses of the SFT and PPO policies to held-out prompts, scored by
     the gold reward (built-in task) and the reward model. Runs in one process with plain transformers."""
 
@@ -981,11 +1065,12 @@ ALGORITHM_STEPS = {"ppo": ("pretrain", "sft", "rm", "ppo", "eval"), "dpo": ("pre
 
 
 @dataclass
-class PipelineConfig:
+class PipelineConfig(StepConfig):
     """`rlhf-ds pipeline`: steps 0-3 and the final evaluation in one run directory (`<output_dir>/<step>`).
 
     The step sections are the steps' own configs with their own defaults; the pipeline sets their `output_dir`, the
-    model paths that link one step to the next, `task` and `tracking` (shared by all steps, one wandb group)."""
+    model paths that link one step to the next, `task` and `tracking` (shared by all steps, one wandb group), and
+    adds its `plugins` to each step's."""
 
     output_dir: str = "runs/pipeline"  # run directory: one folder per step, summary.json, metrics.jsonl, report.html
     algorithm: Literal["ppo", "dpo", "both"] = "ppo"  # which branch(es) run after SFT (ALGORITHM_STEPS)

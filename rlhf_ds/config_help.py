@@ -2,7 +2,8 @@
 type, default, meaning) and `rlhf-ds config show <step>` prints a complete default YAML with the meanings as comments.
 
 A key's meaning is the comment on its line in `rlhf_ds/config.py` (or the comment block just above it), so the help
-cannot drift from the code.
+cannot drift from the code. A key that names a registered component also lists the names registered now (the
+built-ins, and what plugins imported in this process added).
 """
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def field_comments(cls: type) -> dict[str, str]:
     return out
 
 
+def meaning(cls: type, name: str) -> str:
+    """The meaning of key `name` of the config class `cls`, with the registered names for a component's key."""
+    text = field_comments(cls).get(name, "")
+    marks = getattr(typing.get_type_hints(cls, include_extras=True)[name], "__metadata__", ())
+    names = [n for mark in marks for n in mark.registry().names()]
+    return f"{text} [registered: {', '.join(names)}]" if names else text
+
+
 def type_text(tp) -> str:
     """`int`, `str or null`, `fp32|bf16|fp16`, `list[str]`: a type as a user writes the value."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -62,15 +71,13 @@ def describe(obj, prefix: str = "") -> list[tuple[str, str, object, str]]:
     """(dotted key, type, default, meaning) for every leaf key of the config object `obj` (its defaults)."""
     cls = type(obj)
     hints = typing.get_type_hints(cls)
-    comments = field_comments(cls)
     rows = []
     for f in dataclasses.fields(cls):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             rows += describe(value, f"{prefix}{f.name}.")
         else:
-            meaning = comments.get(f.name, "")
-            rows.append((prefix + f.name, type_text(hints[f.name]), value, meaning))
+            rows.append((prefix + f.name, type_text(hints[f.name]), value, meaning(cls, f.name)))
     return rows
 
 
@@ -83,8 +90,8 @@ def keys_help(step: str) -> str:
     rows = describe(STEP_CONFIGS[step]())
     width = max(len(k) for k, *_ in rows)
     lines = [f"config keys (set in --config YAML or as key=value; `rlhf-ds config show {step}` prints them as YAML):"]
-    for key, tp, default, meaning in rows:
-        lines.append(f"  {key:<{width}}  {tp} = {_value(default)}" + (f"  # {meaning}" if meaning else ""))
+    for key, tp, default, text in rows:
+        lines.append(f"  {key:<{width}}  {tp} = {_value(default)}" + (f"  # {text}" if text else ""))
     return "\n".join(lines)
 
 
@@ -96,7 +103,7 @@ def default_yaml(step: str) -> str:
 
 def _yaml_lines(obj, depth: int) -> list[str]:
     cls, pad = type(obj), "  " * depth
-    comments, lines = field_comments(cls), []
+    lines = []
     for f in dataclasses.fields(cls):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
@@ -104,6 +111,6 @@ def _yaml_lines(obj, depth: int) -> list[str]:
             lines.append(f"{pad}{f.name}:" + (f"  # {doc}" if doc else ""))
             lines += _yaml_lines(value, depth + 1)
         else:
-            meaning = comments.get(f.name, "")
-            lines.append(f"{pad}{f.name}: {_value(value)}" + (f"  # {meaning}" if meaning else ""))
+            text = meaning(cls, f.name)
+            lines.append(f"{pad}{f.name}: {_value(value)}" + (f"  # {text}" if text else ""))
     return lines

@@ -107,6 +107,24 @@ def test_families_that_transform_logits_use_the_full_head():
                           rlm.logprobs_from_logits(logits[:, :-1], ids[:, 1:])[mask[:, 1:].bool()], atol=1e-5)
 
 
+def test_a_frozen_output_layer_gets_no_gradient_and_the_hidden_states_the_same(monkeypatch):
+    """LoRA freezes the output layer: its [vocabulary, hidden] gradient is not even allocated."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 16, generator=g).requires_grad_()
+    weight, ids = 0.3 * torch.randn(50, 16, generator=g), torch.randint(0, 50, (9,), generator=g)
+    logp, entropy = rlm.chunked_projection_logprobs(hidden, weight, None, ids, 1.0, 4)
+    shapes, zeros = [], torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: shapes.append(tuple(a[0])) or zeros(*a, **k))
+    (logp.sum() + entropy.sum()).backward()
+    monkeypatch.undo()
+    assert tuple(weight.shape) not in shapes
+    chunked = hidden.grad.clone()
+    hidden.grad = None
+    logits = torch.nn.functional.linear(hidden, weight)
+    (rlm.logprobs_from_logits(logits, ids).sum() + rlm.entropy_from_logits(logits).sum()).backward()
+    assert weight.grad is None and torch.allclose(chunked, hidden.grad, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_chunked_projection_equals_autograd_through_whole_logits(dtype, tol):
     """The hand-written backward (d logp/dz = onehot - p, d entropy/dz = -p (z - E_p z)) against autograd, with a bias

@@ -83,3 +83,37 @@ def test_what_each_run_loaded_and_said(runs):
     with open(os.path.join(runs["separate"], "results.json"), encoding="utf-8") as f:
         held_separate = json.load(f)["state_bytes_per_rank"]
     assert "reference" not in held and held_separate["reference"] > 0
+
+
+def test_gradient_checkpointing_takes_effect_on_a_model_loaded_for_ppo(tmp_path_factory):
+    """PPO's models come from from_pretrained in eval mode, where transformers skips checkpointing: the option has to
+    switch training mode on (dropout is off at load), else the activations of every layer are kept anyway."""
+    import torch
+    from dist_hybrid_models import tiny_models
+
+    from rlhf_ds.engine.strategy import enable_checkpointing
+    from rlhf_ds.models.loading import load_causal_lm
+
+    model = load_causal_lm(tiny_models(tmp_path_factory)["llama"], {}, "fp32", disable_dropout=True)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+
+    def saved_bytes() -> tuple[int, torch.Tensor]:
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+        return total, loss
+
+    kept, loss = saved_bytes()
+    assert not model.training
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert saved_bytes()[0] == kept  # enabled the usual way, in eval mode: no effect
+    enable_checkpointing(model)
+    checkpointed, again = saved_bytes()
+    assert model.training and checkpointed < kept / 2, (checkpointed, kept)
+    assert again.item() == loss.item()  # training mode changed nothing else (no dropout)

@@ -172,14 +172,22 @@ def _lr_lambda(engine: EngineConfig, total_steps: int):
     return f
 
 
+def enable_checkpointing(model: torch.nn.Module) -> None:
+    """Activation checkpointing of a (LoRA-wrapped, scalar-head) transformers model, in effect from its next forward."""
+    inner = getattr(model, "backbone", model)
+    if hasattr(inner, "gradient_checkpointing_enable"):
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(inner, "enable_input_require_grads"):
+            inner.enable_input_require_grads()
+    # transformers checkpoints only in training mode; from_pretrained leaves eval mode, which PPO's models never left,
+    # so their checkpointing did nothing (they load without dropout: training mode changes nothing else)
+    model.train()
+
+
 def init_trainable(model: torch.nn.Module, engine: EngineConfig, ds_config: dict, total_steps: int):
     """A training engine: only parameters with requires_grad go to the optimizer (LoRA: the adapters)."""
     if engine.gradient_checkpointing:
-        inner = getattr(model, "backbone", model)
-        if hasattr(inner, "gradient_checkpointing_enable"):
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(inner, "enable_input_require_grads"):
-                inner.enable_input_require_grads()
+        enable_checkpointing(model)
     startup.phase("DeepSpeed engine (optimizer, ZeRO partitioning)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(

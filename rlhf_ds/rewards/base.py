@@ -3,6 +3,10 @@
 A source maps a batch of (prompt, response) texts -- plus the prompt rows' other columns and the actor's token ids --
 to one float per response. Sources are independent of each other; `WeightedReward` adds them up with the
 `reward.weights` of the run config and keeps each one's unweighted scores for the metrics.
+
+Besides the sources of their own keys (reward.model, reward.function, reward.url), a run names sources registered in
+SOURCES: `reward.registered: {name: {option: value}}` builds each with `factory(**options)` on every rank. A plugin
+registers one with `@SOURCES.register("name")` on a factory (a class or function) returning a `RewardSource`.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
+
+from rlhf_ds.registry import Registry
 
 
 class RewardError(RuntimeError):
@@ -36,6 +42,9 @@ class RewardSource(Protocol):
 
     def __call__(self, batch: RewardBatch) -> torch.Tensor:
         """[B] float32 on the CPU."""
+
+
+SOURCES = Registry("reward source")  # name -> factory(**options) -> RewardSource (reward.registered)
 
 
 def as_scores(values, n: int, who: str) -> torch.Tensor:

@@ -9,14 +9,10 @@ answer, test cases ...). Accept `**kwargs` to ignore the columns you do not use.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import os
-import sys
-
 import torch
 
 from rlhf_ds.config import ConfigError
+from rlhf_ds.registry import import_user_module
 from rlhf_ds.rewards.base import RewardBatch, RewardError, as_scores
 
 RESERVED = ("prompts", "responses")  # keyword names of the call itself: a prompt column of either name is not passed
@@ -27,40 +23,13 @@ def load_function(spec: str):
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise ConfigError(f"reward.function {spec!r}: expected 'package.module:function' or 'path/to/file.py:function'")
-    module = _load_file(spec, target) if target.endswith(".py") or os.sep in target else _import(spec, target)
+    module = import_user_module(target, f"reward.function {spec!r}")
     fn = getattr(module, attr, None)
     if fn is None:
         raise ConfigError(f"reward.function {spec!r}: {target} has no attribute {attr!r}")
     if not callable(fn):
         raise ConfigError(f"reward.function {spec!r}: {attr} is a {type(fn).__name__}, not a function")
     return fn
-
-
-def _import(spec: str, name: str):
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        raise ConfigError(f"reward.function {spec!r}: cannot import {name} ({err})") from None
-    except Exception as err:  # the user's module failed while importing: say where, not a bare traceback
-        raise ConfigError(f"reward.function {spec!r}: importing {name} failed: {type(err).__name__}: {err}") from err
-
-
-def _load_file(spec: str, path: str):
-    """A module from a file path (relative to the working directory), registered under a name of its own so that a
-    second file of the same base name does not replace it."""
-    full = os.path.abspath(path)
-    if not os.path.isfile(full):
-        raise ConfigError(f"reward.function {spec!r}: no such file {full}")
-    name = f"rlhf_ds_reward_fn_{abs(hash(full)):x}"
-    module_spec = importlib.util.spec_from_file_location(name, full)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # a dataclass defined in the file looks its module up there
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as err:
-        del sys.modules[name]
-        raise ConfigError(f"reward.function {spec!r}: loading {full} failed: {type(err).__name__}: {err}") from err
-    return module
 
 
 def shared_columns(rows: list[dict]) -> dict[str, list]:

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from rlhf_ds.registry import Registry
 from rlhf_ds.rl import math as rlm
 
 WHITEN_SCOPES = ("rank", "global")
@@ -41,26 +42,22 @@ class Estimator:
     needs_groups: bool
 
 
-ESTIMATORS: dict[str, Estimator] = {}
+ESTIMATORS = Registry("advantage estimator")  # name -> Estimator; a plugin adds its own with `register`
 
 
 def register(name: str, needs_critic: bool = False, needs_groups: bool = False):
-    """Decorator adding ``fn(inp, cfg) -> (advantages, returns)`` to :data:`ESTIMATORS` under ``name``."""
+    """Decorator adding ``fn(inp, cfg) -> (advantages, returns)`` to :data:`ESTIMATORS` under ``name``; ``cfg`` is the
+    ``ppo`` config section."""
 
     def add(fn):
-        if name in ESTIMATORS:
-            raise ValueError(f"advantage estimator {name!r} is already registered")
-        ESTIMATORS[name] = Estimator(name, fn, needs_critic, needs_groups)
+        ESTIMATORS.register(name, Estimator(name, fn, needs_critic, needs_groups))
         return fn
 
     return add
 
 
 def get_estimator(name: str) -> Estimator:
-    try:
-        return ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown advantage estimator {name!r}; expected one of {sorted(ESTIMATORS)}") from None
+    return ESTIMATORS.get(name)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -107,9 +107,11 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, ids = ctx.saved_tensors
-        d_hidden = torch.zeros_like(hidden)
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        d_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+        # a frozen output layer (LoRA) needs no [vocabulary, hidden] gradient: neither its memory nor its matmul
+        want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
+        d_hidden = torch.zeros_like(hidden) if want_hidden else None
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
+        d_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_bias else None
         for i in range(0, ids.shape[0], ctx.chunk):
             h, rows = hidden[i : i + ctx.chunk], slice(i, i + ctx.chunk)
             z, p = _chunk_softmax(h, weight, bias, ctx.temperature)
@@ -119,15 +121,16 @@ class _ChunkedProjectionLogprobs(torch.autograd.Function):
             del p
             d_z.scatter_add_(-1, ids[rows, None], grad_logp[rows, None])
             d_logits = d_z.div_(ctx.temperature).to(weight.dtype)
-            d_hidden[rows] = d_logits @ weight
-            if weight.dtype == torch.float32:
+            if d_hidden is not None:
+                d_hidden[rows] = d_logits @ weight
+            if d_weight is not None and weight.dtype == torch.float32:
                 d_weight.addmm_(d_logits.t(), h)
-            else:  # as autograd's half-precision matmul gives it, summed over chunks in fp32
+            elif d_weight is not None:  # as autograd's half-precision matmul gives it, summed over chunks in fp32
                 d_weight += (d_logits.t() @ h).float()
             if d_bias is not None:
                 d_bias += d_logits.float().sum(0)
-        return (d_hidden, d_weight.to(weight.dtype), None if d_bias is None else d_bias.to(bias.dtype), None, None,
-                None)
+        return (d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+                None if d_bias is None else d_bias.to(bias.dtype), None, None, None)
 
 
 def _chunk_softmax(hidden, weight, bias, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:

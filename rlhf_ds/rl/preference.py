@@ -13,15 +13,43 @@ accuracy = mean(chosen_rewards > rejected_rewards) and margin = mean(chosen_rewa
 * simpo (Meng et al. 2024): no reference; with length-normalised log-probs a_c, a_r:
   loss = -log sigmoid(beta * (a_c - a_r) - gamma) (gamma: target reward margin). Implicit reward: beta * a.
 
+The losses are registered by name (`dpo.loss`) in LOSSES; a plugin adds one with `register_loss`. Every loss is called
+`fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=..., label_smoothing=..., gamma=...)` (the `dpo`
+section's beta, label_smoothing and simpo_gamma; accept `**kwargs` for the ones you do not use).
+
 Nothing here knows about models or DeepSpeed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
+from rlhf_ds.registry import Registry
 
-LOSSES = ("sigmoid", "ipo", "simpo")
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    name: str
+    fn: Callable  # fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta, label_smoothing, gamma)
+    needs_reference: bool  # False: no reference model is loaded and ref_chosen/ref_rejected are None
+    averages: bool  # the default of dpo.length_normalize: log-probs averaged over the response tokens, else summed
+    smooths: bool  # reads dpo.label_smoothing (else a smoothing > 0 is refused)
+
+
+LOSSES = Registry("preference loss")  # name -> PreferenceLoss
+
+
+def register_loss(name: str, needs_reference: bool = True, averages: bool = False, smooths: bool = False):
+    """Decorator adding a loss to :data:`LOSSES` under ``name``."""
+
+    def add(fn):
+        LOSSES.register(name, PreferenceLoss(name, fn, needs_reference, averages, smooths))
+        return fn
+
+    return add
 
 
 def sequence_logps(token_logp: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -43,7 +71,9 @@ def log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejecte
     return (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
 
 
-def sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
+@register_loss("sigmoid", smooths=True)
+def sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float, label_smoothing: float = 0.0,
+                 **_):
     """DPO; label_smoothing > 0 gives conservative DPO (labels flipped with that probability)."""
     z = beta * log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     losses = -F.logsigmoid(z)
@@ -52,15 +82,18 @@ def sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta:
     return losses, *_implicit(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
 
 
-def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+@register_loss("ipo", averages=True)
+def ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, beta: float, **_):
     """IPO: (h - 1/(2 beta))^2."""
     h = log_ratio_difference(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     losses = (h - 1.0 / (2.0 * beta)) ** 2
     return losses, *_implicit(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
 
 
-def simpo_loss(avg_chosen, avg_rejected, beta: float, gamma: float, label_smoothing: float = 0.0):
-    """SimPO on length-normalised log-probs (no reference): -log sigmoid(beta * (a_c - a_r) - gamma)."""
+@register_loss("simpo", needs_reference=False, averages=True, smooths=True)
+def simpo_loss(avg_chosen, avg_rejected, ref_chosen, ref_rejected, *, beta: float, gamma: float,
+               label_smoothing: float = 0.0, **_):
+    """SimPO on length-normalised log-probs, the reference ones ignored: -log sigmoid(beta * (a_c - a_r) - gamma)."""
     z = beta * (avg_chosen - avg_rejected) - gamma
     losses = -F.logsigmoid(z)
     if label_smoothing:
@@ -74,12 +107,7 @@ def _implicit(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: fl
 
 def preference_loss(kind: str, policy_chosen, policy_rejected, ref_chosen=None, ref_rejected=None, *, beta: float,
                     label_smoothing: float = 0.0, gamma: float = 0.0):
-    """Dispatch on `kind` (one of LOSSES). For simpo the policy log-probs must already be length-normalised and the
-    reference ones are ignored."""
-    if kind == "sigmoid":
-        return sigmoid_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing)
-    if kind == "ipo":
-        return ipo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
-    if kind == "simpo":
-        return simpo_loss(policy_chosen, policy_rejected, beta, gamma, label_smoothing)
-    raise ValueError(f"unknown preference loss {kind!r}; expected one of {LOSSES}")
+    """The registered loss `kind` on these log-probs (length-normalised by the caller where the loss's `averages` or
+    dpo.length_normalize says so; a loss that needs no reference ignores the reference ones)."""
+    return LOSSES.get(kind).fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta,
+                               label_smoothing=label_smoothing, gamma=gamma)

@@ -30,11 +30,8 @@ from rlhf_ds.rollout.fast_decode import FastDecoder
 DEEPSPEED_HYBRID_FAMILIES = {"opt", "bloom", "gptj", "gpt_neo", "gpt_neox", "llama", "internlm"}
 
 
-def check_backend(backend: str, model_type: str) -> None:
-    if backend == "portable":
-        return
-    if backend != "deepspeed":
-        raise ValueError(f"hybrid.backend must be 'portable' or 'deepspeed', got {backend!r}")
+def check_deepspeed_backend(model_type: str) -> None:
+    """Whether hybrid.backend=deepspeed can run here and on this model family; ValueError saying why not."""
     if strategy.on_cpu():
         raise ValueError("hybrid.backend=deepspeed needs CUDA inference kernels (DeepSpeed fails on CPU with "
                          "'This op had not been implemented on CPU backend'); use hybrid.backend=portable")

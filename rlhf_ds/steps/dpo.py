@@ -11,7 +11,7 @@ come from one of four places, decided once:
 * `adapters_off`: with LoRA and no `reference.model`, the policy itself with its adapters switched off (its frozen
   base is the starting point), so no second copy is loaded;
 * `engine`: a frozen DeepSpeed engine of `reference.model` (default: `model`), ZeRO-3 by default like the policy;
-* `none`: SimPO needs no reference.
+* `none`: a loss that needs no reference (SimPO).
 
 Sequence log-probs are sums over response tokens (averages for SimPO and IPO by default, `dpo.length_normalize`),
 computed with position ids that count real tokens, so a pair's log-probs do not depend on the batch it is in.
@@ -34,7 +34,7 @@ from rlhf_ds.models.loading import apply_lora, count_parameters, load_causal_lm,
     save_causal_lm
 from rlhf_ds.models.inputs import token_logprobs
 from rlhf_ds.rl.math import weighted_mean
-from rlhf_ds.rl.preference import preference_loss, sequence_logps
+from rlhf_ds.rl.preference import LOSSES, preference_loss, sequence_logps
 from rlhf_ds.steps import loop
 from rlhf_ds.steps.common import preference_data, start_step
 from rlhf_ds.utils import atomic_write_bytes, barrier, is_rank0
@@ -192,7 +192,7 @@ def run(cfg: DPOConfig) -> dict:
     chunk = cfg.engine.logit_chunk_tokens
 
     ref_engine = None
-    if d.loss == "simpo":
+    if not LOSSES.get(d.loss).needs_reference:
         source = "none"
     elif cache is not None:
         source = "precomputed"

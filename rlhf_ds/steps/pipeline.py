@@ -101,6 +101,7 @@ def plan(cfg: PipelineConfig) -> list[StepPlan]:
         default = _default(name)
         step_cfg.output_dir = dirs[name]
         step_cfg.task = copy.deepcopy(cfg.task)
+        step_cfg.plugins = list(dict.fromkeys([*cfg.plugins, *step_cfg.plugins]))  # each step process imports them
         step_cfg.tracking = dataclasses.replace(cfg.tracking, wandb_group=group, wandb_run_name=f"{base_name}-{name}",
                                                 wandb_tags=list(cfg.tracking.wandb_tags))
         inputs: dict = {}

@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from rlhf_ds.config import ConfigError, PPOConfig
+from rlhf_ds.config import PPOConfig
 from rlhf_ds.data.batching import eval_shard
 from rlhf_ds.data.formats import load_prompts, source_templates
 from rlhf_ds.data.readers import DataError
@@ -26,7 +26,7 @@ from rlhf_ds.engine import strategy
 from rlhf_ds.engine.ema import ShardedEMA
 from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer, resolve_model_dir, save_causal_lm
 from rlhf_ds.models.scalar_head import load_scalar_head_model, read_saved_head, save_scalar_head_model
-from rlhf_ds.rewards.base import WeightedReward
+from rlhf_ds.rewards.base import SOURCES, WeightedReward
 from rlhf_ds.rewards.function import FunctionReward
 from rlhf_ds.rewards.model import ModelReward
 from rlhf_ds.rewards.remote import RemoteReward
@@ -34,10 +34,7 @@ from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import get_estimator
 from rlhf_ds.rl.dynamic_sampling import PromptStream
 from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
-from rlhf_ds.rollout.base import RolloutEngine
-from rlhf_ds.rollout.fast_decode import check_decode
-from rlhf_ds.rollout.hybrid import HybridEngine, check_backend
-from rlhf_ds.rollout.tensor_parallel import TensorParallelEngine, check_tp_supported
+from rlhf_ds.rollout.backends import build_rollout_engine
 from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, fit_budgets, split_eval, start_step
 from rlhf_ds.steps.lm_training import lm_loss
 from rlhf_ds.tracking.metrics import progress
@@ -99,7 +96,8 @@ def lora_base_is_reference(cfg: PPOConfig) -> bool:
 
 
 def build_reward(cfg: PPOConfig, reward_engine, tokenizer, reward_tokenizer) -> WeightedReward:
-    """The weighted sum of the reward sources the config names (rlhf_ds/rewards/: one file per kind)."""
+    """The weighted sum of the reward sources the config names (rlhf_ds/rewards/: one file per kind; reward.registered:
+    the sources plugins register, built from their options)."""
     r, parts = cfg.reward, []
     if reward_engine is not None:
         parts.append(("model", ModelReward(reward_engine, tokenizer, reward_tokenizer, cfg.ppo.micro_batch_size,
@@ -109,26 +107,8 @@ def build_reward(cfg: PPOConfig, reward_engine, tokenizer, reward_tokenizer) -> 
         parts.append(("function", FunctionReward(r.function)))
     if r.url:
         parts.append(("remote", RemoteReward(r.url, r.timeout_s, r.retries, r.backoff_s, r.batch_size, r.token_file)))
+    parts += [(name, SOURCES.get(name)(**options)) for name, options in r.registered.items()]
     return WeightedReward([(name, float(r.weights.get(name, 1.0)), source) for name, source in parts])
-
-
-def build_rollout_engine(cfg: PPOConfig, actor, tokenizer) -> RolloutEngine:
-    """The actor's generation mode (rlhf_ds/rollout/): a whole copy per rank, or tensor-parallel slices (hybrid.tp_size).
-    Collective (a tensor-parallel engine creates its process groups)."""
-    h, model_type = cfg.hybrid, strategy.unwrap(actor).config.model_type
-    try:  # settings this actor or machine cannot run: bad input (exit 2), said before any rollout
-        check_decode(h.decode, h.backend, h.tp_size)
-        if h.tp_size > 1:
-            check_tp_supported(model_type)
-        else:
-            check_backend(h.backend, model_type)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    if h.tp_size > 1:
-        return TensorParallelEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, h.tp_size,
-                                    h.gather_group_size, h.keep_copy)
-    return HybridEngine(actor, tokenizer.pad_token_id, tokenizer.eos_token_id, h.backend, h.gather_group_size,
-                        h.keep_copy, decode=h.decode)
 
 
 def check_prompt_templates(cfg: PPOConfig) -> None:
