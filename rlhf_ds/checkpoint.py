@@ -52,7 +52,7 @@ FIXED_ON_RESUME = (
     "model", "arch.*", "*.model", "loss_on_prompt", "data.*", "task.*", "train.seed", "train.micro_batch_size",
     "train.grad_accum", "*engine.zero_stage", "*engine.precision", "*engine.optimizer", "*engine.offload_optimizer",
     "*engine.lora.*", "ppo.rollout_batch_size", "ppo.micro_batch_size", "ppo.grad_accum", "ppo.ptx_coef",
-    "ppo.ptx_data", "ppo.ema_decay", "dpo.loss", "dpo.length_normalize", "dpo.precompute_reference",
+    "ppo.ptx_data", "ppo.ema_decay", "ppo.dynamic_sampling", "dpo.loss", "dpo.length_normalize", "dpo.precompute_reference",
 )
 _NOT_COMPARED = ("output_dir", "checkpoint.*", "tracking.*")
 

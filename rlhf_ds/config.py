@@ -753,8 +753,8 @@ class PPOAlgoConfig:
     group_std_eps: float = 1e-6  # grpo: added to the group's standard deviation
     score_clip: Optional[float] = None  # clip the RM score to +-score_clip
     # added to the score of responses with no EOS; null disables; auto: -1 when the reward is a reward model alone
-    # (InstructGPT / DeepSpeed-Chat), none when a function or a server scores (a -1 would outweigh a 0/1 task reward)
-    # or when overlong shaping is on
+    # (InstructGPT / DeepSpeed-Chat), none when a function, a server or a plugin source scores (a -1 would outweigh a
+    # 0/1 task reward) or when overlong shaping is on
     missing_eos_penalty: Union[float, Literal["auto"], None] = "auto"
     # DAPO's overlong shaping, opt-in: a response longer than generation.max_new_tokens - overlong_buffer tokens loses
     # overlong_penalty_factor x (its excess / overlong_buffer), the full factor at max_new_tokens; 0 = off
@@ -767,8 +767,8 @@ class PPOAlgoConfig:
     # DAPO's dynamic sampling for group estimators: groups whose task rewards are all equal carry no gradient; they
     # are dropped and each rank samples further prompts (rollout_batch_size at a time, from its own stream of the data)
     # until its rollout holds rollout_batch_size groups with signal, or dynamic_sampling_max_rounds extra rounds are
-    # spent (then the rollout is filled up with dropped groups, which add no policy gradient, and ppo/ds_filled_groups says
-    # how many). Rank-local: no collective between rounds
+    # spent (then the rollout is filled up with dropped groups, and ppo/ds_filled_groups says how many). Rank-local: no
+    # collective between rounds
     dynamic_sampling: bool = False
     dynamic_sampling_max_rounds: int = 4  # extra sampling rounds per step at most (>= 1)
     ptx_coef: float = 0.0  # PPO-ptx: InstructGPT used 27.8 (with its own loss scales)

@@ -96,7 +96,7 @@ def test_all_groups_with_signal_return_the_first_rollout_itself():
     first = batch(3, [1.0, 0.0, 0.0, 1.0], [4, 4, 5, 5], 2, 1)
     got, stats = fill_with_signal(first, lambda: pytest.fail("no extra round needed"), 2, 3, PAD)
     assert got is first
-    assert stats == {"ds_extra_rounds": 0.0, "ds_prompts_sampled": 2.0, "ds_filled_groups": 0.0,
+    assert stats == {"gen_tokens": 8.0, "ds_extra_rounds": 0.0, "ds_prompts_sampled": 2.0, "ds_filled_groups": 0.0,
                      "ds_task_reward_sampled": 0.5, "ds_zero_signal_sampled": 0.0}
 
 
@@ -106,7 +106,8 @@ def test_groups_without_signal_are_replaced_by_later_rounds_then_filled_at_the_c
                    batch(3, [0.0] * 6, [4, 4, 5, 5, 6, 6], 1, 3)])  # none
     got, stats = fill_with_signal(first, lambda: next(rounds), 3, 2, PAD)
     # wanted 3 groups; found 2 with signal after 2 extra rounds (the cap) -> the first spare group of round 0 fills
-    assert stats == {"ds_extra_rounds": 2.0, "ds_prompts_sampled": 9.0, "ds_filled_groups": 1.0,
+    # decoded: 6 x 2 + 6 x 3 + 6 x 1 response tokens
+    assert stats == {"gen_tokens": 36.0, "ds_extra_rounds": 2.0, "ds_prompts_sampled": 9.0, "ds_filled_groups": 1.0,
                      "ds_task_reward_sampled": pytest.approx(6 / 18), "ds_zero_signal_sampled": pytest.approx(7 / 9)}
     b = got.batch
     # first round's groups 4 (spare, filled) and 5 (signal), then round 2's group 5; ids renumbered from 4

@@ -155,7 +155,7 @@ def _centre(x: torch.Tensor, baseline: torch.Tensor, inverse: torch.Tensor, n_gr
 
 def constant_groups(x: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """[groups] bool, in the order of the sorted group ids: every sample of the group has bitwise the same x."""
-    ids, inverse = torch.unique(group_ids, return_inverse=True)
+    ids, inverse = torch.unique(group_ids.to(x.device), return_inverse=True)
     return _constant_groups(x, inverse, len(ids))
 
 

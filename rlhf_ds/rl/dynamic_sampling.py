@@ -5,7 +5,7 @@ teaches nothing. From a weak base (almost every answer wrong) that is most group
 averaged with many zeros. Each rank therefore keeps the groups whose task rewards differ, samples
 `rollout_batch_size` further prompts from its own stream of the data (`PromptStream`) and repeats, until it holds
 `rollout_batch_size` groups with signal or `dynamic_sampling_max_rounds` extra rounds are spent; then it fills the
-rollout up with dropped groups (zero advantage, no policy gradient) so that every rank trains the same number of
+rollout up with dropped groups (no advantage from the task reward) so that every rank trains the same number of
 micro-batches. Extra rounds decode with the generation copy synced for the step and score on the rank alone: there is
 no collective between rounds, so ranks may run different numbers of them.
 
@@ -67,7 +67,9 @@ def fill_with_signal(first: Scored, more: Callable[[], Scored], groups_wanted: i
         rounds.append(more())
         sort(rounds[-1], len(rounds) - 1)
     groups_sampled = sum(len(group_slices(s.batch.group_ids)) for s in rounds)
-    stats = {"ds_extra_rounds": float(len(rounds) - 1), "ds_prompts_sampled": float(groups_sampled),
+    seconds = sum(s.batch.seconds for s in rounds)  # every round's decoding, kept or not
+    stats = {"gen_tokens": float(sum(s.batch.response_mask.sum().item() for s in rounds)),
+             "ds_extra_rounds": float(len(rounds) - 1), "ds_prompts_sampled": float(groups_sampled),
              "ds_filled_groups": float(max(0, groups_wanted - len(kept))),
              "ds_task_reward_sampled": torch.cat([s.task_reward for s in rounds]).mean().item(),
              "ds_zero_signal_sampled": sum(constant_groups(s.task_reward, s.batch.group_ids).sum().item()
@@ -75,12 +77,13 @@ def fill_with_signal(first: Scored, more: Callable[[], Scored], groups_wanted: i
     # in sampling order: the first round's groups keep their places
     chosen = sorted(kept[:groups_wanted] + spare[: max(0, groups_wanted - len(kept))], key=lambda g: (g[0], g[1][0]))
     if all(r == 0 for r, _ in chosen):  # the first round as it is: the step as without the option
+        first.batch.seconds = seconds
         return first, stats
     parts = [rounds[r].select(index) for r, index in chosen]
     batch = concat_batches([p.batch for p in parts], pad_token_id)
     n = len(chosen[0][1])
     batch.group_ids = first.batch.group_ids[0] + torch.arange(len(chosen)).repeat_interleave(n)
-    batch.seconds, batch.sync_seconds = sum(s.batch.seconds for s in rounds), first.batch.sync_seconds
+    batch.seconds, batch.sync_seconds = seconds, first.batch.sync_seconds
     merged = Scored(batch, torch.cat([p.task_reward for p in parts]),
                     {k: torch.cat([p.components[k] for p in parts]) for k in first.components})
     return merged, stats

@@ -138,9 +138,9 @@ def no_signal_due(history: list[dict], p) -> bool:
     """Whether the no-task-signal warning is due at the last step of `history`: the task reward had no variance within
     any group (within any rank's rollout, without groups) for `no_signal_patience` steps in a row, starting now."""
     if p.n_samples_per_prompt > 1:
-        constant = [h["ppo/zero_signal_groups"] >= 1.0 for h in history]
+        constant = [h.get("ppo/zero_signal_groups", 0.0) >= 1.0 for h in history]
     else:
-        constant = [h["ppo/task_reward_std"] == 0.0 for h in history]
+        constant = [h.get("ppo/task_reward_std") == 0.0 for h in history]  # rows of older runs: unknown
     return collapse_starts([0.0 if c else 1.0 for c in constant], 0.5, p.no_signal_patience)
 
 
