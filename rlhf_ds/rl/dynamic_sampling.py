@@ -53,9 +53,11 @@ def fill_with_signal(first: Scored, more: Callable[[], Scored], groups_wanted: i
     rounds = [first]
     kept: list[tuple[int, list[int]]] = []  # (round, sample indices) of the groups with signal
     spare: list[tuple[int, list[int]]] = []  # the first round's groups without signal
+    flags: list[bool] = []  # every group sampled: whether its task rewards are all equal
 
     def sort(scored: Scored, r: int) -> None:
         flat = constant_groups(scored.task_reward, scored.batch.group_ids).tolist()
+        flags.extend(flat)
         for index, constant in zip(group_slices(scored.batch.group_ids), flat):
             if not constant:
                 kept.append((r, index))
@@ -66,14 +68,12 @@ def fill_with_signal(first: Scored, more: Callable[[], Scored], groups_wanted: i
     while len(kept) < groups_wanted and len(rounds) <= max_rounds:
         rounds.append(more())
         sort(rounds[-1], len(rounds) - 1)
-    groups_sampled = sum(len(group_slices(s.batch.group_ids)) for s in rounds)
     seconds = sum(s.batch.seconds for s in rounds)  # every round's decoding, kept or not
     stats = {"gen_tokens": float(sum(s.batch.response_mask.sum().item() for s in rounds)),
-             "ds_extra_rounds": float(len(rounds) - 1), "ds_prompts_sampled": float(groups_sampled),
+             "ds_extra_rounds": float(len(rounds) - 1), "ds_prompts_sampled": float(len(flags)),
              "ds_filled_groups": float(max(0, groups_wanted - len(kept))),
              "ds_task_reward_sampled": torch.cat([s.task_reward for s in rounds]).mean().item(),
-             "ds_zero_signal_sampled": sum(constant_groups(s.task_reward, s.batch.group_ids).sum().item()
-                                           for s in rounds) / groups_sampled}
+             "ds_zero_signal_sampled": sum(flags) / len(flags)}
     # in sampling order: the first round's groups keep their places
     chosen = sorted(kept[:groups_wanted] + spare[: max(0, groups_wanted - len(kept))], key=lambda g: (g[0], g[1][0]))
     if all(r == 0 for r, _ in chosen):  # the first round as it is: the step as without the option
