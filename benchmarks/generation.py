@@ -137,9 +137,8 @@ def worker(args) -> None:
     syncs: list[float] = []
 
     def run_hybrid():
-        out = hybrid.generate(ids, mask, GenerationConfig(args.new_tokens, do_sample=False))
-        syncs.append(out.sync_seconds)
-        return out.sequences
+        syncs.append(hybrid.sync_weights())
+        return hybrid.generate(ids, mask, GenerationConfig(args.new_tokens, do_sample=False)).sequences
 
     module = strategy.unwrap(actor)
 

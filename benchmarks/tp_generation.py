@@ -97,11 +97,12 @@ def child(args) -> None:
     def call(name):
         dist.barrier()
         t = time.perf_counter()
+        sync = engines[name].sync_weights()
         out = engines[name].generate(ids, mask, gen)
         own = time.perf_counter() - t
         slowest = torch.tensor([own])
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-        return float(slowest), out
+        return float(slowest), sync, out
 
     res = {"rank": r, "threads": torch.get_num_threads(), "tp1": [], "tp2": [], "tp1_sync": [], "tp2_sync": []}
     outs = {}
@@ -109,9 +110,9 @@ def child(args) -> None:
         call(name)  # warm-up: builds the copy
     for _ in range(args.repeats):
         for name in ("tp1", "tp2"):
-            t, out = call(name)
+            t, sync, out = call(name)
             res[name].append(t)
-            res[name + "_sync"].append(out.sync_seconds)
+            res[name + "_sync"].append(sync)
             outs[name] = out.sequences
     res["greedy_equal"] = bool(torch.equal(outs["tp1"], outs["tp2"]))
     res["new_columns"] = [outs["tp1"].shape[1] - args.prompt_len, outs["tp2"].shape[1] - args.prompt_len]

@@ -255,6 +255,7 @@ def run_training_step(step: str, cfg) -> int:
     1 failed."""
     from rlhf_ds.checkpoint import CheckpointError, Preempted, ResumeError
     from rlhf_ds.data.readers import DataError
+    from rlhf_ds.envs.base import EnvironmentFailure
     from rlhf_ds.models.loading import ModelLoadError
     from rlhf_ds.rewards.base import RewardError
     from rlhf_ds.run_lock import RunDirInUse
@@ -272,7 +273,8 @@ def run_training_step(step: str, cfg) -> int:
             print(f"rlhf-ds {step}: {e}; exiting with status {PREEMPTED_EXIT_CODE} (run the same command to resume)",
                   file=sys.stderr)
         return PREEMPTED_EXIT_CODE
-    except (NonFiniteLossError, CheckpointError, RewardError) as e:  # each rank may meet its own: every rank says it
+    # each rank may meet its own: every rank says it
+    except (NonFiniteLossError, CheckpointError, RewardError, EnvironmentFailure) as e:
         print(f"rlhf-ds {step}: {e}", file=sys.stderr)
         return 1
     return 0

@@ -45,6 +45,7 @@ EstimatorName = Annotated[str, Registered("rlhf_ds.rl.advantages:ESTIMATORS")]
 PreferenceLossName = Annotated[str, Registered("rlhf_ds.rl.preference:LOSSES")]
 RolloutBackendName = Annotated[str, Registered("rlhf_ds.rollout.backends:BACKENDS")]
 RewardSourceOptions = Annotated[dict[str, dict[str, Any]], Registered("rlhf_ds.rewards.base:SOURCES")]
+EnvironmentName = Annotated[Optional[str], Registered("rlhf_ds.envs:ENVIRONMENTS")]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -516,6 +517,8 @@ def check_registered(section, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             check_registered(value, f"{prefix}{f.name}.")
         for mark in getattr(hints[f.name], "__metadata__", ()):
+            if value is None:  # an optional component left out
+                continue
             registry = mark.registry()
             for name in value if isinstance(value, dict) else [value]:
                 try:
@@ -706,6 +709,19 @@ class HybridConfig:
 
 
 @dataclass
+class RolloutConfig:
+    # a registered multi-turn environment (rlhf_ds/envs/; built in: tool_use) the policy takes turns with; None:
+    # single-turn rollouts
+    environment: EnvironmentName = None
+    environment_options: dict[str, Any] = field(default_factory=dict)  # passed to the environment's factory
+    max_turns: int = 4  # model turns per episode at most (each up to generation.max_new_tokens)
+    # tokens after the prompt (model and environment) per episode; 0 = 2 x max_turns x generation.max_new_tokens (the
+    # model's turns, and as much again for what the environment inserts)
+    max_total_tokens: int = 0
+    tool_timeout_s: float = 5.0  # seconds a tool may run before its call is answered with a timeout
+
+
+@dataclass
 class PPOAlgoConfig:
     steps: int = 60  # PPO iterations (rollout + update)
     rollout_batch_size: int = 16  # prompts per rank per iteration
@@ -798,6 +814,7 @@ class PPOConfig(StepConfig):
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(eval_split=0))
     train: LoopConfig = field(default_factory=lambda: LoopConfig(log_every=1))  # batching is in `ppo`
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -831,14 +848,42 @@ class PPOConfig(StepConfig):
         from rlhf_ds.rewards.base import SOURCES
 
         for name, options in self.reward.registered.items():
-            if name in ("model", "function", "remote"):
+            if name in ("model", "function", "remote", "environment"):
                 raise ConfigError(f"reward.registered.{name}: {name!r} is a built-in source's name (model, function, "
-                                  "remote); register the plugin's source under another name")
+                                  "remote, environment); register the plugin's source under another name")
             try:
                 inspect.signature(SOURCES.get(name)).bind(**options)
             except TypeError as e:
                 raise ConfigError(f"reward.registered.{name}: options {sorted(options)} do not fit the source's "
                                   f"factory: {e}") from None
+
+    def response_tokens(self) -> int:
+        """Tokens after the prompt at most: a single turn, or an episode of `rollout`."""
+        ro = self.rollout
+        if ro.environment is None:
+            return self.generation.max_new_tokens
+        return ro.max_total_tokens or 2 * ro.max_turns * self.generation.max_new_tokens
+
+    def _check_environment(self) -> None:
+        """Episodes whose turn counts differ per rank need a rank-local `generate`, and options the factory takes."""
+        from rlhf_ds.envs import ENVIRONMENTS
+
+        ro, h = self.rollout, self.hybrid
+        if ro.max_turns < 1 or ro.max_total_tokens < 0 or not ro.tool_timeout_s > 0:
+            raise ConfigError("rollout.max_turns must be >= 1, rollout.max_total_tokens >= 0 (0: 2 x max_turns x "
+                              "generation.max_new_tokens) and rollout.tool_timeout_s > 0")
+        if h.tp_size > 1 or h.backend == "deepspeed":
+            raise ConfigError(f"rollout.environment={ro.environment}: episodes take different numbers of turns on "
+                              "each rank, but this engine decodes collectively (hybrid.tp_size > 1 or "
+                              "hybrid.backend=deepspeed); use hybrid.tp_size=1 with a rank-local backend")
+        factory = ENVIRONMENTS.get(ro.environment)
+        try:
+            inspect.signature(factory).bind(**ro.environment_options)
+        except TypeError as e:
+            raise ConfigError(f"rollout.environment_options {sorted(ro.environment_options)} do not fit environment "
+                              f"{ro.environment!r}: {e}") from None
+        except ValueError:  # a factory without an inspectable signature: its own errors will say
+            pass
 
     def validate(self) -> None:
         from rlhf_ds.rl.advantages import get_estimator
@@ -846,22 +891,28 @@ class PPOConfig(StepConfig):
         p, r = self.ppo, self.reward
         if self.actor.model is None:
             raise ConfigError("ppo needs actor.model (the SFT output)")
-        if not r.sources():
+        if self.rollout.environment is not None:
+            self._check_environment()
+        if not r.sources() and self.rollout.environment is None:
             raise ConfigError("ppo needs a reward: reward.model (a reward model folder, default runs/rm), "
                               "reward.function (package.module:function or file.py:function), reward.url (a "
-                              "reward model served by `rlhf-ds serve-reward`) and/or reward.registered (sources "
-                              "plugins register)")
-        if r.model == DEFAULT_REWARD_MODEL and (r.function or r.url or r.registered) and not os.path.exists(r.model):
+                              "reward model served by `rlhf-ds serve-reward`), reward.registered (sources "
+                              "plugins register) and/or rollout.environment (its episodes' rewards)")
+        alone = r.function or r.url or r.registered or self.rollout.environment
+        if r.model == DEFAULT_REWARD_MODEL and alone and not os.path.exists(r.model):
             raise ConfigError(f"reward.model is {DEFAULT_REWARD_MODEL} (the default), which does not exist; to use "
-                              "reward.function / reward.url / reward.registered alone set reward.model=null")
+                              "reward.function / reward.url / reward.registered alone set reward.model=null (so too "
+                              "for the rewards of rollout.environment alone)")
         if r.function:
             from rlhf_ds.rewards.function import load_function
 
             load_function(r.function)  # import it now: a typo fails before any rank starts
         self._check_registered_sources()
-        if set(r.weights) - set(r.sources()):
+        sources = r.sources() + (["environment"] if self.rollout.environment else [])
+        if set(r.weights) - set(sources):
             raise ConfigError(f"reward.weights names {sorted(r.weights)}, but the reward sources given are "
-                              f"{r.sources()} (names: model, function, remote, or a reward.registered name)")
+                              f"{sources} (names: model, function, remote, environment (with rollout.environment), "
+                              "or a reward.registered name)")
         if r.timeout_s <= 0 or r.retries < 0 or r.backoff_s < 0 or r.batch_size < 1:
             raise ConfigError("reward.timeout_s and reward.batch_size must be > 0, reward.retries and "
                               "reward.backoff_s >= 0")

@@ -42,6 +42,12 @@ from rlhf_ds.rollout.hybrid import HybridEngine  # noqa: E402
 NEW_TOKENS = 16
 
 
+
+def synced_generate(engine, ids, mask, gen):
+    """The rollout protocol's two calls: the actor's current weights into the engine (collective), then decoding."""
+    engine.sync_weights()
+    return engine.generate(ids, mask, gen)
+
 def engine_config() -> EngineConfig:
     return EngineConfig(zero_stage=3, lr=1e-2, warmup_ratio=0.0, lr_schedule="constant")
 
@@ -155,7 +161,7 @@ def main() -> None:
     actor = build_actor(gpt2, tok)
     res["partitioned_at_start"] = all_partitioned(actor)
     hybrid = HybridEngine(actor, tok.pad_token_id, tok.eos_token_id)
-    out = hybrid.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False))
+    out = synced_generate(hybrid, ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False))
     ref = plain_generate(plain_from(gpt2), ids, mask, tok, do_sample=False)
     res["greedy_equal"] = torch.equal(out.sequences, ref)
     res["greedy_shape"] = list(out.sequences.shape)
@@ -168,7 +174,7 @@ def main() -> None:
     loss_before = train_forward_loss(actor, batches[2])
     status_before = param_status(actor)
     torch.manual_seed(100 + r)
-    hybrid.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=True, temperature=0.8))
+    synced_generate(hybrid, ids, mask, GenerationConfig(NEW_TOKENS, do_sample=True, temperature=0.8))
     res["param_status_before"] = sorted(set(status_before))
     res["param_status_unchanged"] = status_before == param_status(actor)
     after = snapshot(actor)
@@ -176,7 +182,7 @@ def main() -> None:
     res["train_forward_equal"] = torch.equal(loss_before, train_forward_loss(actor, batches[2]))
 
     # ---- trained weights: hybrid greedy vs an unsharded model holding the gathered weights
-    out = hybrid.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False))
+    out = synced_generate(hybrid, ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False))
     ref_model = plain_from(gpt2, before["full"])
     res["trained_greedy_equal"] = torch.equal(out.sequences, plain_generate(ref_model, ids, mask, tok, do_sample=False))
     res["trained_weights_equal"] = all(torch.equal(t, hybrid._plain.state_dict()[n]) for n, t in before["full"].items())
@@ -194,7 +200,7 @@ def main() -> None:
     copies, seqs = [], []
     for g in (1, n_params):
         h = HybridEngine(actor, tok.pad_token_id, tok.eos_token_id, gather_group_size=g, keep_copy=True)
-        seqs.append(h.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False)).sequences)
+        seqs.append(synced_generate(h, ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False)).sequences)
         copies.append({k: v.clone() for k, v in h._plain.state_dict().items()})
     res["group_sizes"] = [1, n_params]
     res["group_tokens_equal"] = torch.equal(*seqs)
@@ -207,7 +213,7 @@ def main() -> None:
         mine = texts[8 + 5 * r + rnd : 8 + 5 * r + rnd + 3 + 2 * r]
         pid, pmask = pad_batch(prompt_ids(tok, mine), tok.pad_token_id, side="left")
         torch.manual_seed(1000 * rnd + r)
-        o = hybrid.generate(pid, pmask, GenerationConfig(6 + 14 * r, do_sample=True, temperature=1.0))
+        o = synced_generate(hybrid, pid, pmask, GenerationConfig(6 + 14 * r, do_sample=True, temperature=1.0))
         resp = o.sequences[:, o.prompt_len:]
         widths.append(int(o.sequences.shape[1]))
         lengths.append([int(x) for x in ((resp != tok.pad_token_id).sum(1))])
@@ -227,7 +233,7 @@ def main() -> None:
     coordinator = fresh.optimizer.parameter_offload.get_param_coordinator()
     res["trace_complete"], res["trace_gathered_after_scoring"], res["trace_gathered_after_training"] = [], [], []
     for _ in range(3):
-        o = fresh_hybrid.generate(ids[:4], mask[:4], GenerationConfig(NEW_TOKENS, do_sample=False))
+        o = synced_generate(fresh_hybrid, ids[:4], mask[:4], GenerationConfig(NEW_TOKENS, do_sample=False))
         attn = torch.cat([mask[:4], (o.sequences[:, o.prompt_len:] != tok.pad_token_id).long()], dim=1)
         with torch.no_grad():
             sequence_logprobs(fresh, o.sequences, attn, o.prompt_len, 1.0)
@@ -262,7 +268,7 @@ def main() -> None:
     train_step(lora_actor, batches[3])
     before = snapshot(lora_actor)
     hybrid = HybridEngine(lora_actor, tok.pad_token_id, tok.eos_token_id)
-    fused = hybrid.generate(ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False)).sequences
+    fused = synced_generate(hybrid, ids, mask, GenerationConfig(NEW_TOKENS, do_sample=False)).sequences
     res["lora_state_after_generate"] = same_state(before, snapshot(lora_actor))
     res["lora_flat_gather_used"] = _shard_layout(strategy.unwrap(lora_actor)) is not None
     adapters = {k: v for k, v in before["full"].items() if "lora_" in k}

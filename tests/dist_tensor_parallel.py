@@ -41,6 +41,12 @@ from rlhf_ds.rollout.tensor_parallel import TensorParallelEngine  # noqa: E402
 NEW_TOKENS = 16
 
 
+
+def synced_generate(engine, ids, mask, gen):
+    """The rollout protocol's two calls: the actor's current weights into the engine (collective), then decoding."""
+    engine.sync_weights()
+    return engine.generate(ids, mask, gen)
+
 def count(module: torch.nn.Module) -> dict:
     named = list(module.named_parameters())  # deduplicated: a tied head counts once
     return {"total": sum(p.numel() for _, p in named),
@@ -138,18 +144,18 @@ def main() -> None:
     # ---- greedy on the folder's weights (responses that stop at EOS), then after a training step
     actor = build_actor(llama, tok)
     res["fresh_greedy_equal"] = torch.equal(
-        TensorParallelEngine(actor, pad, tok.eos_token_id, tp_size=2).generate(ids, mask, greedy).sequences,
-        HybridEngine(actor, pad, tok.eos_token_id).generate(ids, mask, greedy).sequences)
-    fresh = HybridEngine(actor, pad, tok.eos_token_id).generate(ids, mask, greedy).sequences
+        synced_generate(TensorParallelEngine(actor, pad, tok.eos_token_id, tp_size=2), ids, mask, greedy).sequences,
+        synced_generate(HybridEngine(actor, pad, tok.eos_token_id), ids, mask, greedy).sequences)
+    fresh = synced_generate(HybridEngine(actor, pad, tok.eos_token_id), ids, mask, greedy).sequences
     res["fresh_has_eos"] = bool((fresh[:, ids.shape[1]:] == tok.eos_token_id).any())
     for b in batches:
         train_step(actor, b)
     hybrid = HybridEngine(actor, pad, tok.eos_token_id)
-    ref = hybrid.generate(ids, mask, greedy).sequences
+    ref = synced_generate(hybrid, ids, mask, greedy).sequences
     tp = TensorParallelEngine(actor, pad, tok.eos_token_id, tp_size=2, gather_group_size=4)
     before = snapshot(actor)
     t0 = time.time()
-    out = tp.generate(ids, mask, greedy)
+    out = synced_generate(tp, ids, mask, greedy)
     res["tp_seconds"] = time.time() - t0
     after = snapshot(actor)
     res["greedy_equal"] = torch.equal(out.sequences, ref)
@@ -196,15 +202,15 @@ def main() -> None:
     if r == 1:
         pid = [p[:4] for p in pid]  # much narrower prompts on rank 1 -> the group batch re-pads them
     rid, rmask = pad_batch(pid, pad, side="left")
-    rag = tp.generate(rid, rmask, greedy)
+    rag = synced_generate(tp, rid, rmask, greedy)
     res["ragged_shape"] = [list(rid.shape), list(rag.sequences.shape)]
     res["ragged_prompt_len"] = rag.prompt_len
     res["ragged_prompts_kept"] = torch.equal(rag.sequences[:, : rid.shape[1]], rid)
-    res["ragged_greedy_equal"] = same_tokens(rag.sequences, hybrid.generate(rid, rmask, greedy).sequences, pad)
+    res["ragged_greedy_equal"] = same_tokens(rag.sequences, synced_generate(hybrid, rid, rmask, greedy).sequences, pad)
     # sampling: the group decodes one batch under the leader's RNG; the non-leader's own generator is left alone
     torch.manual_seed(200 + r)
     rng_before = torch.get_rng_state()
-    tp.generate(rid, rmask, GenerationConfig(NEW_TOKENS, do_sample=True, temperature=0.8))
+    synced_generate(tp, rid, rmask, GenerationConfig(NEW_TOKENS, do_sample=True, temperature=0.8))
     res["rng_unchanged"] = torch.equal(rng_before, torch.get_rng_state())
     batch = tp.last_group_sequences.contiguous()
     shapes = [torch.zeros(2, dtype=torch.long) for _ in range(world)]
@@ -218,16 +224,16 @@ def main() -> None:
         res["group_batch_identical"] = False
     # a training step after the rollouts, then a sync picks the new weights up
     train_step(actor, batches[0])
-    res["after_train_greedy_equal"] = torch.equal(tp.generate(ids, mask, greedy).sequences,
-                                                  hybrid.generate(ids, mask, greedy).sequences)
+    res["after_train_greedy_equal"] = torch.equal(synced_generate(tp, ids, mask, greedy).sequences,
+                                                  synced_generate(hybrid, ids, mask, greedy).sequences)
     del actor, hybrid, tp
 
     # ---- LoRA actor: adapters fused into the streamed base weights
     la = build_actor(llama, tok, lora=True)
     train_step(la, batches[1])
     res["lora_greedy_equal"] = torch.equal(
-        TensorParallelEngine(la, pad, tok.eos_token_id, tp_size=2).generate(ids, mask, greedy).sequences,
-        HybridEngine(la, pad, tok.eos_token_id).generate(ids, mask, greedy).sequences)
+        synced_generate(TensorParallelEngine(la, pad, tok.eos_token_id, tp_size=2), ids, mask, greedy).sequences,
+        synced_generate(HybridEngine(la, pad, tok.eos_token_id), ids, mask, greedy).sequences)
     del la
 
     # ---- other declared families
@@ -238,12 +244,13 @@ def main() -> None:
             derived_family(llama, family, d)
         dist.barrier()
         a = build_actor(d, tok)
-        h = HybridEngine(a, pad, tok.eos_token_id).generate(ids, mask, greedy).sequences
+        h = synced_generate(HybridEngine(a, pad, tok.eos_token_id), ids, mask, greedy).sequences
         e = TensorParallelEngine(a, pad, tok.eos_token_id, tp_size=2, keep_copy=(family == "mistral"))
-        t = e.generate(ids, mask, greedy).sequences
-        fam[family] = {"greedy_equal": torch.equal(t, h), "split": len({n for ts in e._targets.values()
-                                                                         for n, _, d_, _, _ in ts if d_ is not None})
-                       if e._targets else None, "copy_released": e._module is None, "keep_copy": e.keep_copy}
+        t = synced_generate(e, ids, mask, greedy).sequences
+        split = len({n for ts in e._targets.values() for n, _, d_, _, _ in ts if d_ is not None})
+        e.release()  # the step's generation is over: a copy not kept is freed
+        fam[family] = {"greedy_equal": torch.equal(t, h), "split": split, "copy_released": e._module is None,
+                       "keep_copy": e.keep_copy}
         del a
     res["families"] = fam
 

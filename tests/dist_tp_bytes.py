@@ -32,7 +32,8 @@ def main() -> None:
     tok = load_tokenizer(llama)
     actor = build_actor(llama, tok)
     engine = TensorParallelEngine(actor, tok.pad_token_id, tok.eos_token_id, tp_size=2)
-    copy = engine._generation_module()  # built (meta -> AutoTP -> to_empty) and filled from the shards
+    engine.sync_weights()
+    copy = engine._module  # built (meta -> AutoTP -> to_empty) and filled from the shards
     params = list(copy.parameters())  # each tensor once
     buffers = list(copy.buffers())
     nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731

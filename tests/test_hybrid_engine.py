@@ -88,7 +88,8 @@ def _sampled_rollout(models, arch: str, n: int = 6, new_tokens: int = 20):
 
     model, tok = load(models[arch])
     hybrid = HybridEngine(model, tok.pad_token_id, tok.eos_token_id)
-    plain = hybrid._generation_module()
+    hybrid.sync_weights()  # builds the generation copy and fills it
+    plain = hybrid._plain
     original, captured = plain.generate, {}
 
     def generate_with_scores(**kwargs):  # record what generate sampled from, hand back what HybridEngine expects

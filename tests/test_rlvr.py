@@ -88,7 +88,7 @@ def batch(prompt_len: int, rewards: list[float], group_of: list[int], width: int
     attn[:, 0] = 0
     action = torch.cat([torch.zeros(B, prompt_len, dtype=torch.long), torch.ones(B, width, dtype=torch.long)], 1)
     b = RolloutBatch(seq, attn, action, prompt_len, t(group_of), torch.ones(B, dtype=torch.bool),
-                     [f"p{tag}.{i}" for i in range(B)], [f"r{tag}.{i}" for i in range(B)], [{}] * B, 1.0, 0.5)
+                     [f"p{tag}.{i}" for i in range(B)], [f"r{tag}.{i}" for i in range(B)], [{}] * B, 1.0)
     return Scored(b, t(rewards), {"function": t(rewards)})
 
 
@@ -122,7 +122,7 @@ def test_groups_without_signal_are_replaced_by_later_rounds_then_filled_at_the_c
     assert b.action_mask[0].tolist() == [0, 0, 0, 0, 0, 1, 1, 0]
     assert b.sequences[4].tolist() == [PAD, 202, 202, 202, 202, 22, 22, 22]
     assert b.response_mask[4].tolist() == [1, 1, 1]
-    assert (b.seconds, b.sync_seconds) == (3.0, 0.5)  # every round's decoding; the one sync
+    assert b.seconds == 3.0  # every round's decoding
 
 
 def test_concat_keeps_each_sample_unchanged_under_its_padding():

@@ -32,6 +32,7 @@ class RewardBatch:
     sequences: Optional[torch.Tensor] = None  # [B, P+R] actor ids (left-padded prompt + response), for a reward model
     attention_mask: Optional[torch.Tensor] = None  # [B, P+R]
     prompt_len: int = 0  # P
+    env_rewards: Optional[torch.Tensor] = None  # [B] multi-turn episodes' summed environment rewards
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -66,6 +67,17 @@ def as_scores(values, n: int, who: str) -> torch.Tensor:
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise RewardError(f"{who} returned a bad score at index {i}: {v!r} (expected a finite number)")
     return torch.tensor(values, dtype=torch.float32)
+
+
+class EnvironmentReward:
+    """The source "environment" (with rollout.environment): each episode's rewards from its environment, summed."""
+
+    name = "environment"
+
+    def __call__(self, batch: RewardBatch) -> torch.Tensor:
+        if batch.env_rewards is None:
+            raise RewardError("reward source 'environment' needs multi-turn episodes (rollout.environment)")
+        return batch.env_rewards
 
 
 @dataclass

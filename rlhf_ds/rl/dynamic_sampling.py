@@ -83,7 +83,7 @@ def fill_with_signal(first: Scored, more: Callable[[], Scored], groups_wanted: i
     batch = concat_batches([p.batch for p in parts], pad_token_id)
     n = len(chosen[0][1])
     batch.group_ids = first.batch.group_ids[0] + torch.arange(len(chosen)).repeat_interleave(n)
-    batch.seconds, batch.sync_seconds = seconds, first.batch.sync_seconds
+    batch.seconds = seconds
     merged = Scored(batch, torch.cat([p.task_reward for p in parts]),
                     {k: torch.cat([p.components[k] for p in parts]) for k in first.components})
     return merged, stats

@@ -19,6 +19,7 @@ from rlhf_ds.rl.advantages import AdvantageInputs, explained_variance, get_estim
 from rlhf_ds.rl.dynamic_sampling import Scored, fill_with_signal
 from rlhf_ds.rl.shaping import ScoreShaping
 from rlhf_ds.rollout.base import RolloutEngine, rollout
+from rlhf_ds.rollout.multi_turn import Episodes
 from rlhf_ds.tracking.rollout_stats import rollout_stats
 
 
@@ -70,7 +71,8 @@ class ExperienceMaker:
 
     def __init__(self, engine: RolloutEngine, actor, reference, critic, reward: WeightedReward, tokenizer,
                  ppo: PPOAlgoConfig, generation: GenerationConfig, kl_controller,
-                 gold_reward: Optional[Callable[[str, str], float]] = None, logit_chunks: tuple[int, int] = (0, 0)):
+                 gold_reward: Optional[Callable[[str, str], float]] = None, logit_chunks: tuple[int, int] = (0, 0),
+                 episodes: Optional[Episodes] = None):
         self.engine, self.actor, self.reference, self.critic, self.reward = engine, actor, reference, critic, reward
         self.tok, self.ppo, self.gen = tokenizer, ppo, generation
         self.kl_ctl = kl_controller
@@ -78,6 +80,7 @@ class ExperienceMaker:
         self.gold_reward = gold_reward
         self.actor_chunk, self.reference_chunk = logit_chunks
         self.shaping = ScoreShaping.from_config(ppo, reward.names(), generation.max_new_tokens)
+        self.episodes = episodes  # multi-turn rollouts with an environment; None: single-turn
 
     def on_policy(self) -> bool:
         """Whether the update's own log-probs are the old ones: one epoch, one optimizer step over the whole rollout
@@ -110,14 +113,14 @@ class ExperienceMaker:
             strategy.forward_only_pass_done(trained)
         return torch.cat(old) if old else None, torch.cat(ref), torch.cat(values) if values else None
 
-    def _scored_rollout(self, prompt_ids, prompt_texts, rows, n_samples: int, group_offset: int,
-                        sync: bool = True) -> tuple[Scored, float]:
-        """A rollout and its task reward; the seconds spent scoring."""
-        batch = rollout(self.engine, prompt_ids, prompt_texts, rows, self.gen, self.tok, n_samples, group_offset,
-                        sync=sync)
+    def _scored_rollout(self, prompt_ids, prompt_texts, rows, n_samples: int,
+                        group_offset: int) -> tuple[Scored, float]:
+        """A rollout (from the weights of the step's sync) and its task reward; the seconds spent scoring."""
+        sample = rollout if self.episodes is None else self.episodes.rollout
+        batch = sample(self.engine, prompt_ids, prompt_texts, rows, self.gen, self.tok, n_samples, group_offset)
         t0 = time.time()
         task, components = self.reward(RewardBatch(batch.prompts, batch.responses, batch.rows, batch.sequences,
-                                                   batch.attention_mask, batch.prompt_len))
+                                                   batch.attention_mask, batch.prompt_len, batch.env_rewards))
         return Scored(batch, task.to(batch.sequences.device, torch.float32), components), time.time() - t0
 
     def make(self, prompt_ids: list[list[int]], prompt_texts: list[str], rows: Optional[list[dict]] = None,
@@ -128,17 +131,19 @@ class ExperienceMaker:
         rows), as many as `prompt_ids`, for the rounds that replace groups without signal."""
         p = self.ppo
         n = p.n_samples_per_prompt if train else 1
+        t_sync = self.engine.sync_weights()  # the one collective of generation; everything until `release` is local
         scored, t_score = self._scored_rollout(prompt_ids, prompt_texts, rows, n, group_offset)
         ds_stats = {}
         if train and more_prompts is not None:
             def more() -> Scored:
                 nonlocal t_score
-                extra, seconds = self._scored_rollout(*more_prompts(), n, group_offset, sync=False)
+                extra, seconds = self._scored_rollout(*more_prompts(), n, group_offset)
                 t_score += seconds
                 return extra
 
             scored, ds_stats = fill_with_signal(scored, more, len(prompt_ids), p.dynamic_sampling_max_rounds,
                                                 self.tok.pad_token_id)
+        self.engine.release()
         batch, raw_scores, components = scored.batch, scored.task_reward, scored.components
         seq, attn, P = batch.sequences, batch.attention_mask, batch.prompt_len
         t1 = time.time()
@@ -162,9 +167,9 @@ class ExperienceMaker:
             "non_score_reward": (-self.kl_ctl.beta * kl).sum(1).mean().item(),
             "response_length": m.sum(1).mean().item(),
             "eos_rate": batch.has_eos.float().mean().item(),
-            "time_generation": batch.seconds,
+            "time_generation": batch.seconds + t_sync,  # the sync included, as time_weight_sync's share of it
             "time_scoring": t_score,
-            "time_weight_sync": batch.sync_seconds,
+            "time_weight_sync": t_sync,
             "gen_tokens": float(m.sum().item()),
         }
         if old_logp is not None:
@@ -182,6 +187,7 @@ class ExperienceMaker:
             if values is not None:
                 stats["value_mean"] = rlm.masked_mean(values, m).item()
                 stats["explained_variance"] = explained_variance(values, returns, m)
+        stats.update(batch.env_stats)
         stats.update(rollout_stats(batch.responses, raw_scores.tolist(), m.sum(1).tolist()))
         if self.gold_reward is not None:
             stats["gold_reward"] = sum(self.gold_reward(q, r) for q, r in zip(batch.prompts, batch.responses)) / len(seq)

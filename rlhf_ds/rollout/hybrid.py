@@ -5,11 +5,12 @@ Generation mode, portable path (default, runs on CPU and GPU):
      the gather) and copied, LoRA deltas fused in, into a plain hook-free copy of the architecture
      (`engine.params.iter_full_params`: one flat all-gather per group for plain ZeRO-3 shards);
   2. that copy decodes with Hugging Face `generate` and its KV cache, dropout off (eval mode), on every rank
-     independently — ranks never wait for each other during decoding, so different response lengths cannot hang;
+     independently — ranks never wait for each other during decoding, so different response lengths, turn counts
+     or sampling rounds cannot hang (step 1 is `sync_weights`, once per step; step 2 is `generate`, as often as needed);
   3. back in training mode nothing needs undoing: the training module, its shards and optimizer state were only read.
 Measured on CPU (shared/notes): ZeRO-3 hooks firing per submodule make gathered-in-place generation ~5x slower than
 the same weights in a plain module, which is why the copy exists. The copy is kept between steps (`keep_copy`) to
-avoid re-allocating it, or released after each rollout when memory is tight.
+avoid re-allocating it, or released after each step's rollouts (`release`) when memory is tight.
 
 DeepSpeed's own CUDA hybrid engine can be chosen with `backend="deepspeed"` where it exists (CUDA, supported model
 families); it fails on CPU ("not implemented on CPU backend"), so it is refused there with a clear message.
@@ -53,29 +54,36 @@ class HybridEngine:
         self._plain = None
         self._decoder = FastDecoder(decode, backend=backend, keep_copy=keep_copy)  # hybrid.decode; refuses CPU
 
-    def _generation_module(self) -> torch.nn.Module:
-        module = strategy.unwrap(self.actor)
-        if self._plain is None:
-            dtype = self.dtype or next(module.parameters()).dtype
-            self._plain = build_plain(module, strategy.device(), dtype)
-        copy_into(module, self._plain, self.group_size)
-        return self._plain
+    @property
+    def rank_local(self) -> bool:
+        """DeepSpeed's engine gathers ZeRO-3 shards inside its `generate`: every rank must call it alike."""
+        return self.backend == "portable"
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig,
-                 sync: bool = True) -> GenerationOutput:
-        """Responses for left-padded prompts. Collective (the weight sync) but decoding is rank-local; `sync=False`
-        decodes with the copy the last sync wrote (weights unchanged since), on this rank alone."""
+    def sync_weights(self) -> float:
+        """Collective: the trained actor's weights (LoRA deltas fused) into the plain copy, built on first use.
+        DeepSpeed's CUDA hybrid engine switches modes inside its own `generate`: nothing to do here."""
         t0 = time.time()
-        if not sync and (self.backend != "portable" or self._plain is None):
-            raise RuntimeError("generate(sync=False) needs a generation copy kept from an earlier sync "
-                               "(hybrid.backend=portable, hybrid.keep_copy=true)")
-        # DeepSpeed's CUDA hybrid engine switches modes inside engine.generate itself
-        model = self.actor if self.backend == "deepspeed" else self._generation_module() if sync else self._plain
-        t_sync = time.time() - t0
+        if self.backend == "portable":
+            module = strategy.unwrap(self.actor)
+            if self._plain is None:
+                dtype = self.dtype or next(module.parameters()).dtype
+                self._plain = build_plain(module, strategy.device(), dtype)
+            copy_into(module, self._plain, self.group_size)
+        return time.time() - t0
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig) -> GenerationOutput:
+        """Responses for left-padded prompts from the copy the last sync wrote; rank-local (portable backend)."""
+        t0 = time.time()
+        if self.backend == "portable" and self._plain is None:
+            raise RuntimeError("generate() before sync_weights(): the generation copy holds no weights")
+        model = self.actor if self.backend == "deepspeed" else self._plain
         dev = strategy.device()
         out = self._decoder.generate(model, input_ids=prompt_ids.to(dev), attention_mask=prompt_mask.to(dev),
                                      **sampling_kwargs(gen, self.pad_token_id, self.eos_token_id, gen.max_new_tokens))
+        return GenerationOutput(out, prompt_ids.shape[1], time.time() - t0)
+
+    def release(self) -> None:
         if not self.keep_copy:
             self._plain = None
-        return GenerationOutput(out, prompt_ids.shape[1], time.time() - t0, t_sync)

@@ -125,6 +125,8 @@ def _alias_names(module: torch.nn.Module) -> dict[str, list[str]]:
 
 
 class TensorParallelEngine:
+    rank_local = False  # decoding is collective over the TP group
+
     def __init__(self, actor_engine, pad_token_id: int, eos_token_id: int, tp_size: int,
                  gather_group_size: int = 32, keep_copy: bool = True, dtype: Optional[torch.dtype] = None):
         self.actor = actor_engine
@@ -243,11 +245,17 @@ class TensorParallelEngine:
                 raise RuntimeError(f"tensor-parallel copy: tensors never written by the sync: {sorted(everything - written)}")
             self._synced_once = True
 
-    def _generation_module(self) -> torch.nn.Module:
+    def sync_weights(self) -> float:
+        """Collective over the world: this rank's slices of the trained actor (the TP copy built on first use)."""
+        t0 = time.time()
         if self._module is None:
             self._module = self._build()
         self._sync()
-        return self._module
+        return time.time() - t0
+
+    def release(self) -> None:
+        if not self.keep_copy:
+            self._module, self._targets = None, {}
 
     # ---- prompts of the group, decoding together ----------------------------------------------------------------
     def _group_batch(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
@@ -302,24 +310,20 @@ class TensorParallelEngine:
         return under_leader_state()
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig,
-                 sync: bool = True) -> GenerationOutput:
-        """Responses to this rank's left-padded prompts. Collective over the world (weight sync) and, while decoding,
-        over the TP group: never rank-local, so `sync=False` is refused."""
-        if not sync:
-            raise RuntimeError("tensor-parallel generation decodes with its TP group: it cannot run on one rank alone")
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationConfig) -> GenerationOutput:
+        """Responses to this rank's left-padded prompts from the slices of the last sync. Collective over the TP group
+        while decoding (`rank_local` is False): every rank of the group calls it alike."""
+        if self._module is None:
+            raise RuntimeError("generate() before sync_weights(): the tensor-parallel copy holds no weights")
         t0 = time.time()
-        model = self._generation_module()
-        t_sync = time.time() - t0
         ids, mask, start, max_p, (b, p) = self._group_batch(prompt_ids, prompt_mask)
         if ids.shape[0] == 0:  # no rank of the group has prompts: nothing to decode
             out = ids
         else:
             with self._leader_rng():
-                out = model.generate(input_ids=ids, attention_mask=mask,
-                                     **sampling_kwargs(gen, self.pad_token_id, self.eos_token_id, gen.max_new_tokens))
+                out = self._module.generate(input_ids=ids, attention_mask=mask,
+                                            **sampling_kwargs(gen, self.pad_token_id, self.eos_token_id,
+                                                              gen.max_new_tokens))
         self.last_group_sequences = out  # the whole group's batch (identical on every TP rank; tests check it)
         mine = out[start : start + b, max_p - p :]
-        if not self.keep_copy:
-            self._module, self._targets = None, {}
-        return GenerationOutput(mine, p, time.time() - t0, t_sync)
+        return GenerationOutput(mine, p, time.time() - t0)

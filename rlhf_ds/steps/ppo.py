@@ -26,7 +26,7 @@ from rlhf_ds.engine import strategy
 from rlhf_ds.engine.ema import ShardedEMA
 from rlhf_ds.models.loading import apply_lora, load_causal_lm, load_tokenizer, resolve_model_dir, save_causal_lm
 from rlhf_ds.models.scalar_head import load_scalar_head_model, read_saved_head, save_scalar_head_model
-from rlhf_ds.rewards.base import SOURCES, WeightedReward
+from rlhf_ds.rewards.base import SOURCES, EnvironmentReward, WeightedReward
 from rlhf_ds.rewards.function import FunctionReward
 from rlhf_ds.rewards.model import ModelReward
 from rlhf_ds.rewards.remote import RemoteReward
@@ -34,7 +34,9 @@ from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import get_estimator
 from rlhf_ds.rl.dynamic_sampling import PromptStream
 from rlhf_ds.rl.experience import Experience, ExperienceMaker, sequence_logprobs, token_values
+from rlhf_ds.rl.update import actor_loss, critic_loss
 from rlhf_ds.rollout.backends import build_rollout_engine
+from rlhf_ds.rollout.multi_turn import Episodes
 from rlhf_ds.steps.common import NonFiniteGuard, builtin_data, fit_budgets, split_eval, start_step
 from rlhf_ds.steps.lm_training import lm_loss
 from rlhf_ds.tracking.metrics import progress
@@ -101,13 +103,15 @@ def build_reward(cfg: PPOConfig, reward_engine, tokenizer, reward_tokenizer) -> 
     r, parts = cfg.reward, []
     if reward_engine is not None:
         parts.append(("model", ModelReward(reward_engine, tokenizer, reward_tokenizer, cfg.ppo.micro_batch_size,
-                                           cfg.data.max_prompt_tokens, cfg.generation.max_new_tokens,
+                                           cfg.data.max_prompt_tokens, cfg.response_tokens(),
                                            cfg.ppo.packing)))
     if r.function:
         parts.append(("function", FunctionReward(r.function)))
     if r.url:
         parts.append(("remote", RemoteReward(r.url, r.timeout_s, r.retries, r.backoff_s, r.batch_size, r.token_file)))
     parts += [(name, SOURCES.get(name)(**options)) for name, options in r.registered.items()]
+    if cfg.rollout.environment:
+        parts.append(("environment", EnvironmentReward()))
     return WeightedReward([(name, float(r.weights.get(name, 1.0)), source) for name, source in parts])
 
 
@@ -181,8 +185,6 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
                         guard: NonFiniteGuard) -> dict:
     """`ppo_epochs` passes over the rollout in micro-batches; returns mean losses and PPO diagnostics."""
     p, T = cfg.ppo, (cfg.generation.temperature if cfg.generation.do_sample else 1.0)
-    clip_low, clip_high = p.clip_eps_low or p.clip_eps, p.clip_eps_high or p.clip_eps
-    agg = dict(agg=p.loss_agg_mode, norm_length=cfg.generation.max_new_tokens)
     n = exp.sequences.shape[0]
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -193,24 +195,10 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
         order = torch.randperm(n, generator=gen)
         for start in range(0, n, p.micro_batch_size):
             mb = exp.minibatch(order[start : start + p.micro_batch_size])
-            seq, attn, m = mb["sequences"], mb["attention_mask"], mb["action_mask"]
+            seq, attn = mb["sequences"], mb["attention_mask"]
             logp, entropy = sequence_logprobs(actor, seq, attn, exp.prompt_len, T, with_entropy=True,
                                               packing=p.packing, chunk_tokens=cfg.actor.engine.logit_chunk_tokens)
-            old_logp = mb.get("old_logp", logp.detach())  # absent: on-policy (see ExperienceMaker.on_policy)
-            pg_loss, pg = rlm.policy_loss(logp, old_logp, mb["advantages"], m, clip_low, clip_high, **agg,
-                                          dual_clip=p.dual_clip)
-            loss = pg_loss
-            figures = {"policy_loss": pg_loss.item(), "clipfrac": float(pg["clipfrac"]), "approx_kl": float(pg["approx_kl"]),
-                       "ratio": float(pg["ratio_mean"]), "entropy": rlm.masked_mean(entropy, m).item()}
-            if exp.old_logp is None:  # the rollout's KL to the reference, which the experience could not compute
-                figures["kl"] = (rlm.kl_per_token(logp.detach(), mb["ref_logp"], "k1") * m).sum(1).mean().item()
-            if "dual_clipfrac" in pg:  # ppo.dual_clip set
-                figures["dual_clipfrac"] = float(pg["dual_clipfrac"])
-            if p.kl_loss_coef > 0:
-                kl_loss, kl_mean = rlm.kl_loss(logp, mb["ref_logp"], m, p.kl_loss_estimator, **agg,
-                                               log_ratio_clip=p.kl_loss_log_ratio_clip)
-                loss = loss + p.kl_loss_coef * kl_loss
-                figures.update(kl_loss=kl_loss.item(), kl_loss_token_mean=float(kl_mean))
+            loss, figures = actor_loss(logp, entropy, mb, p, cfg.response_tokens())
             if ptx is not None:
                 nll, tokens = lm_loss(actor, {k: v.to(dev) for k, v in ptx.batch(step, count).items()}, p.packing,
                                       cfg.actor.engine.logit_chunk_tokens)
@@ -220,10 +208,9 @@ def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: Ptx
             figures["actor_grad_norm"] = _step_and_grad_norm(guard, actor, loss, step, "actor")
 
             if critic is not None:
-                values = token_values(critic, seq, attn, exp.prompt_len, p.packing)
-                vf_loss, vf_clipfrac = rlm.value_loss(values, mb["old_values"], mb["returns"], m, p.value_clip)
-                figures.update(value_loss=vf_loss.item(), value_clipfrac=float(vf_clipfrac),
-                               critic_grad_norm=_step_and_grad_norm(guard, critic, p.vf_coef * vf_loss, step, "critic"))
+                vf_loss, vf_figures = critic_loss(token_values(critic, seq, attn, exp.prompt_len, p.packing), mb, p)
+                figures.update(vf_figures)
+                figures["critic_grad_norm"] = _step_and_grad_norm(guard, critic, p.vf_coef * vf_loss, step, "critic")
             for k, v in figures.items():
                 if v is not None:  # grad norms: at optimizer steps, where DeepSpeed's optimizer computes one
                     sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
@@ -249,9 +236,9 @@ def evaluate_prompts(maker: ExperienceMaker, items: list[tuple[list[int], str, d
     for start in range(0, per_rank, cfg.ppo.rollout_batch_size):
         chunk = mine[start : start + cfg.ppo.rollout_batch_size]
         stats = maker.make(*(list(x) for x in zip(*chunk)), train=False).stats
-        for key in EVAL_FIGURES:
-            if key in stats:
-                sums[key] = sums.get(key, 0.0) + stats[key] * len(chunk) / per_rank
+        for key, value in stats.items():
+            if key in EVAL_FIGURES or key.startswith("env_"):  # env_: the same keys on every rank (info_keys)
+                sums[key] = sums.get(key, 0.0) + value * len(chunk) / per_rank
     keys = sorted(sums)
     mean = strategy.all_reduce_mean(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
     return {f"ppo/eval_{k}": v for k, v in zip(keys, mean)}
@@ -303,7 +290,7 @@ def run(cfg: PPOConfig) -> dict:
     examples = read_prompts(cfg, prompt_src)
     given = read_prompts(cfg, cfg.data.eval) if cfg.data.eval else None
     log.info("ppo: %s", fit_budgets(cfg, tokenizer, examples + (given or []), cfg.actor.model,
-                                    cfg.generation.max_new_tokens, "prompts"))
+                                    cfg.response_tokens(), "prompts"))
     items = prompt_items(cfg, tokenizer, examples, prompt_src)
     check_prompt_templates(cfg)
     # held-out prompts (data.eval, or data.eval_split of the training prompts): never trained on, evaluated every
@@ -321,7 +308,8 @@ def run(cfg: PPOConfig) -> dict:
     reward = build_reward(cfg, reward_engine, tokenizer, reward_tokenizer)
     kl_ctl = rlm.make_kl_controller(p.kl_controller, p.kl_coef, p.kl_target, p.kl_horizon)
     maker = ExperienceMaker(engine, actor, reference, critic, reward, tokenizer, p, cfg.generation, kl_ctl, gold,
-                            (cfg.actor.engine.logit_chunk_tokens, cfg.reference.engine.logit_chunk_tokens))
+                            (cfg.actor.engine.logit_chunk_tokens, cfg.reference.engine.logit_chunk_tokens),
+                            Episodes.from_config(cfg))
     log.info("ppo: reference log-probs from %s; old log-probs from %s",
              "the actor's LoRA base (adapters off)" if reference is None else "a frozen copy",
              "the update's own forward (on-policy: one epoch, one optimizer step, no KL in the reward)"
