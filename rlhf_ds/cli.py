@@ -333,9 +333,19 @@ def _run_eval(args) -> int:
         return 2
     if not under_launcher() and _bad_threads("eval"):
         return 2
+    from rlhf_ds.data.readers import DataError
+    from rlhf_ds.models.loading import ModelLoadError
+    from rlhf_ds.rewards.base import RewardError
     from rlhf_ds.steps import evaluate
 
-    results = evaluate.run(cfg)
+    try:
+        results = evaluate.run(cfg)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        print(f"rlhf-ds eval: {e}", file=sys.stderr)
+        return 2
+    except RewardError as e:  # a reward function's bad output, a reward server that is gone or answers nonsense
+        print(f"rlhf-ds eval: {e}", file=sys.stderr)
+        return 1
     if results:
         print(json.dumps({k: v for k, v in results.items() if k not in ("models", "prompts")}, indent=2))
     return 0

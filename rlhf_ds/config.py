@@ -1065,6 +1065,9 @@ class EvalConfig(StepConfig):
     # a verifiable reward "package.module:function" or "path/file.py:function" (as ppo's reward.function): each
     # response's function reward, the share that passes (reward >= pass_threshold) and pass@k per policy
     reward_function: Optional[str] = None
+    # or a reward served by `rlhf-ds serve-reward` (as ppo's reward.url), scored the same way (pass, pass@k)
+    reward_url: Optional[str] = None
+    reward_token_file: Optional[str] = None  # the server's shared secret (as ppo's reward.token_file)
     pass_threshold: float = 1.0  # a response passes when its function reward is at least this
     # k of pass@k (unbiased estimate from samples_per_prompt samples; each k <= samples_per_prompt); empty = 1 and
     # samples_per_prompt
@@ -1099,7 +1102,11 @@ class EvalConfig(StepConfig):
             from rlhf_ds.rewards.function import load_function
 
             load_function(self.reward_function)  # a typo fails before any model is loaded
-        elif self.pass_k:
+        if self.reward_function and self.reward_url:
+            raise ConfigError("eval scores responses with reward_function or reward_url, not both")
+        if self.reward_token_file and not self.reward_url:
+            raise ConfigError("eval.reward_token_file is the token for reward_url, which is not set")
+        if self.pass_k and not (self.reward_function or self.reward_url):
             raise ConfigError("eval.pass_k counts responses that pass eval.reward_function, which is not set")
         bad = [k for k in self.pass_k if not 1 <= k <= self.samples_per_prompt]
         if bad:

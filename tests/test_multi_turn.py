@@ -262,7 +262,7 @@ def test_ranks_with_different_turn_counts_finish_and_resume_bit_identically(mode
     assert_same_run(reference, out)  # every step figure and the saved weights, exactly
 
 
-# ---- bad input ---------------------------------------------------------------------------------------------------------
+# ---- bad input -------------------------------------------------------------------------------------------------------
 def grpo_args(models, out: str, *extra: str) -> list[str]:
     return ["ppo", f"output_dir={out}", f"actor.model={models['gpt2']}", "reward.model=null",
             f"plugins=[{ENV_EXT}]", "ppo.advantage_estimator=grpo", "ppo.n_samples_per_prompt=2",

@@ -420,7 +420,7 @@ def test_serve_reward_answers_nested_json_with_400(guarded):
 def test_serve_reward_token_401_without_it_and_the_client_reads_reward_token_file(models, guarded, tmp_path, caplog):
     from rlhf_ds.config import load_config
     from rlhf_ds.models.scalar_head import RewardScorer
-    from rlhf_ds.steps.ppo import build_reward
+    from rlhf_ds.rewards import build_reward
 
     server, token_file = guarded
     url = server.url

@@ -125,6 +125,34 @@ def test_grpo_against_a_served_reward_model_scores_as_in_process(models, remote_
     assert len({round(remote[s]["ppo/reward"], 4) for s in remote}) == STEPS  # real scores, not a constant
 
 
+# ---- 1b. eval scores with a served reward as the reward model does (before section 2 kills the server) --------------
+
+
+def test_eval_with_a_served_reward_scores_as_the_reward_model_in_process(models, server, tmp_path):
+    out = str(tmp_path / "eval")
+    cmd = [sys.executable, "-m", "rlhf_ds.cli", "eval", f"output_dir={out}", f"sft_model={models['llama']}",
+           "ppo_model=null", f"reward_model={models['llama_rm']}", f"reward_url={server.url}", "max_prompts=6",
+           "samples_per_prompt=2", "pass_threshold=0.0", "generation.max_new_tokens=8", "greedy_pass=false"]
+    rc, stdout, stderr = run(cmd, str(tmp_path), "eval")
+    assert rc == 0, f"exit {rc}:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"), encoding="utf-8")]
+    assert len(samples) == 12
+    for s in samples:  # the server's scores are the reward model's, per response
+        assert s["sft_function_reward"] == pytest.approx(s["sft_rm_score"], abs=1e-4), s
+    with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
+        res = json.load(f)
+    assert res["reward_url"] == server.url and res["reward_function"] is None
+    passed = [s["sft_function_reward"] >= 0.0 for s in samples]
+    assert res["accuracy"]["sft"] == pytest.approx(sum(passed) / len(passed), abs=1e-12)
+    assert len({round(s["sft_rm_score"], 4) for s in samples}) > 3  # real scores, not a constant
+    # a server that is gone: bounded retries, then one line and exit 1
+    dead = f"http://127.0.0.1:{free_port()}"
+    rc, stdout, stderr = run(cmd + [f"reward_url={dead}", f"output_dir={out}_dead"], str(tmp_path), "eval_dead")
+    assert rc == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert f"rlhf-ds eval: reward server {dead} gave no answer after 4 attempts: ConnectionRefusedError" in stderr
+    assert not os.path.exists(os.path.join(f"{out}_dead", "results.json"))
+
+
 # ---- 2. the server dies mid-run: retries, a clear error, a good checkpoint, and a resume once it is back -------------
 
 
@@ -267,3 +295,4 @@ def test_planner_without_critic_or_reward_model(capsys):
 def test_planner_refuses_an_unknown_estimator(capsys):
     assert cli.main(["plan", "--actor", "1B", "--advantage-estimator", "ppo2", "--json"]) == 2
     assert "ppo2" in capsys.readouterr().err
+

@@ -285,6 +285,24 @@ def tokenizer_span(tokenizer: PreTrainedTokenizerBase) -> int:
     return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
+def max_positions(config) -> Optional[int]:
+    """The positions a model config allows (None when it names none)."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def pick_device(name: str = "auto") -> str:
+    """The device of a one-process tool (eval, score, serve-reward): "auto" = the accelerator DeepSpeed detects."""
+    if name != "auto":
+        return name
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name()
+
+
 def check_vocab(tokenizer: PreTrainedTokenizerBase, n_embed: int, path: str) -> None:
     """Refuse a tokenizer whose ids do not all have an embedding row, beyond the PAD load_tokenizer added."""
     span, added = tokenizer_span(tokenizer), getattr(tokenizer, _ADDED, 0)

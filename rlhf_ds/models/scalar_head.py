@@ -168,3 +168,17 @@ class RewardScorer:
             raw = self.model.raw_scores(input_ids.to(self.device), mask.to(self.device))
             out += (self.model.normalise(raw) if normalised else raw).tolist()
         return out
+
+
+def reward_scorer(path: str, device: str, precision: str = "fp32", max_prompt_tokens: int = 256,
+                  max_new_tokens: int = 256) -> RewardScorer:
+    """A RewardScorer whose length limits fit both the texts (policy tokens may split finer) and the RM's positions:
+    the one length budget of `eval`, `score`, `chat` and `rm-report`."""
+    from transformers import AutoConfig
+
+    from rlhf_ds.models.loading import max_positions, resolve_model_dir
+
+    limit = max_positions(AutoConfig.from_pretrained(resolve_model_dir(path))) or 1 << 30
+    seq = min(4 * (max_prompt_tokens + max_new_tokens), limit)
+    prompt = max(2, min(4 * max_prompt_tokens, seq // 2))
+    return RewardScorer(path, device=device, precision=precision, max_prompt_tokens=prompt, max_seq_len=seq)

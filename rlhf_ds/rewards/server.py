@@ -610,9 +610,8 @@ def make_server(scorer, model_dir: str, host: str, port: int, batch_size: int,
 def load_scorer(model_dir: str, device, precision: str, max_prompt_tokens: int, max_seq_len: int):
     """A RewardScorer of a saved reward model, its lengths within the model's positions. A folder without a trained
     head is refused: it would be served with a random one."""
-    from rlhf_ds.models.loading import ModelLoadError, resolve_model_dir
+    from rlhf_ds.models.loading import ModelLoadError, max_positions, pick_device, resolve_model_dir
     from rlhf_ds.models.scalar_head import RewardScorer, read_saved_head
-    from rlhf_ds.steps.evaluate import max_positions, pick_device
 
     if read_saved_head(resolve_model_dir(model_dir)) is None:
         raise ModelLoadError(f"{model_dir}: not a reward model (no scalar_head.safetensors / scalar_head.json); "

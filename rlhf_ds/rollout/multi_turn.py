@@ -1,11 +1,11 @@
 """Multi-turn episodes (`rollout.environment`): the policy and an environment take turns, rank-local.
 
 Per turn, every episode still running decodes its next model turn in one batched `engine.generate` call (the
-weights of the step's `sync_weights`), up to its end-of-turn token (EOS) or `generation.max_new_tokens`; the
+weights of the step's `sync_weights`), up to its end-of-turn token (EOS) or `generation.max_new_tokens`, or right
+after the first of the environment's `stop_strings` (e.g. "</tool>"), as a stop condition of decoding would; the
 environment (envs/base.py) answers each turn with an observation, a reward and whether the episode is over. An
 episode ends when its environment says done, after `max_turns` model turns, or when its response side (model and
-environment tokens after the prompt) reaches `max_total_tokens`. An environment with `stop_strings` (e.g. "</tool>")
-also ends a model turn right after the first of them, as a stop condition of decoding would. No collective is entered: ranks whose episodes take
+environment tokens after the prompt) reaches `max_total_tokens`. No collective is entered: ranks whose episodes take
 different numbers of turns never wait for each other.
 
 The result is a `RolloutBatch` like a single-turn rollout's, with the environment's tokens inside the response:
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -101,7 +102,8 @@ class _Episode:
             raise EnvironmentFailure(f"environment {self.name!r}: step returned {type(out).__name__} on {self.label}; "
                                      "expected rlhf_ds.envs.base.EnvStep(observation, reward, done)")
         if out.reward is not None:
-            if isinstance(out.reward, bool) or not isinstance(out.reward, (int, float)) or out.reward != out.reward:
+            number = isinstance(out.reward, (int, float)) and not isinstance(out.reward, bool)
+            if not number or not math.isfinite(out.reward):
                 raise EnvironmentFailure(f"environment {self.name!r}: reward {out.reward!r} on {self.label} is not a "
                                          "finite number")
             self.reward += float(out.reward)
@@ -122,14 +124,15 @@ class _Episode:
         if self.has_eos:
             response = response[: response.index(eos) + 1]
         self.stopped = False
-        if self.stop_strings:
-            text = tokenizer.decode(response, skip_special_tokens=True)
-            if any(stop in text for stop in self.stop_strings):
-                for k in range(1, len(response) + 1):
-                    if any(stop in tokenizer.decode(response[:k], skip_special_tokens=True) for stop in self.stop_strings):
-                        response, self.stopped = response[:k], True
-                        self.has_eos = eos in response
-                        break
+
+        def stops(tokens: list[int]) -> bool:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            return any(stop in text for stop in self.stop_strings)
+
+        if self.stop_strings and stops(response):
+            k = next(k for k in range(1, len(response) + 1) if stops(response[:k]))  # the shortest prefix that stops
+            response, self.stopped = response[:k], True
+            self.has_eos = eos in response
         return response
 
     def add(self, tokens: list[int], action: int) -> None:

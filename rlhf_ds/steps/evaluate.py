@@ -5,7 +5,8 @@ the DPO policy, when given) each answer (sampled at T=1 by default, several samp
 one process, no DeepSpeed engine); every response is scored by the gold reward (built-in task only) and by the reward model. Reported: mean gold reward and mean RM score of each policy,
 the win rates of PPO (and DPO) over SFT, and of DPO over PPO, by gold reward (ties count 0.5) and by RM score,
 response lengths and EOS rates. With `reward_function` (a verifiable reward, called as PPO's reward.function with the
-prompt rows' other columns), also per policy: the mean function reward, the accuracy (share of sampled responses whose
+prompt rows' other columns) or `reward_url` (a reward served by `rlhf-ds serve-reward`, as PPO's reward.url), also per
+policy (the key `function_reward` holds either's scores): the mean function reward, the accuracy (share of sampled responses whose
 reward is >= `pass_threshold`), the unbiased pass@k for each k of `pass_k` (Chen et al. 2021) and, with `greedy_pass`,
 the share of greedy answers (one per prompt) that pass. Written:
 `<output_dir>/results.json` and `samples.jsonl` (one line per prompt and sample: every policy's response and its
@@ -26,6 +27,8 @@ import torch
 
 from rlhf_ds.config import ConfigError, EvalConfig, GenerationConfig, save_config, to_dict
 from rlhf_ds.engine.launcher import threads_per_process
+from rlhf_ds.models.loading import max_positions, pick_device
+from rlhf_ds.models.scalar_head import reward_scorer
 from rlhf_ds.utils import atomic_write_json, atomic_write_text, is_rank0
 
 log = logging.getLogger("rlhf_ds")
@@ -34,12 +37,6 @@ POLICIES = ("sft", "ppo", "dpo")
 
 
 # ---- loading and generation -------------------------------------------------------------------------------------------
-def pick_device(name: str = "auto") -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def load_policy(path: str, device: str = "cpu", precision: str = "fp32", trust_remote_code: bool = False):
     """(model in eval mode on `device`, tokenizer) from a model folder or a step run folder holding `model/`."""
     from rlhf_ds.models.loading import load_causal_lm, load_tokenizer
@@ -48,14 +45,6 @@ def load_policy(path: str, device: str = "cpu", precision: str = "fp32", trust_r
     model = load_causal_lm(path, {}, precision, disable_dropout=True, trust_remote_code=trust_remote_code,
                            tokenizer=tokenizer)
     return model.to(device).eval(), tokenizer
-
-
-def max_positions(config) -> Optional[int]:
-    for key in ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def prompt_budget(model, max_new_tokens: int, max_prompt_tokens: Optional[int] = None) -> int:
@@ -127,20 +116,6 @@ def generate(model, tokenizer, prompts: list[str], gen: GenerationConfig, batch_
             out[i] = {"response": tokenizer.decode(kept, skip_special_tokens=True),
                       "response_tokens": int(rmask[row].sum()), "eos": bool(has_eos[row])}
     return out  # type: ignore[return-value]
-
-
-def reward_scorer(path: str, device: str, precision: str = "fp32", max_prompt_tokens: int = 256,
-                  max_new_tokens: int = 256):
-    """A RewardScorer whose length limits fit both the texts (policy tokens may split finer) and the RM's positions."""
-    from transformers import AutoConfig
-
-    from rlhf_ds.models.loading import resolve_model_dir
-    from rlhf_ds.models.scalar_head import RewardScorer
-
-    limit = max_positions(AutoConfig.from_pretrained(resolve_model_dir(path))) or 1 << 30
-    seq = min(4 * (max_prompt_tokens + max_new_tokens), limit)
-    prompt = max(2, min(4 * max_prompt_tokens, seq // 2))
-    return RewardScorer(path, device=device, precision=precision, max_prompt_tokens=prompt, max_seq_len=seq)
 
 
 # ---- evaluation --------------------------------------------------------------------------------------------------------
@@ -232,11 +207,15 @@ def run(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device)
     models = {name: getattr(cfg, f"{name}_model") for name in POLICIES if getattr(cfg, f"{name}_model")}
     n_prompts = len(examples)
-    function = None
+    function = None  # the verifier: a Python function or a served reward, scored per response (pass, pass@k)
     if cfg.reward_function:
         from rlhf_ds.rewards.function import FunctionReward
 
         function = FunctionReward(cfg.reward_function)
+    elif cfg.reward_url:
+        from rlhf_ds.rewards.remote import RemoteReward
+
+        function = RemoteReward(cfg.reward_url, token_file=cfg.reward_token_file)
     greedy_gen = dataclasses.replace(cfg.generation, do_sample=False)
     greedy: dict[str, list[dict]] = {}  # one greedy answer per prompt and policy (reward_function with greedy_pass)
 
@@ -295,6 +274,7 @@ def run(cfg: EvalConfig) -> dict:
                          for i in range(n_prompts)] for name, rows in gens.items()}
         verified = {
             "reward_function": cfg.reward_function,
+            "reward_url": cfg.reward_url,
             "pass_threshold": cfg.pass_threshold,
             "function_reward": per_policy("function_reward"),
             "accuracy": {name: _mean(float(r["passed"]) for r in rows) for name, rows in gens.items()},
@@ -303,7 +283,7 @@ def run(cfg: EvalConfig) -> dict:
         if greedy:
             verified["greedy_accuracy"] = {name: _mean(float(r["passed"]) for r in rows) for name, rows in greedy.items()}
         for name in gens:
-            log.info("eval: %s policy, reward function %s: accuracy %s, pass@k %s%s", name, cfg.reward_function,
+            log.info("eval: %s policy, reward %s: accuracy %s, pass@k %s%s", name, cfg.reward_function or cfg.reward_url,
                      verified["accuracy"][name], verified["pass_at_k"][name],
                      f", greedy accuracy {verified['greedy_accuracy'][name]}" if name in greedy else "")
 

@@ -178,7 +178,8 @@ def write_rm_report(reward_model: str, output_dir: str, pairs: Optional[str] = N
     """`rlhf-ds rm-report`: rm_report.json and rm_report.html in `output_dir` (written only once everything is scored).
     The pairs' options are build_rm_report's; `template` None = the reward model's own (`pairs_template`)."""
     from rlhf_ds.data.formats import check_template
-    from rlhf_ds.steps.evaluate import pick_device, reward_scorer
+    from rlhf_ds.models.loading import pick_device
+    from rlhf_ds.models.scalar_head import reward_scorer
 
     if not pairs and not samples:
         raise ValueError("rm-report needs --pairs (held-out preference pairs) and/or --samples (a policy's responses)")
