@@ -55,6 +55,10 @@ FIXED_ON_RESUME = (
     "ppo.ptx_data", "ppo.ema_decay", "ppo.dynamic_sampling", "dpo.loss", "dpo.length_normalize", "dpo.precompute_reference",
 )
 _NOT_COMPARED = ("output_dir", "checkpoint.*", "tracking.*")
+# steps whose checkpoints resume on another world size (one trained engine, no per-rank state but the RNGs); step 3
+# keeps per-rank rollouts, EMA shards and prompt streams
+ELASTIC_STEPS = ("pretrain", "sft", "rm", "dpo")
+UNIVERSAL = ".universal"  # step_N.universal: the DeepSpeed universal copy of step_N, beside it
 
 
 class ResumeError(ValueError):
@@ -187,17 +191,22 @@ class CheckpointManager:
         self.stop: Optional[StopSignal] = None  # listen_for_stop_signals: once the step's start-up is over
         self._last_save = time.monotonic()
         self.broken: list[str] = []  # checkpoints found unusable (rank 0)
+        self.elastic: Optional[dict] = None  # resuming on another world size: {"from", "to", "grad_accum", ...}
+        self.train = getattr(cfg, "train", None)  # the batch actually trained (saved with each checkpoint)
+        self.seed = getattr(self.train, "seed", 0)
         decision = self._choose() if is_rank0() else None
         decision = strategy.broadcast_object(decision)
         if decision["error"]:
             raise ResumeError(decision["error"])
         self.resume_path: Optional[str] = decision["path"]
         self.latest: Optional[str] = decision["path"]
+        if decision.get("elastic"):
+            self._start_elastic(cfg, decision["elastic"])
 
     # ---- which checkpoint (rank 0 decides, every rank follows) ----------------------------------------------------
     def _choose(self) -> dict:
         try:
-            return {"path": self._find(), "error": None}
+            return {"path": self._find(), "error": None, "elastic": self.elastic}
         except ResumeError as e:
             return {"path": None, "error": str(e)}
 
@@ -241,14 +250,22 @@ class CheckpointManager:
         manifest = read_manifest(path)
         if manifest.get("step_name") != self.step_name:
             raise ResumeError(f"{path} is a checkpoint of step '{manifest.get('step_name')}', not '{self.step_name}'")
-        if manifest.get("world_size") != world_size():
-            raise ResumeError(
-                f"{path} was written by {manifest.get('world_size')} ranks and this run has {world_size()}: ZeRO shards, "
-                "data order and RNG streams are per rank; resume with the same number of ranks "
-                "(or checkpoint.resume=never to start afresh)")
         with open(os.path.join(path, "config.yaml"), encoding="utf-8") as f:
             old = yaml.safe_load(f)
+        self.elastic = None
+        if manifest.get("world_size") != world_size():
+            if self.step_name not in ELASTIC_STEPS:
+                raise ResumeError(
+                    f"{path} was written by {manifest.get('world_size')} ranks and this run has {world_size()}: step "
+                    f"'{self.step_name}' keeps per-rank rollouts, EMA shards and prompt streams; resume with the same "
+                    f"number of ranks (only {', '.join(ELASTIC_STEPS)} resume on another world size), or "
+                    "checkpoint.resume=never to start afresh")
+            self.elastic = self._elastic_batch(path, old, manifest["world_size"])
+        elif self.step_name in ELASTIC_STEPS:
+            self.elastic = self._batch_kept(path, old)
         breaking, other = config_changes(old, self.config)
+        if self.elastic:  # the batch keys may change with the world size, as long as the global batch is kept
+            breaking = [b for b in breaking if not b.startswith(("train.micro_batch_size:", "train.grad_accum:"))]
         if breaking:
             raise ResumeError(
                 f"the config differs from the one checkpoint {path} was written with, in ways that break resuming:\n  "
@@ -256,6 +273,92 @@ class CheckpointManager:
                 + "\nrestore these settings, or start afresh with checkpoint.resume=never (or another output_dir)")
         if other:
             log.warning("resuming with config changes:\n  %s", "\n  ".join(other))
+
+    @staticmethod
+    def _trained_batch(path: str, old: dict) -> dict:
+        """The micro-batch size and accumulation the checkpoint's run trained with (re-derived ones included)."""
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            batch = json.load(f).get("batch")
+        return batch or {k: old["train"][k] for k in ("micro_batch_size", "grad_accum")}
+
+    def _batch_kept(self, path: str, old: dict) -> Optional[dict]:
+        """The same world size, the config's batch keys unchanged, but the checkpoint's run trained with a re-derived
+        accumulation (it was resumed on this world size from another): continue with that one."""
+        trained, given = self._trained_batch(path, old), self.config.get("train", {})
+        keys = ("micro_batch_size", "grad_accum")
+        if all(trained[k] == given.get(k) for k in keys) or any(old["train"][k] != given.get(k) for k in keys):
+            return None
+        return {"from": world_size(), "to": world_size(), "global_batch": trained["micro_batch_size"] *
+                trained["grad_accum"] * world_size(), **{k: trained[k] for k in keys}}
+
+    def _elastic_batch(self, path: str, old: dict, old_world: int) -> dict:
+        """How a checkpoint of `old_world` ranks continues on this world size with the same global batch (examples per
+        optimizer step): train.micro_batch_size as given, train.grad_accum re-derived (or as given, when that keeps
+        it). ResumeError naming the sizes and the keys to set when no accumulation keeps it."""
+        before, given = {**old.get("train", {}), **self._trained_batch(path, old)}, self.config.get("train", {})
+        if before.get("micro_batch_tokens") or given.get("micro_batch_tokens"):
+            raise ResumeError(f"{path}: micro-batches by token budget (train.micro_batch_tokens) are per rank and "
+                              "cannot be re-derived for another world size; resume with "
+                              f"{old_world} ranks")
+        batch = before["micro_batch_size"] * before["grad_accum"] * old_world
+        micro, accum, ranks = given["micro_batch_size"], given["grad_accum"], world_size()
+        if micro * accum * ranks != batch:
+            accum, left = divmod(batch, micro * ranks)
+            if left or accum < 1:
+                raise ResumeError(
+                    f"{path} was written by {old_world} ranks and this run has {ranks}: its global batch of {batch} "
+                    f"examples (train.micro_batch_size {before['micro_batch_size']} x {old_world} ranks x "
+                    f"train.grad_accum {before['grad_accum']}) cannot be kept with train.micro_batch_size {micro} and "
+                    f"a whole train.grad_accum; set train.micro_batch_size (and train.grad_accum) so that "
+                    f"micro_batch_size x {ranks} x grad_accum = {batch}, or resume with {old_world} ranks")
+        return {"from": old_world, "to": ranks, "global_batch": batch, "micro_batch_size": micro, "grad_accum": accum}
+
+    def _start_elastic(self, cfg, plan: dict) -> None:
+        """Every rank, before any engine is built: the re-derived accumulation, and engines that load the universal
+        format."""
+        self.elastic = plan
+        cfg.train.micro_batch_size, cfg.train.grad_accum = plan["micro_batch_size"], plan["grad_accum"]
+        if plan["from"] == plan["to"]:
+            log.info("resuming %s with the batch it trained with: train.micro_batch_size %d x train.grad_accum %d",
+                     self.resume_path, plan["micro_batch_size"], plan["grad_accum"])
+            return
+        strategy.loading_universal = True
+        log.info("resuming %s (written by %d ranks) on %d ranks: global batch %d kept as train.micro_batch_size %d x "
+                 "%d ranks x train.grad_accum %d; ZeRO shards through DeepSpeed's universal checkpoint format",
+                 self.resume_path, plan["from"], plan["to"], plan["global_batch"], plan["micro_batch_size"],
+                 plan["to"], plan["grad_accum"])
+
+    def _universal_copy(self, path: str) -> str:
+        """`path` + ".universal": every engine of stage 1-3 converted once (rank 0, under a temp name, published by a
+        rename with its own COMPLETE manifest; reused by later resumes). The original is only read."""
+        final = path + UNIVERSAL
+        if is_rank0() and checkpoint_problem(final) is not None:
+            t0 = time.time()
+            tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(final)}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+            os.makedirs(tmp)
+            try:
+                for tag, engine in self.engines.items():
+                    if strategy.zero_stage(engine) >= 1:
+                        strategy.to_universal(path, tag, tmp)
+                files = {}
+                for folder, _, names in os.walk(tmp):
+                    for n in names:
+                        full = os.path.join(folder, n)
+                        _fsync(full)
+                        files[os.path.relpath(full, tmp)] = os.path.getsize(full)
+                atomic_write_json(os.path.join(tmp, COMPLETE), {"source": os.path.basename(path), "files": files,
+                                                                "time": time.time()})
+                os.replace(tmp, final)
+                _fsync_dir(os.path.dirname(final))
+            except Exception as e:
+                raise CheckpointError(f"converting {path} to DeepSpeed's universal format failed: {e} "
+                                      f"({_free_space(self.root)}); the checkpoint itself is unchanged") from e
+            size = sum(files.values())
+            log.info("converted %s to %s in %.1f s (%.1f MB)", path, final, time.time() - t0, size / 1e6)
+        barrier()
+        return final
 
     # ---- start --------------------------------------------------------------------------------------------------------
     def prepare_dir(self) -> None:
@@ -273,6 +376,7 @@ class CheckpointManager:
             log.warning("checkpoint.resume=never: removing the old checkpoints in %s", self.root)
             for d in _step_dirs(self.root):
                 shutil.rmtree(os.path.join(self.root, d), ignore_errors=True)
+                shutil.rmtree(os.path.join(self.root, d + UNIVERSAL), ignore_errors=True)
             if os.path.exists(os.path.join(self.root, LATEST)):
                 os.unlink(os.path.join(self.root, LATEST))
 
@@ -288,10 +392,33 @@ class CheckpointManager:
         """Restore the chosen checkpoint into `self.engines`, the registered states and this rank's RNGs; returns the
         saved trainer state (`step`, ...) with `metrics` (the metric rows)."""
         path = self.resume_path
+        if self.elastic and self.elastic["from"] != self.elastic["to"]:
+            return self._load_elastic(path)
         for tag, engine in self.engines.items():
             strategy.load_engine(engine, path, tag)
         local = torch.load(os.path.join(path, f"rank_{rank():05d}.pt"), map_location="cpu", weights_only=True)
         set_rng_state(local["rng"])
+        return self._load_states(path, local)
+
+    def _load_elastic(self, path: str) -> dict:
+        """Another world size: ZeRO shards through the universal copy (stage 0 engines hold everything whole and load
+        as they are), and each rank's RNGs seeded afresh from (train.seed, step, rank): the training data order does
+        not depend on them, sampling and dropout after the resume do (docs/reliability.md)."""
+        per_rank = [name for name, (_, is_per_rank) in self.states.items() if is_per_rank]
+        if per_rank:
+            raise ResumeError(f"{path}: per-rank state {per_rank} cannot be re-sharded for another world size")
+        universal = self._universal_copy(path)
+        for tag, engine in self.engines.items():
+            strategy.load_engine(engine, universal if strategy.zero_stage(engine) >= 1 else path, tag)
+        with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+            step = json.load(f)["step"]
+        seed = int(np.random.default_rng([self.seed, step, rank(), 7717]).integers(2**31))
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return self._load_states(path, {})
+
+    def _load_states(self, path: str, local: dict) -> dict:
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
             state = json.load(f)
         with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
@@ -360,9 +487,11 @@ class CheckpointManager:
     def _publish(self, tmp: str, final: str, step: int, loop_state: dict) -> None:
         rows = self.metrics.history if self.metrics is not None else []
         wandb_id = self.metrics.wandb_id if self.metrics is not None else None
+        batch = ({"micro_batch_size": self.train.micro_batch_size, "grad_accum": self.train.grad_accum}
+                 if hasattr(self.train, "grad_accum") and hasattr(self.train, "micro_batch_size") else None)
         atomic_write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "step_name": self.step_name,
                                                                      "world_size": world_size(), "wandb_id": wandb_id,
-                                                                     "states": loop_state})
+                                                                     "batch": batch, "states": loop_state})
         atomic_write_text(os.path.join(tmp, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
         atomic_write_text(os.path.join(tmp, "config.yaml"), yaml.safe_dump(self.config, sort_keys=False))
         files = {}
@@ -380,6 +509,7 @@ class CheckpointManager:
         atomic_write_text(os.path.join(self.root, LATEST), os.path.basename(final) + "\n")
         for old in _step_dirs(self.root)[self.cfg.keep_last:]:
             shutil.rmtree(os.path.join(self.root, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.root, old + UNIVERSAL), ignore_errors=True)
 
 
 def remove_interrupted_write(path: str) -> None:

@@ -121,9 +121,16 @@ def torch_dtype(precision: str) -> torch.dtype:
 built_ds_configs: dict[str, dict] = {}
 
 
+# set by the checkpoint manager before any engine is built when it resumes on another world size: trained engines of
+# ZeRO stage 1-3 then load DeepSpeed's universal format (`to_universal`), which DeepSpeed decides when it builds one
+loading_universal = False
+
+
 def ds_config_for(engine: EngineConfig, micro_batch_size: int, grad_accum: int = 1, inference: bool = False,
                   role: str = "model") -> dict:
     cfg = build_ds_config(engine, micro_batch_size, grad_accum, world_size(), inference=inference)
+    if loading_universal and not inference and engine.zero_stage >= 1:
+        cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "load_universal": True}
     built_ds_configs[role] = cfg
     return cfg
 
@@ -364,6 +371,23 @@ def save_engine(engine, folder: str, tag: str) -> None:
     """DeepSpeed's own checkpoint of a training engine (module, ZeRO shards of every rank, optimizer, LR scheduler)
     under `folder/tag`. Collective."""
     engine.save_checkpoint(folder, tag=tag, save_latest=False)
+
+
+def to_universal(folder: str, tag: str, out_folder: str) -> None:
+    """DeepSpeed's universal checkpoint of `folder/tag` (a ZeRO stage 1-3 engine's shards, any world size) written to
+    `out_folder/tag`, which a run on another world size loads (`loading_universal`). One process; reads `folder`
+    only."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=os.path.join(folder, tag), output_folder=os.path.join(out_folder, tag), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+
+
+def zero_stage(engine) -> int:
+    return engine.zero_optimization_stage()
 
 
 def load_engine(engine, folder: str, tag: str) -> None:

@@ -142,6 +142,11 @@ def run(engine, task: TrainTask, train: TrainConfig, ctx: StepContext) -> dict:
             step += 1
             figures = dict(zip(sums, (strategy.all_reduce_sum(torch.tensor(list(sums.values()), dtype=torch.float64))
                                       / max(total_weight, 1e-12)).tolist()))
+            # which examples the step took, on any number of ranks: the sums of (index + 1) and its square over the
+            # global batch (a resume on another world size must take the same ones)
+            ids = torch.tensor([i + 1 for indices in micro for i in indices], dtype=torch.float64)
+            taken = strategy.all_reduce_sum(torch.stack([ids.sum(), ids.square().sum()])).tolist()
+            figures.update(example_id_sum=taken[0], example_id_sq_sum=taken[1])
             if budgeted:
                 figures["micro_batches"] = len(batches)  # per rank, stand-ins included
             bar.update(1)
