@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 import time
 
@@ -26,7 +25,7 @@ import torch
 
 from conftest import REPO, ppo_metrics_by_step, ppo_resume_args, read_metrics, run_cli
 from dist_hybrid_models import tiny_models
-from test_resume import assert_same_run, checkpoints, finish, start_cli, wait_for_step
+from test_resume import assert_same_run, stop_after_step_2_then_resume
 
 from rlhf_ds.envs import ENVIRONMENTS, TOOLS, ToolUse
 from rlhf_ds.envs.tools import calculator, find_call, run_call
@@ -231,34 +230,42 @@ def test_environment_tokens_change_neither_the_losses_nor_their_gradients(models
     assert losses(poisoned)[0] != a[0]
 
 
-# ---- 2 ranks, different turn counts, resume --------------------------------------------------------------------------
+# ---- 2 ranks, different turn counts, dynamic sampling, resume -----------------------------------------------------
 MT_ARGS = [f"plugins=[{ENV_EXT}]", "rollout.environment=scripted", "rollout.environment_options.turns_by_rank=[1,4]",
            "rollout.max_turns=4", "generation.max_new_tokens=6", "rollout.max_total_tokens=48"]
+PARITY = '''
+def parity(prompts, responses, **columns):
+    """1 for an even number of characters: some groups of 4 have no signal."""
+    return [float(len(r) % 2 == 0) for r in responses]
+'''
 
 
-def test_ranks_with_different_turn_counts_finish_and_resume_bit_identically(models, tmp_path, monkeypatch):
+def test_ranks_with_different_turn_counts_resample_finish_and_resume_bit_identically(models, tmp_path, monkeypatch):
+    """Rank 0's episodes end at turn 1, rank 1's at turn 4; with dynamic sampling on (rank-local extra rounds of
+    episodes) and a parity rule besides the environment's reward. Also the resume test of dynamic sampling (#26)."""
     record = tmp_path / "record"
     record.mkdir()
     monkeypatch.setenv("ENV_EXT_RECORD", str(record))
+    (tmp_path / "rules.py").write_text(PARITY)
+    extra = [*MT_ARGS, "reward.model=null", f"reward.function={tmp_path / 'rules.py'}:parity",
+             "ppo.dynamic_sampling=true", "ppo.dynamic_sampling_max_rounds=2", "ppo.n_samples_per_prompt=4",
+             "ppo.micro_batch_size=4"]
     reference = str(tmp_path / "reference")
     t0 = time.time()
-    run_cli(ppo_resume_args(models, reference, *MT_ARGS, estimator="grpo"), ranks=2, timeout=400)
+    run_cli(ppo_resume_args(models, reference, *extra, estimator="grpo"), ranks=2, timeout=400)
     seconds = time.time() - t0
     turns = {r: {json.loads(line)["turns"] for line in open(record / f"rank{r}.jsonl")} for r in (0, 1)}
     assert turns == {0: {1}, 1: {4}}, turns  # no hang although rank 1 decodes four times as often per step
     rows = ppo_metrics_by_step(reference)
     assert all(r["ppo/env_turns"] == 2.5 and r["ppo/env_done_rate"] == 1.0 for r in rows.values())
+    # groups without signal were dropped and replaced: extra rounds ran and the trained batches lost most of them
+    assert sum(r["ppo/ds_extra_rounds"] for r in rows.values()) > 0
+    assert sum(r["ppo/zero_signal_groups"] for r in rows.values()) < sum(r["ppo/ds_zero_signal_sampled"]
+                                                                         for r in rows.values())
     print(f"2 ranks, turns 1 vs 4, {len(rows)} GRPO steps: {seconds:.1f} s including start-up")
 
     out = str(tmp_path / "interrupted")
-    proc = start_cli(ppo_resume_args(models, out, *MT_ARGS, estimator="grpo"))
-    wait_for_step(proc, out, 2)
-    proc.send_signal(signal.SIGTERM)
-    rc, log = finish(proc)
-    assert rc == 75, log[-4000:]
-    assert 2 <= int(checkpoints(out)[0].split("_")[1])
-    rc, log = finish(start_cli(ppo_resume_args(models, out, *MT_ARGS, estimator="grpo")))
-    assert rc == 0, log[-4000:]
+    stop_after_step_2_then_resume(ppo_resume_args(models, out, *extra, estimator="grpo"), out)
     assert_same_run(reference, out)  # every step figure and the saved weights, exactly
 
 

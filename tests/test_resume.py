@@ -84,6 +84,19 @@ def finish(proc: subprocess.Popen, timeout: float = TIMEOUT) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def stop_after_step_2_then_resume(args: list[str], out: str) -> None:
+    """Run `args` on 2 ranks, SIGTERM once step 2 is logged (exit 75, one checkpoint before the last step), then the
+    same command again to the end (exit 0); the caller compares the run with an uninterrupted one."""
+    proc = start_cli(args)
+    wait_for_step(proc, out, 2)
+    proc.send_signal(signal.SIGTERM)
+    rc, log = finish(proc)
+    assert rc == 75, log[-4000:]
+    assert 2 <= int(checkpoints(out)[0].split("_")[1]) < PPO_RESUME_STEPS
+    rc, log = finish(start_cli(args))
+    assert rc == 0, log[-4000:]
+
+
 def checkpoints(run_dir: str) -> list[str]:
     root = os.path.join(run_dir, "checkpoints")
     return sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []

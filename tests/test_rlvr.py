@@ -2,20 +2,19 @@
 
 Pure parts against hand-computed numbers (overlong shaping, the auto missing-EOS penalty, penalty-only groups, the
 selection and merging of groups, the extra-prompt stream); then real GRPO runs through the CLI: dynamic sampling on a
-rollout whose groups all carry signal is the plain step, figure for figure; with groups dropped and re-sampled on 2
-ranks, a SIGTERM-interrupted run resumes bit-identically; a task reward without variance warns; bad settings exit 2.
+rollout whose groups all carry signal is the plain step, figure for figure; a task reward without variance warns; bad
+settings exit 2. Groups dropped and re-sampled on 2 ranks, with a SIGTERM-interrupted run resuming bit-identically:
+tests/test_multi_turn.py (the same run with multi-turn episodes).
 """
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 import torch
 
-from conftest import PPO_RESUME_STEPS, ppo_metrics_by_step, ppo_resume_args, read_metrics, run_cli
+from conftest import ppo_metrics_by_step, read_metrics, run_cli
 from dist_hybrid_models import tiny_models
-from test_resume import assert_same_run, checkpoints, finish, start_cli, wait_for_step
 
 from rlhf_ds import cli
 from rlhf_ds.config import PPOAlgoConfig
@@ -201,29 +200,6 @@ def test_dynamic_sampling_with_signal_in_every_group_is_the_plain_step(models, r
         assert ds["ppo/ds_extra_rounds"] == 0 and ds["ppo/ds_filled_groups"] == 0 and ds["ppo/ds_prompts_sampled"] == 4
         assert {k: v for k, v in b[step].items() if k not in ds} == a[step], step  # every figure, exactly
         assert a[step]["ppo/zero_signal_groups"] == 0.0 and a[step]["ppo/task_reward"] == a[step]["ppo/reward"]
-
-
-def test_dynamic_sampling_resamples_on_two_ranks_and_resumes_bit_identically_after_sigterm(models, rewards, tmp_path):
-    extra = ["reward.model=null", f"reward.function={rewards}:parity", "ppo.dynamic_sampling=true",
-             "ppo.dynamic_sampling_max_rounds=2", "ppo.n_samples_per_prompt=4", "ppo.micro_batch_size=4"]
-    reference = str(tmp_path / "reference")
-    run_cli(ppo_resume_args(models, reference, *extra, estimator="grpo"), ranks=2, timeout=400)
-    rows = ppo_metrics_by_step(reference)
-    # groups without signal were dropped and replaced: extra rounds ran and the trained batches lost most of them
-    assert sum(r["ppo/ds_extra_rounds"] for r in rows.values()) > 0
-    assert sum(r["ppo/zero_signal_groups"] for r in rows.values()) < sum(r["ppo/ds_zero_signal_sampled"]
-                                                                         for r in rows.values())
-
-    out = str(tmp_path / "interrupted")
-    proc = start_cli(ppo_resume_args(models, out, *extra, estimator="grpo"))
-    wait_for_step(proc, out, 2)
-    proc.send_signal(signal.SIGTERM)
-    rc, log = finish(proc)
-    assert rc == 75, log[-4000:]
-    assert 2 <= int(checkpoints(out)[0].split("_")[1]) < PPO_RESUME_STEPS
-    rc, log = finish(start_cli(ppo_resume_args(models, out, *extra, estimator="grpo")))
-    assert rc == 0, log[-4000:]
-    assert_same_run(reference, out)  # every step figure and the saved weights, exactly
 
 
 def test_a_task_reward_without_variance_warns_that_only_the_penalty_teaches(models, rewards, tmp_path):

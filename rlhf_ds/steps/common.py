@@ -79,6 +79,7 @@ def start_step(cfg, step_name: str) -> StepContext:
     strategy.setup_distributed(train.collective_timeout_minutes if train else 30.0)
     run_lock.hold_for_job(cfg.output_dir)  # before anything is written there, logs included
     strategy.built_ds_configs.clear()
+    strategy.loading_universal = False  # until the checkpoint manager resumes on another world size
     set_seed(train.seed if train else 0)
     setup_logging(cfg.output_dir)
     log.info("%s: world size %d, device %s, run dir %s", step_name, world_size(), strategy.device(), cfg.output_dir)
