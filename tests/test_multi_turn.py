@@ -124,6 +124,25 @@ def test_a_stop_string_ends_the_model_turn_and_reported_keys_must_be_declared(mo
         _Episode("undeclared", Undeclared, {}, "p").step("hello")
 
 
+def test_episodes_and_dynamic_sampling_refuse_an_engine_that_does_not_decode_rank_locally(models):
+    from rlhf_ds.config import ConfigError
+    from rlhf_ds.rollout.base import require_rank_local
+
+    _, _, hybrid = tiny_engine(models)
+    require_rank_local(hybrid, ["rollout.environment", "ppo.dynamic_sampling"])  # the portable copy: rank-local
+
+    class PluginEngine:  # a backend that says nothing about its generate
+        pass
+
+    require_rank_local(PluginEngine(), [])  # single-turn rollouts need nothing
+    with pytest.raises(ConfigError, match="rollout.environment call the rollout engine a different number of times on "
+                                          "each rank, but PluginEngine does not decode rank-locally"):
+        require_rank_local(PluginEngine(), ["rollout.environment"])
+    hybrid.backend = "deepspeed"  # DeepSpeed's hybrid engine gathers ZeRO-3 shards inside generate
+    with pytest.raises(ConfigError, match="ppo.dynamic_sampling"):
+        require_rank_local(hybrid, ["ppo.dynamic_sampling"])
+
+
 # ---- episodes through a real engine ----------------------------------------------------------------------------------
 def tiny_engine(models):
     from transformers import AutoModelForCausalLM

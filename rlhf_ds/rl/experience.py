@@ -18,7 +18,7 @@ from rlhf_ds.rl import math as rlm
 from rlhf_ds.rl.advantages import AdvantageInputs, explained_variance, get_estimator, group_stats
 from rlhf_ds.rl.dynamic_sampling import Scored, fill_with_signal
 from rlhf_ds.rl.shaping import ScoreShaping
-from rlhf_ds.rollout.base import RolloutEngine, rollout
+from rlhf_ds.rollout.base import RolloutEngine, require_rank_local, rollout
 from rlhf_ds.rollout.multi_turn import Episodes
 from rlhf_ds.tracking.rollout_stats import rollout_stats
 
@@ -81,6 +81,9 @@ class ExperienceMaker:
         self.actor_chunk, self.reference_chunk = logit_chunks
         self.shaping = ScoreShaping.from_config(ppo, reward.names(), generation.max_new_tokens)
         self.episodes = episodes  # multi-turn rollouts with an environment; None: single-turn
+        # the config refuses the built-in collective engines by name; this catches any engine, a plugin's too
+        require_rank_local(engine, [what for what, on in (("rollout.environment", episodes is not None),
+                                                          ("ppo.dynamic_sampling", ppo.dynamic_sampling)) if on])
 
     def on_policy(self) -> bool:
         """Whether the update's own log-probs are the old ones: one epoch, one optimizer step over the whole rollout

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from rlhf_ds.config import GenerationConfig
+from rlhf_ds.config import ConfigError, GenerationConfig
 from rlhf_ds.data.features import pad_batch
 
 
@@ -40,6 +40,14 @@ class RolloutEngine(Protocol):
 
     def release(self) -> None:
         """The step's generation is over: free what is not kept between steps (hybrid.keep_copy)."""
+
+
+def require_rank_local(engine: RolloutEngine, needs: list[str]) -> None:
+    """ConfigError when what `needs` names (multi-turn episodes, dynamic sampling: ranks call `generate` different
+    numbers of times) meets an engine whose `generate` is collective, or that does not say (a plugin's backend)."""
+    if needs and not getattr(engine, "rank_local", False):
+        raise ConfigError(f"{' and '.join(needs)} call the rollout engine a different number of times on each rank, "
+                          f"but {type(engine).__name__} does not decode rank-locally (rank_local is not True)")
 
 
 @dataclass
