@@ -55,9 +55,11 @@ FIXED_ON_RESUME = (
     "ppo.ptx_data", "ppo.ema_decay", "ppo.dynamic_sampling", "dpo.loss", "dpo.length_normalize", "dpo.precompute_reference",
 )
 _NOT_COMPARED = ("output_dir", "checkpoint.*", "tracking.*")
-# steps whose checkpoints resume on another world size (one trained engine, no per-rank state but the RNGs); step 3
-# keeps per-rank rollouts, EMA shards and prompt streams
-ELASTIC_STEPS = ("pretrain", "sft", "rm", "dpo")
+# the config section and keys that shape each step's batch (the supervised steps: `train`): on another world size the
+# global batch (micro_batch_size x ranks x grad_accum, examples per optimizer step) and PPO's rollout
+# (rollout_batch_size x ranks prompts) are kept by re-deriving them
+BATCH_KEYS = {"ppo": ("ppo", ("rollout_batch_size", "micro_batch_size", "grad_accum"))}
+TRAIN_BATCH_KEYS = ("train", ("micro_batch_size", "grad_accum"))
 UNIVERSAL = ".universal"  # step_N.universal: the DeepSpeed universal copy of step_N, beside it
 
 
@@ -142,6 +144,43 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     return breaking, other
 
 
+# ---- the batch on another world size -------------------------------------------------------------------------------
+def keep_batch(section: str, before: dict, old_world: int, given: dict, world: int) -> dict:
+    """The batch keys that keep, on `world` ranks, the batch `before` trained with on `old_world`: the global batch
+    (micro_batch_size x ranks x grad_accum) with micro_batch_size as `given` and grad_accum re-derived, and, where the
+    section has one (PPO), the prompts of a rollout (rollout_batch_size x ranks). Keys `given` that already keep it
+    stay. ValueError naming the sizes and the keys to set when no whole values keep it."""
+    kept = {}
+    if "rollout_batch_size" in before:
+        prompts = before["rollout_batch_size"] * old_world
+        per_rank, left = divmod(prompts, world)
+        if left:
+            raise ValueError(f"its rollouts of {prompts} prompts ({section}.rollout_batch_size "
+                             f"{before['rollout_batch_size']} x {old_world} ranks) cannot be split over {world} ranks")
+        kept["rollout_batch_size"] = per_rank
+    batch = before["micro_batch_size"] * before["grad_accum"] * old_world
+    micro, accum = given["micro_batch_size"], given["grad_accum"]
+    if micro * accum * world != batch:
+        accum, left = divmod(batch, micro * world)
+        if left or accum < 1:
+            raise ValueError(
+                f"its global batch of {batch} examples ({section}.micro_batch_size {before['micro_batch_size']} x "
+                f"{old_world} ranks x {section}.grad_accum {before['grad_accum']}) cannot be kept with "
+                f"{section}.micro_batch_size {micro} and a whole {section}.grad_accum; set {section}.micro_batch_size "
+                f"(and {section}.grad_accum) so that micro_batch_size x {world} x grad_accum = {batch}")
+    return {**kept, "micro_batch_size": micro, "grad_accum": accum}
+
+
+def describe_batch(section: str, batch: dict, world: int) -> str:
+    """e.g. 'global batch 8 kept as train.micro_batch_size 4 x 1 ranks x train.grad_accum 2'."""
+    out = (f"global batch {batch['micro_batch_size'] * world * batch['grad_accum']} kept as {section}.micro_batch_size "
+           f"{batch['micro_batch_size']} x {world} ranks x {section}.grad_accum {batch['grad_accum']}")
+    if "rollout_batch_size" in batch:
+        out = (f"rollouts of {batch['rollout_batch_size'] * world} prompts kept as {section}.rollout_batch_size "
+               f"{batch['rollout_batch_size']} x {world} ranks, {out}")
+    return out
+
+
 # ---- finding a checkpoint ------------------------------------------------------------------------------------------
 def checkpoint_problem(path: str) -> Optional[str]:
     """Why `path` is not a complete checkpoint (None when it is): no marker, unreadable manifest, missing/short files."""
@@ -192,8 +231,9 @@ class CheckpointManager:
         self._last_save = time.monotonic()
         self.broken: list[str] = []  # checkpoints found unusable (rank 0)
         self.elastic: Optional[dict] = None  # resuming on another world size: {"from", "to", "grad_accum", ...}
-        self.train = getattr(cfg, "train", None)  # the batch actually trained (saved with each checkpoint)
-        self.seed = getattr(self.train, "seed", 0)
+        self.batch_section, self.batch_keys = BATCH_KEYS.get(step_name, TRAIN_BATCH_KEYS)
+        self.batch_cfg = getattr(cfg, self.batch_section, None)  # the batch actually trained (saved with checkpoints)
+        self.seed = getattr(getattr(cfg, "train", None), "seed", 0)
         decision = self._choose() if is_rank0() else None
         decision = strategy.broadcast_object(decision)
         if decision["error"]:
@@ -254,18 +294,13 @@ class CheckpointManager:
             old = yaml.safe_load(f)
         self.elastic = None
         if manifest.get("world_size") != world_size():
-            if self.step_name not in ELASTIC_STEPS:
-                raise ResumeError(
-                    f"{path} was written by {manifest.get('world_size')} ranks and this run has {world_size()}: step "
-                    f"'{self.step_name}' keeps per-rank rollouts, EMA shards and prompt streams; resume with the same "
-                    f"number of ranks (only {', '.join(ELASTIC_STEPS)} resume on another world size), or "
-                    "checkpoint.resume=never to start afresh")
             self.elastic = self._elastic_batch(path, old, manifest["world_size"])
-        elif self.step_name in ELASTIC_STEPS:
+        else:
             self.elastic = self._batch_kept(path, old)
         breaking, other = config_changes(old, self.config)
-        if self.elastic:  # the batch keys may change with the world size, as long as the global batch is kept
-            breaking = [b for b in breaking if not b.startswith(("train.micro_batch_size:", "train.grad_accum:"))]
+        if self.elastic:  # the batch keys may change with the world size, as long as the batch is kept
+            breaking = [b for b in breaking
+                        if not b.startswith(tuple(f"{self.batch_section}.{k}:" for k in self.batch_keys))]
         if breaking:
             raise ResumeError(
                 f"the config differs from the one checkpoint {path} was written with, in ways that break resuming:\n  "
@@ -274,59 +309,47 @@ class CheckpointManager:
         if other:
             log.warning("resuming with config changes:\n  %s", "\n  ".join(other))
 
-    @staticmethod
-    def _trained_batch(path: str, old: dict) -> dict:
-        """The micro-batch size and accumulation the checkpoint's run trained with (re-derived ones included)."""
+    def _trained_batch(self, path: str, old: dict) -> dict:
+        """The batch keys the checkpoint's run trained with (re-derived ones included)."""
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
             batch = json.load(f).get("batch")
-        return batch or {k: old["train"][k] for k in ("micro_batch_size", "grad_accum")}
+        section = old.get(self.batch_section, {})
+        return {k: (batch or {}).get(k, section.get(k)) for k in self.batch_keys}
 
     def _batch_kept(self, path: str, old: dict) -> Optional[dict]:
-        """The same world size, the config's batch keys unchanged, but the checkpoint's run trained with a re-derived
-        accumulation (it was resumed on this world size from another): continue with that one."""
-        trained, given = self._trained_batch(path, old), self.config.get("train", {})
-        keys = ("micro_batch_size", "grad_accum")
-        if all(trained[k] == given.get(k) for k in keys) or any(old["train"][k] != given.get(k) for k in keys):
+        """The same world size, the config's batch keys unchanged, but the checkpoint's run trained with re-derived
+        ones (it was resumed on this world size from another): continue with those."""
+        trained, given = self._trained_batch(path, old), self.config.get(self.batch_section, {})
+        section = old.get(self.batch_section, {})
+        if (all(trained[k] == given.get(k) for k in self.batch_keys)
+                or any(section.get(k) != given.get(k) for k in self.batch_keys)):
             return None
-        return {"from": world_size(), "to": world_size(), "global_batch": trained["micro_batch_size"] *
-                trained["grad_accum"] * world_size(), **{k: trained[k] for k in keys}}
+        return {"from": world_size(), "to": world_size(), **trained}
 
     def _elastic_batch(self, path: str, old: dict, old_world: int) -> dict:
-        """How a checkpoint of `old_world` ranks continues on this world size with the same global batch (examples per
-        optimizer step): train.micro_batch_size as given, train.grad_accum re-derived (or as given, when that keeps
-        it). ResumeError naming the sizes and the keys to set when no accumulation keeps it."""
-        before, given = {**old.get("train", {}), **self._trained_batch(path, old)}, self.config.get("train", {})
-        if before.get("micro_batch_tokens") or given.get("micro_batch_tokens"):
-            raise ResumeError(f"{path}: micro-batches by token budget (train.micro_batch_tokens) are per rank and "
-                              "cannot be re-derived for another world size; resume with "
-                              f"{old_world} ranks")
-        batch = before["micro_batch_size"] * before["grad_accum"] * old_world
-        micro, accum, ranks = given["micro_batch_size"], given["grad_accum"], world_size()
-        if micro * accum * ranks != batch:
-            accum, left = divmod(batch, micro * ranks)
-            if left or accum < 1:
-                raise ResumeError(
-                    f"{path} was written by {old_world} ranks and this run has {ranks}: its global batch of {batch} "
-                    f"examples (train.micro_batch_size {before['micro_batch_size']} x {old_world} ranks x "
-                    f"train.grad_accum {before['grad_accum']}) cannot be kept with train.micro_batch_size {micro} and "
-                    f"a whole train.grad_accum; set train.micro_batch_size (and train.grad_accum) so that "
-                    f"micro_batch_size x {ranks} x grad_accum = {batch}, or resume with {old_world} ranks")
-        return {"from": old_world, "to": ranks, "global_batch": batch, "micro_batch_size": micro, "grad_accum": accum}
+        """How a checkpoint of `old_world` ranks continues on this world size with the same batch (`keep_batch`);
+        ResumeError naming the sizes and the keys to set when it cannot."""
+        try:
+            kept = keep_batch(self.batch_section, self._trained_batch(path, old), old_world,
+                              self.config.get(self.batch_section, {}), world_size())
+        except ValueError as e:
+            raise ResumeError(f"{path} was written by {old_world} ranks and this run has {world_size()}: {e}, or "
+                              f"resume with {old_world} ranks") from None
+        return {"from": old_world, "to": world_size(), **kept}
 
     def _start_elastic(self, cfg, plan: dict) -> None:
-        """Every rank, before any engine is built: the re-derived accumulation, and engines that load the universal
+        """Every rank, before any engine is built: the re-derived batch keys, and engines that load the universal
         format."""
         self.elastic = plan
-        cfg.train.micro_batch_size, cfg.train.grad_accum = plan["micro_batch_size"], plan["grad_accum"]
+        for k in self.batch_keys:
+            setattr(self.batch_cfg, k, plan[k])
+        shape = describe_batch(self.batch_section, plan, plan["to"])
         if plan["from"] == plan["to"]:
-            log.info("resuming %s with the batch it trained with: train.micro_batch_size %d x train.grad_accum %d",
-                     self.resume_path, plan["micro_batch_size"], plan["grad_accum"])
+            log.info("resuming %s with the batch it trained with: %s", self.resume_path, shape)
             return
         strategy.loading_universal = True
-        log.info("resuming %s (written by %d ranks) on %d ranks: global batch %d kept as train.micro_batch_size %d x "
-                 "%d ranks x train.grad_accum %d; ZeRO shards through DeepSpeed's universal checkpoint format",
-                 self.resume_path, plan["from"], plan["to"], plan["global_batch"], plan["micro_batch_size"],
-                 plan["to"], plan["grad_accum"])
+        log.info("resuming %s (written by %d ranks) on %d ranks: %s; ZeRO shards through DeepSpeed's universal "
+                 "checkpoint format", self.resume_path, plan["from"], plan["to"], shape)
 
     def _universal_copy(self, path: str) -> str:
         """`path` + ".universal": every engine of stage 1-3 converted once (rank 0, under a temp name, published by a
@@ -383,7 +406,8 @@ class CheckpointManager:
     def register(self, name: str, obj, per_rank: bool = False) -> None:
         """Save `obj` (anything with `state_dict()` / `load_state_dict(state)`: loop counters, KL controller, EMA, the
         non-finite guard) with every checkpoint and restore it in `load`. Its state goes to trainer_state.json (JSON,
-        the same on every rank) or, with `per_rank`, to this rank's file (tensors allowed: EMA shards)."""
+        the same on every rank) or, with `per_rank`, to this rank's file (tensors allowed: EMA shards); a per-rank
+        state resumes on another world size only if `obj` has `load_resharded(states of every old rank, in order)`."""
         if name in self.states:
             raise ValueError(f"checkpoint state {name!r} registered twice")
         self.states[name] = (obj, per_rank)
@@ -402,28 +426,37 @@ class CheckpointManager:
 
     def _load_elastic(self, path: str) -> dict:
         """Another world size: ZeRO shards through the universal copy (stage 0 engines hold everything whole and load
-        as they are), and each rank's RNGs seeded afresh from (train.seed, step, rank): the training data order does
-        not depend on them, sampling and dropout after the resume do (docs/reliability.md)."""
-        per_rank = [name for name, (_, is_per_rank) in self.states.items() if is_per_rank]
-        if per_rank:
-            raise ResumeError(f"{path}: per-rank state {per_rank} cannot be re-sharded for another world size")
+        as they are); per-rank states re-sharded from every old rank's file (`load_resharded`); each rank's RNGs seeded
+        afresh from (train.seed, step, rank): the training data order does not depend on them, sampling and dropout
+        after the resume do (docs/reliability.md)."""
+        per_rank = [name for name, (obj, is_per_rank) in self.states.items() if is_per_rank]
+        cannot = [name for name in per_rank if not hasattr(self.states[name][0], "load_resharded")]
+        if cannot:
+            raise ResumeError(f"{path}: per-rank state {cannot} cannot be re-sharded for another world size")
         universal = self._universal_copy(path)
         for tag, engine in self.engines.items():
             strategy.load_engine(engine, universal if strategy.zero_stage(engine) >= 1 else path, tag)
+        if per_rank:
+            old = [torch.load(os.path.join(path, f"rank_{r:05d}.pt"), map_location="cpu", weights_only=True)["state"]
+                   for r in range(self.elastic["from"])]
+            for name in per_rank:
+                self.states[name][0].load_resharded([states[name] for states in old])
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
             step = json.load(f)["step"]
         seed = int(np.random.default_rng([self.seed, step, rank(), 7717]).integers(2**31))
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
-        return self._load_states(path, {})
+        return self._load_states(path, {}, skip=per_rank)
 
-    def _load_states(self, path: str, local: dict) -> dict:
+    def _load_states(self, path: str, local: dict, skip: tuple | list = ()) -> dict:
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
             state = json.load(f)
         with open(os.path.join(path, "metrics.jsonl"), encoding="utf-8") as f:
             state["metrics"] = [json.loads(line) for line in f if line.strip()]
         for name, (obj, per_rank) in self.states.items():
+            if name in skip:
+                continue
             saved = (local.get("state", {}) if per_rank else state.get("states", {})).get(name)
             if saved is None:
                 raise ResumeError(f"checkpoint {path} has no saved {name!r}: it was written by another version of "
@@ -487,8 +520,8 @@ class CheckpointManager:
     def _publish(self, tmp: str, final: str, step: int, loop_state: dict) -> None:
         rows = self.metrics.history if self.metrics is not None else []
         wandb_id = self.metrics.wandb_id if self.metrics is not None else None
-        batch = ({"micro_batch_size": self.train.micro_batch_size, "grad_accum": self.train.grad_accum}
-                 if hasattr(self.train, "grad_accum") and hasattr(self.train, "micro_batch_size") else None)
+        batch = ({k: getattr(self.batch_cfg, k) for k in self.batch_keys}
+                 if all(hasattr(self.batch_cfg, k) for k in self.batch_keys) else None)
         atomic_write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "step_name": self.step_name,
                                                                      "world_size": world_size(), "wandb_id": wandb_id,
                                                                      "batch": batch, "states": loop_state})

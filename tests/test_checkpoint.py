@@ -7,6 +7,7 @@ import random
 import signal
 
 import numpy as np
+import pytest
 import torch
 
 from rlhf_ds.checkpoint import COMPLETE, StopSignal, checkpoint_problem, config_changes, rng_state, set_rng_state
@@ -92,3 +93,52 @@ def test_ema_restore_writes_into_the_live_shards():
     ema.load_state_dict(saved)
     assert [s.data_ptr() for s in ema.shadow] == live
     assert all(torch.equal(s, torch.full_like(s, 7.0)) for s in ema.shadow)
+
+
+def _zero3_partitioned(full: list[torch.Tensor], world: int, rank: int) -> torch.nn.Module:
+    """A module whose parameters carry ZeRO-3's partition attributes: this rank's contiguous slice of each flattened
+    parameter (ceil(numel / world) elements, the last rank's padded with zeros) as `ds_tensor`."""
+    module = torch.nn.Module()
+    for i, t in enumerate(full):
+        p = torch.nn.Parameter(torch.empty(0))
+        size = -(-t.numel() // world)
+        flat = torch.cat([t.reshape(-1), t.new_zeros(size * world - t.numel())])
+        p.ds_tensor, p.ds_numel = flat[rank * size : (rank + 1) * size].clone(), t.numel()
+        module.register_parameter(f"p{i}", p)
+    return module
+
+
+@pytest.mark.parametrize("old_world, new_world", [(2, 1), (1, 2), (3, 2)])
+def test_ema_shards_reshard_for_another_world_size(monkeypatch, old_world, new_world):
+    """Resuming on another world size: each rank's new EMA shard is its slice of the parameters the old ranks' shards
+    make together (issue #25)."""
+    from rlhf_ds.engine.ema import ShardedEMA
+
+    full = [torch.arange(1.0, 8.0).reshape(7, 1), torch.arange(10.0, 16.0).reshape(2, 3), torch.tensor([42.0])]
+    saved = [ShardedEMA(_zero3_partitioned(full, old_world, r), 0.5).state_dict() for r in range(old_world)]
+    for r in range(new_world):
+        monkeypatch.setenv("RANK", str(r))
+        ema = ShardedEMA(_zero3_partitioned([torch.zeros_like(t) for t in full], new_world, r), 0.5)
+        ema.load_resharded(saved)
+        expected = _zero3_partitioned(full, new_world, r)
+        assert all(torch.equal(s, p.ds_tensor) for s, p in zip(ema.shadow, expected.parameters()))
+
+
+def test_keep_batch_re_derives_accumulation_and_rollout_size():
+    from rlhf_ds.checkpoint import describe_batch, keep_batch
+
+    sft = {"micro_batch_size": 4, "grad_accum": 1}
+    assert keep_batch("train", sft, 2, sft, 1) == {"micro_batch_size": 4, "grad_accum": 2}
+    assert keep_batch("train", sft, 2, {"micro_batch_size": 2, "grad_accum": 1}, 4) == {"micro_batch_size": 2,
+                                                                                          "grad_accum": 1}
+    with pytest.raises(ValueError, match=r"global batch of 8 examples \(train.micro_batch_size 4 x 2 ranks x "
+                                         r"train.grad_accum 1\) cannot be kept with train.micro_batch_size 3"):
+        keep_batch("train", sft, 2, {"micro_batch_size": 3, "grad_accum": 1}, 1)
+    ppo = {"rollout_batch_size": 4, "micro_batch_size": 2, "grad_accum": 2}
+    kept = keep_batch("ppo", ppo, 2, ppo, 1)
+    assert kept == {"rollout_batch_size": 8, "micro_batch_size": 2, "grad_accum": 4}
+    assert describe_batch("ppo", kept, 1) == ("rollouts of 8 prompts kept as ppo.rollout_batch_size 8 x 1 ranks, global "
+                                              "batch 8 kept as ppo.micro_batch_size 2 x 1 ranks x ppo.grad_accum 4")
+    with pytest.raises(ValueError, match=r"rollouts of 8 prompts \(ppo.rollout_batch_size 4 x 2 ranks\) cannot be "
+                                         r"split over 3 ranks"):
+        keep_batch("ppo", ppo, 2, ppo, 3)

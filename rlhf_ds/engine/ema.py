@@ -10,6 +10,8 @@ import contextlib
 
 import torch
 
+from rlhf_ds.utils import rank
+
 
 def _local(p: torch.nn.Parameter) -> torch.Tensor:
     return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
@@ -36,6 +38,20 @@ class ShardedEMA:
         with torch.no_grad():
             for s, loaded in zip(self.shadow, shards):
                 s.copy_(loaded)  # stays on this rank's device (the checkpoint file is read to CPU)
+
+    def load_resharded(self, states: list[list[torch.Tensor]]) -> None:
+        """The shadow from the shards of a run on another world size (every old rank's, in rank order). A ZeRO-3
+        partition is its rank's contiguous slice of the flattened parameter (the last one padded): the slices are
+        joined and this rank's new slice taken. Parameters held whole were saved whole by every rank."""
+        shards = []
+        for i, (p, s) in enumerate(zip(self.params, self.shadow)):
+            if not hasattr(p, "ds_tensor"):
+                shards.append(states[0][i])
+                continue
+            full = torch.cat([old[i].reshape(-1) for old in states])[: p.ds_numel]
+            mine = full[rank() * s.numel() : (rank() + 1) * s.numel()]
+            shards.append(torch.cat([mine, mine.new_zeros(s.numel() - mine.numel())]).view_as(s))
+        self.load_state_dict(shards)
 
     @contextlib.contextmanager
     def swapped_in(self):

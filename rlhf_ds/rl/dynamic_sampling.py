@@ -115,3 +115,8 @@ class PromptStream:
 
     def load_state_dict(self, state: dict) -> None:
         self.taken = int(state["taken"])
+
+    def load_resharded(self, states: list[dict]) -> None:
+        """Resumed on another world size: this rank's own stream (seeded by its rank) from the furthest cursor of the
+        old ranks' streams; the extra prompts it then takes are not those the old ranks would have taken."""
+        self.taken = max(int(state["taken"]) for state in states)
