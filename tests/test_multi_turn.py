@@ -97,6 +97,27 @@ def test_tool_use_environment_runs_the_call_then_checks_the_answer():
         env.reset({"question": "x"})
 
 
+def test_tool_task_demonstrations_are_token_for_token_what_an_episode_builds(models):
+    """An SFT demonstration calling the tool, tokenized whole, is the model's call, then the default observation, then
+    the answer: the episode shows the model exactly the tokens it learned to continue from."""
+    from rlhf_ds.data.tool_task import ToolTask
+    from rlhf_ds.models.loading import load_tokenizer
+
+    tok = load_tokenizer(models["gpt2"])
+
+    def ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    for row in ToolTask(0).sft_rows(20, tool_share=1.0):
+        call = row["response"][: row["response"].index("</tool>") + len("</tool>")]
+        env = ToolUse()
+        env.reset({"answer": 0})
+        observation = env.step(call).observation
+        demo, call_ids, observation_ids = ids(row["response"]), ids(call), ids(observation)
+        assert demo[: len(call_ids)] == call_ids, row
+        assert demo[len(call_ids) : len(call_ids) + len(observation_ids)] == observation_ids, row
+
+
 def test_a_stop_string_ends_the_model_turn_and_reported_keys_must_be_declared(models):
     from rlhf_ds.envs.base import EnvironmentFailure, EnvStep
     from rlhf_ds.models.loading import load_tokenizer

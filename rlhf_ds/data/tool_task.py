@@ -17,7 +17,8 @@ the rest answers at once with a guess (one of the numbers, or the result rounded
     the answer is 80 .
 
 In an episode the model's call ends its turn (`</tool>` is a stop string of tool_use) and the environment appends
-` <result>85</result> ` (its default observation template), exactly the demonstrations' text. Success is the share of
+` <result>85</result>` (its default observation template): the demonstrations' tokens, so the model continues with
+` the answer is 85 .` as it learned to (tests/test_multi_turn.py checks it token by token). Success is the share of
 held-out episodes whose final answer is right (ppo/eval_task_reward); the calls' outcomes are ppo/env_tool_*.
 
     python -m rlhf_ds.data.tool_task OUT_DIR [--seed 0]   # tool_train.jsonl, tool_eval.jsonl, tool_sft.jsonl

@@ -30,7 +30,7 @@ class ToolUse:
     info_keys = ("answers", "tool_calls") + tuple(f"tool_{status}" for status in STATUSES)
 
     def __init__(self, tools: tuple[str, ...] | list[str] = ("calculator",), answer_column: str = "answer",
-                 observation_template: str = " {result} ", tool_timeout_s: float = 5.0):
+                 observation_template: str = " {result}", tool_timeout_s: float = 5.0):
         for name in tools:
             TOOLS.get(name)  # an unknown tool is a config error, said when the first environment is built
         if "{result}" not in observation_template:
