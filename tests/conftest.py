@@ -50,6 +50,23 @@ def run_cli(args: list[str], ranks: int = 1, timeout: int = 600, check: bool = T
 RUN_SEPARATOR = "::"  # several CLI runs in one launch (one process group): `sft a=1 ... :: sft b=2 ...`
 
 
+def run_cli_many(runs: list[list[str]], ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """The CLI commands `runs` one after another in one launch (tests/dist_cli_runs.py): one process, or `ranks` CPU
+    ranks through the real deepspeed launcher; fails on the first command that does."""
+    argv = [a for i, args in enumerate(runs) for a in ([RUN_SEPARATOR] if i else []) + args]
+    script = os.path.join(REPO, "tests", "dist_cli_runs.py")
+    if ranks == 1:
+        cmd, env = [sys.executable, script, *argv], cli_env(threads=2)
+    else:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--no_local_rank",
+               "--master_port", str(free_port()), script, *argv]
+        env = cli_env(threads=1)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
 def split_runs(argv: list[str]) -> list[list[str]]:
     """The CLI commands of a rank script's `::`-separated arguments."""
     runs: list[list[str]] = [[]]

@@ -131,7 +131,7 @@ def test_a_stop_string_ends_the_model_turn_and_reported_keys_must_be_declared(mo
     assert ep.stopped and not ep.has_eos
     plain = tok("the answer is 3 .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id, 7, 7]
     assert ep.end_of_turn(plain, tok.eos_token_id, tok) == plain[:-2] and ep.has_eos and not ep.stopped
-    assert ep.step("<tool>calculator: 1 + 2</tool>").observation == " <result>3</result> "
+    assert ep.step("<tool>calculator: 1 + 2</tool>").observation == " <result>3</result>"  # the default template
     assert ep.info["tool_calls"] == 1 and ep.info["tool_ok"] == 1 and ep.info["tool_timeout"] == 0
 
     class Undeclared:

@@ -21,7 +21,12 @@ In an episode the model's call ends its turn (`</tool>` is a stop string of tool
 ` the answer is 85 .` as it learned to (tests/test_multi_turn.py checks it token by token). Success is the share of
 held-out episodes whose final answer is right (ppo/eval_task_reward); the calls' outcomes are ppo/env_tool_*.
 
-    python -m rlhf_ds.data.tool_task OUT_DIR [--seed 0]   # tool_train.jsonl, tool_eval.jsonl, tool_sft.jsonl
+The built-in world's pretraining corpus has no numbers, tags or tool calls, and a model pretrained on it (and its
+byte-level tokenizer, trained there) learns the call format poorly from demonstrations alone; `tool_corpus.jsonl` holds
+the demonstrations' text (prompt and response as one document) for a base pretrained on this kind of text
+(docs/rl.md gives the recipe and what it measured).
+
+    python -m rlhf_ds.data.tool_task OUT_DIR [--seed 0]   # tool_{train,eval,sft,corpus}.jsonl
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from rlhf_ds.data.builtin_task import SUBJECTS
 
 THINGS = ("stones", "apples", "coins", "shells", "seeds", "cups")
 KINDS = ("plus", "minus", "times")
-SIZES = {"train": 2000, "eval": 200, "sft": 2000}
+SIZES = {"train": 2000, "eval": 200, "sft": 6000}
 
 
 def question(kind: str, subject: str, thing: str, a: int, b: int) -> Tuple[str, int]:
@@ -90,11 +95,13 @@ class ToolTask:
         return rows
 
     def write(self, out_dir: str, sizes: Dict[str, int] | None = None, tool_share: float = 0.5) -> Dict[str, str]:
-        """tool_train.jsonl and tool_eval.jsonl (prompt, answer), tool_sft.jsonl (prompt, response); atomic each."""
+        """tool_train.jsonl and tool_eval.jsonl (prompt, answer), tool_sft.jsonl (prompt, response), tool_corpus.jsonl
+        (text: the demonstrations as documents); atomic each."""
         sizes = {**SIZES, **(sizes or {})}
         os.makedirs(out_dir, exist_ok=True)
+        sft = self.sft_rows(sizes["sft"], tool_share)
         files = {"train": self.prompt_rows(sizes["train"], "train"), "eval": self.prompt_rows(sizes["eval"], "eval"),
-                 "sft": self.sft_rows(sizes["sft"], tool_share)}
+                 "sft": sft, "corpus": [{"text": r["prompt"] + r["response"]} for r in sft]}
         paths = {}
         for name, rows in files.items():
             path = os.path.join(out_dir, f"tool_{name}.jsonl")
