@@ -192,8 +192,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0 = a free port (the printed line names it)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--max-prompt-tokens", type=int, default=256)
-    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--max-prompt-tokens", type=int, default=256,
+                   help="the policy's prompt budget (PPO's data.max_prompt_tokens), in the policy's tokens")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="the policy's response budget (PPO's generation.max_new_tokens); the reward model reads 4 of "
+                        "its own tokens per policy token, within its positions (as PPO's reward model does)")
     p.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
 
     p = sub.add_parser("chat", help="talk to a model on stdin: one message per line, /quit or EOF ends")
@@ -440,7 +443,7 @@ def _run_tool(args) -> int:
             from rlhf_ds.rewards.server import serve
 
             return serve(args.model, args.host, args.port, args.device, args.precision, args.max_prompt_tokens,
-                         args.max_seq_len, args.batch_size, args.token_file, args.workers, args.max_connections,
+                         args.max_new_tokens, args.batch_size, args.token_file, args.workers, args.max_connections,
                          args.max_texts, args.read_timeout, args.request_timeout)
         elif args.command == "chat":
             evaluate.chat_loop(args.model, _generation_config(args), args.template, args.reward_model, args.gold_seed,

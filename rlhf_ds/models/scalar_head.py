@@ -170,15 +170,21 @@ class RewardScorer:
         return out
 
 
+def reward_lengths(max_prompt_tokens: int, max_new_tokens: int, positions: int | None) -> tuple[int, int]:
+    """The reward model's (prompt tokens, sequence tokens) for a policy's budget: 4 of the RM's tokens per policy token
+    (its tokenizer may split the same text finer), within its positions, the prompt at most half. The one length
+    budget of PPO's reward model, `serve-reward`, `eval`, `score`, `chat` and `rm-report`."""
+    seq = min(4 * (max_prompt_tokens + max_new_tokens), positions or 1 << 30)
+    return max(2, min(4 * max_prompt_tokens, seq // 2)), seq
+
+
 def reward_scorer(path: str, device: str, precision: str = "fp32", max_prompt_tokens: int = 256,
                   max_new_tokens: int = 256) -> RewardScorer:
-    """A RewardScorer whose length limits fit both the texts (policy tokens may split finer) and the RM's positions:
-    the one length budget of `eval`, `score`, `chat` and `rm-report`."""
+    """A RewardScorer for texts from a policy with this budget (`reward_lengths`)."""
     from transformers import AutoConfig
 
     from rlhf_ds.models.loading import max_positions, resolve_model_dir
 
-    limit = max_positions(AutoConfig.from_pretrained(resolve_model_dir(path))) or 1 << 30
-    seq = min(4 * (max_prompt_tokens + max_new_tokens), limit)
-    prompt = max(2, min(4 * max_prompt_tokens, seq // 2))
+    prompt, seq = reward_lengths(max_prompt_tokens, max_new_tokens,
+                                 max_positions(AutoConfig.from_pretrained(resolve_model_dir(path))))
     return RewardScorer(path, device=device, precision=precision, max_prompt_tokens=prompt, max_seq_len=seq)

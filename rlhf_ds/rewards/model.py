@@ -12,7 +12,8 @@ import torch
 
 from rlhf_ds.data.features import pad_batch, pair_ids
 from rlhf_ds.engine import strategy
-from rlhf_ds.models.scalar_head import last_token_scores
+from rlhf_ds.models.loading import max_positions
+from rlhf_ds.models.scalar_head import last_token_scores, reward_lengths
 from rlhf_ds.rl import math as rlm
 from rlhf_ds.rewards.base import RewardBatch
 
@@ -45,10 +46,8 @@ class ModelReward:
             return rm.normalise(last_token_scores(self.engine, seq, mask, self.packing))
         prompts = self.tok.batch_decode(seq[:, :P], skip_special_tokens=True)
         responses = [self.tok.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(seq[:, P:], mask[:, P:])]
-        # the RM's tokenizer may split the same text finer: allow it 4 tokens per generated token, within its positions
-        max_len = min(4 * (self.max_prompt_tokens + self.max_new_tokens),
-                      getattr(rm.config, "max_position_embeddings", None) or 1 << 30)
-        ids = pair_ids(self.rm_tok, prompts, responses, min(4 * self.max_prompt_tokens, max_len // 2), max_len)
+        ids = pair_ids(self.rm_tok, prompts, responses,
+                       *reward_lengths(self.max_prompt_tokens, self.max_new_tokens, max_positions(rm.config)))
         rm_seq, rm_mask = pad_batch(ids, self.rm_tok.pad_token_id, side="right")
         dev = strategy.device()
         return rm.normalise(last_token_scores(self.engine, rm_seq.to(dev), rm_mask.to(dev), self.packing))

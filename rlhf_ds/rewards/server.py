@@ -607,21 +607,16 @@ def make_server(scorer, model_dir: str, host: str, port: int, batch_size: int,
     return RewardServer(host, port, Handler, limits)
 
 
-def load_scorer(model_dir: str, device, precision: str, max_prompt_tokens: int, max_seq_len: int):
-    """A RewardScorer of a saved reward model, its lengths within the model's positions. A folder without a trained
-    head is refused: it would be served with a random one."""
-    from rlhf_ds.models.loading import ModelLoadError, max_positions, pick_device, resolve_model_dir
-    from rlhf_ds.models.scalar_head import RewardScorer, read_saved_head
+def load_scorer(model_dir: str, device, precision: str, max_prompt_tokens: int, max_new_tokens: int):
+    """A RewardScorer of a saved reward model for texts from a policy with this budget (the one length budget,
+    `reward_lengths`). A folder without a trained head is refused: it would be served with a random one."""
+    from rlhf_ds.models.loading import ModelLoadError, pick_device, resolve_model_dir
+    from rlhf_ds.models.scalar_head import read_saved_head, reward_scorer
 
     if read_saved_head(resolve_model_dir(model_dir)) is None:
         raise ModelLoadError(f"{model_dir}: not a reward model (no scalar_head.safetensors / scalar_head.json); "
                              f"train one with `rlhf-ds rm`")
-    scorer = RewardScorer(model_dir, pick_device(device or "auto"), precision, max_prompt_tokens, max_seq_len)
-    limit = max_positions(scorer.model.config)
-    if limit and scorer.max_seq_len > limit:
-        scorer.max_seq_len = limit
-        scorer.max_prompt_tokens = min(scorer.max_prompt_tokens, limit // 2)
-    return scorer
+    return reward_scorer(model_dir, pick_device(device or "auto"), precision, max_prompt_tokens, max_new_tokens)
 
 
 def _fit_file_limit(limits: Limits) -> None:
@@ -642,18 +637,18 @@ def _fit_file_limit(limits: Limits) -> None:
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, device=None, precision: str = "fp32",
-          max_prompt_tokens: int = 256, max_seq_len: int = 512, batch_size: int = 32, token_file: str | None = None,
+          max_prompt_tokens: int = 256, max_new_tokens: int = 256, batch_size: int = 32, token_file: str | None = None,
           workers: int = 4, max_connections: int = 1024, max_texts: int = 1024, read_timeout_s: float = 10.0,
           request_timeout_s: float = 30.0) -> int:
     """Load the model, then answer requests until SIGTERM or SIGINT (exit status 0). Port 0 picks a free port: the
     printed line names the real one."""
-    if batch_size < 1 or max_prompt_tokens < 1 or max_seq_len < 2:
-        raise ConfigError("--batch-size and --max-prompt-tokens must be >= 1, --max-seq-len >= 2")
+    if batch_size < 1 or max_prompt_tokens < 1 or max_new_tokens < 1:
+        raise ConfigError("--batch-size, --max-prompt-tokens and --max-new-tokens must be >= 1")
     token = read_token_file(token_file, "--token-file") if token_file else None
     limits = Limits(workers, max_connections, max_texts, read_timeout_s, request_timeout_s, token)
     limits.check()
     _fit_file_limit(limits)
-    scorer = load_scorer(model_dir, device, precision, max_prompt_tokens, max_seq_len)
+    scorer = load_scorer(model_dir, device, precision, max_prompt_tokens, max_new_tokens)
     try:
         server = make_server(scorer, model_dir, host, port, batch_size, limits)
     except OSError as err:  # the port is taken, the address is not this machine's
