@@ -542,7 +542,7 @@ def test_a_template_is_refused_for_chat_rows(tmp_path):
 
 
 def test_text_corpus_one_document_per_blank_line_block_or_per_line(tmp_path):
-    from rlhf_ds.steps.pretrain import read_corpus
+    from rlhf_ds.data.corpus import read_corpus
 
     path = tmp_path / "corpus.txt"
     path.write_bytes("first doc line one\nline two\n\n\n  \nsecond: tab\there\r\n\nthird é\n".encode("utf-8"))
@@ -551,7 +551,7 @@ def test_text_corpus_one_document_per_blank_line_block_or_per_line(tmp_path):
 
 
 def test_text_corpus_errors_name_file_and_line(tmp_path):
-    from rlhf_ds.steps.pretrain import read_corpus
+    from rlhf_ds.data.corpus import read_corpus
 
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine\n\nstill fine\nbroken \xff byte\n")

@@ -19,9 +19,10 @@ import torch
 
 from rlhf_ds.config import PPOConfig
 from rlhf_ds.data.batching import eval_shard
+from rlhf_ds.data.corpus import PtxBatches
 from rlhf_ds.data.formats import load_prompts, source_templates
 from rlhf_ds.data.readers import DataError
-from rlhf_ds.data.features import collate_sft, prompt_features, render_prompt
+from rlhf_ds.data.features import prompt_features, render_prompt
 from rlhf_ds.engine import strategy
 from rlhf_ds.engine.ema import ShardedEMA
 from rlhf_ds.engine.roles import build_models
@@ -91,22 +92,6 @@ def prompt_items(cfg: PPOConfig, tokenizer, examples: list, source) -> list[tupl
                     if prompt_features([ex], tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow)[0]]
     log.info("ppo prompts %s: %s", source, lengths.summary())
     return [(i, render_prompt(tokenizer, ex), ex.columns) for i, ex in zip(ids, examples)]
-
-
-class PtxBatches:
-    """Packed pretraining blocks for PPO-ptx. Batch i of step t on rank r is a function of (seed, rank, t, i) alone, so a
-    resumed run draws the same batches with no sampler state to save."""
-
-    def __init__(self, cfg: PPOConfig, tokenizer, source: str):
-        from rlhf_ds.steps.pretrain import pack, read_corpus
-
-        self.blocks = pack(read_corpus(source, cfg.data.text_documents, cfg.train.seed), tokenizer, cfg.data.max_seq_len)
-        self.size, self.seed, self.pad_id = cfg.ppo.micro_batch_size, cfg.train.seed, tokenizer.pad_token_id
-
-    def batch(self, step: int, index: int) -> dict:
-        rng = np.random.default_rng([self.seed, rank(), step, index])
-        idx = rng.choice(len(self.blocks), size=self.size, replace=False)
-        return collate_sft([self.blocks[i] for i in idx], self.pad_id)
 
 
 def train_on_experience(exp: Experience, actor, critic, cfg: PPOConfig, ptx: PtxBatches | None, step: int,
