@@ -11,20 +11,18 @@
 Each kind runs SFT, RM, DPO and PPO (GAE: actor, reference, critic, reward model) two steps each. What loading did to
 the weights is read from one more SFT step per kind (and for `no_pad_tied`) at a learning rate of 1e-30, which leaves
 every fp32 weight as loaded: the base's rows exactly, plus for a grown model one new row equal to the mean of the
-base's rows, in both layers (untied) or in the one shared weight (tied). All eleven runs go in one launch: this file
-doubles as the rank script (`python tests/test_chat_checkpoints.py sft ... :: rm ...`), which runs the real CLI
-(`rlhf_ds.cli.main`) for each `::`-separated command in turn (one process group, as PPO's four engines).
+base's rows, in both layers (untied) or in the one shared weight (tied). All eleven runs go in one launch
+(`conftest.run_cli_many`: the real CLI, `rlhf_ds.cli.main`, for each command in turn, in one process group, as PPO's
+four engines).
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, RUN_SEPARATOR, cli_env, free_port, read_metrics, split_runs
+from conftest import read_metrics, run_cli_many
 
 KINDS = ("pad_is_eos", "no_pad")
 STILL_KINDS = ("pad_is_eos", "no_pad", "no_pad_tied")  # one SFT step at lr 1e-30 each: the weights as loaded
@@ -35,17 +33,6 @@ SMALL = ["data.eval_split=0", "data.max_prompt_tokens=48", "data.max_seq_len=96"
 TRAIN = [*SMALL, "train.max_steps=2", "train.micro_batch_size=2"]
 PPO = [*SMALL, "ppo.steps=2", "ppo.rollout_batch_size=2", "ppo.micro_batch_size=2", "ppo.ppo_epochs=1",
        "ppo.advantage_estimator=gae", "generation.max_new_tokens=8"]
-
-
-def rank_main(argv: list[str]) -> int:
-    """Each `::`-separated CLI command in turn, in this rank; the first non-zero status ends the launch."""
-    from rlhf_ds import cli
-
-    for args in split_runs(argv):
-        code = cli.main(args)
-        if code:
-            return code
-    return 0
 
 
 def commands(base: str, data: dict[str, str], out: str) -> dict[str, list[str]]:
@@ -68,7 +55,7 @@ def runs(tmp_path_factory) -> dict[str, dict[str, str]]:
     root = tmp_path_factory.mktemp("chat_checkpoints")
     data = write_chat_data(str(root / "data"))
     out: dict[str, dict[str, str]] = {}
-    argv: list[str] = []
+    runs: list[list[str]] = []
     for kind in STILL_KINDS:
         base = build_chat_model(str(root / f"base_{kind}"), kind)
         run_root = str(root / kind)
@@ -78,12 +65,8 @@ def runs(tmp_path_factory) -> dict[str, dict[str, str]]:
                           "train.micro_batch_size=2", "engine.lr=1e-30"]
         for step, args in steps.items():
             out[kind][step] = os.path.join(run_root, step)
-            argv += ([RUN_SEPARATOR] if argv else []) + [*args, f"output_dir={out[kind][step]}"]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--no_local_rank",
-           "--master_port", str(free_port()), os.path.abspath(__file__), *argv]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(threads=1), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, (f"the 2-rank launch of {sum(len(v) - 1 for v in out.values())} runs failed "
-                                  f"({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-5000:]}")
+            runs.append([*args, f"output_dir={out[kind][step]}"])
+    run_cli_many(runs, ranks=2, timeout=400)
     return out
 
 
@@ -260,12 +243,3 @@ def test_which_existing_token_becomes_pad(case, tmp_path):
                 "reserved": "<|reserved_special_token_3|>"}.get(case)
     found = unused_pad_token(tok, path)
     assert (found[0] if found else None) == expected
-
-
-if __name__ == "__main__":  # a rank of the `runs` launch
-    code = rank_main(sys.argv[1:])
-    if code == 0:  # as `rlhf_ds.cli.entry` does
-        from rlhf_ds.engine.strategy import end_rank
-
-        end_rank(code)
-    sys.exit(code)
