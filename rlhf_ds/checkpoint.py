@@ -171,6 +171,18 @@ def keep_batch(section: str, before: dict, old_world: int, given: dict, world: i
     return {**kept, "micro_batch_size": micro, "grad_accum": accum}
 
 
+# the trained engines' optimizer keys (the reference and the reward model are not in a checkpoint)
+TRAINED_ENGINES = ("engine", "actor.engine", "critic.engine")
+
+
+def universal_unsupported(config: dict) -> list[str]:
+    """The optimizer keys of a checkpoint's config whose ZeRO shards (stages 1-3) DeepSpeed's universal format cannot
+    carry: 8-bit optimizer states (its converter reads Adam's fp32 exp_avg and exp_avg_sq only)."""
+    flat = _flatten(config)
+    return [f"{e}.optimizer" for e in TRAINED_ENGINES
+            if flat.get(f"{e}.optimizer") == "adamw_8bit" and flat.get(f"{e}.zero_stage", 0) >= 1]
+
+
 def describe_batch(section: str, batch: dict, world: int) -> str:
     """e.g. 'global batch 8 kept as train.micro_batch_size 4 x 1 ranks x train.grad_accum 2'."""
     out = (f"global batch {batch['micro_batch_size'] * world * batch['grad_accum']} kept as {section}.micro_batch_size "
@@ -294,6 +306,13 @@ class CheckpointManager:
             old = yaml.safe_load(f)
         self.elastic = None
         if manifest.get("world_size") != world_size():
+            unsupported = universal_unsupported(old)
+            if unsupported:
+                raise ResumeError(f"{path} was written by {manifest['world_size']} ranks and this run has "
+                                  f"{world_size()}: {', '.join(unsupported)}=adamw_8bit keeps 8-bit optimizer states "
+                                  "in its ZeRO shards, which DeepSpeed's universal checkpoint format cannot carry (its "
+                                  "converter reads fp32 Adam states only); resume with "
+                                  f"{manifest['world_size']} ranks")
             self.elastic = self._elastic_batch(path, old, manifest["world_size"])
         else:
             self.elastic = self._batch_kept(path, old)

@@ -142,3 +142,17 @@ def test_keep_batch_re_derives_accumulation_and_rollout_size():
     with pytest.raises(ValueError, match=r"rollouts of 8 prompts \(ppo.rollout_batch_size 4 x 2 ranks\) cannot be "
                                          r"split over 3 ranks"):
         keep_batch("ppo", ppo, 2, ppo, 3)
+
+
+def test_8bit_optimizer_states_under_zero_are_refused_for_another_world_size():
+    """DeepSpeed's universal converter reads fp32 Adam states only (measured: KeyError 'exp_avg' on adamw_8bit shards,
+    after the models were built); the refusal comes from the checkpoint's config, before anything loads."""
+    from rlhf_ds.checkpoint import universal_unsupported
+
+    assert universal_unsupported({"engine": {"optimizer": "adamw_8bit", "zero_stage": 2}}) == ["engine.optimizer"]
+    assert universal_unsupported({"engine": {"optimizer": "adamw_8bit", "zero_stage": 0}}) == []  # loads as it is
+    assert universal_unsupported({"engine": {"optimizer": "adamw", "zero_stage": 3}}) == []
+    ppo = {"actor": {"engine": {"optimizer": "adamw_8bit", "zero_stage": 3}},
+           "critic": {"engine": {"optimizer": "adamw", "zero_stage": 3}},
+           "reference": {"engine": {"optimizer": "adamw_8bit", "zero_stage": 3}}}  # frozen: not in the checkpoint
+    assert universal_unsupported(ppo) == ["actor.engine.optimizer"]
