@@ -329,11 +329,13 @@ class CheckpointManager:
             log.warning("resuming with config changes:\n  %s", "\n  ".join(other))
 
     def _trained_batch(self, path: str, old: dict) -> dict:
-        """The batch keys the checkpoint's run trained with (re-derived ones included)."""
+        """The batch keys the checkpoint's run trained with (re-derived ones included; a checkpoint of an earlier
+        version recorded none, or for PPO the `train` section's: then its config's)."""
         with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
-            batch = json.load(f).get("batch")
-        section = old.get(self.batch_section, {})
-        return {k: (batch or {}).get(k, section.get(k)) for k in self.batch_keys}
+            batch = json.load(f).get("batch") or {}
+        if set(batch) != set(self.batch_keys):
+            batch = old.get(self.batch_section, {})
+        return {k: batch[k] for k in self.batch_keys}
 
     def _batch_kept(self, path: str, old: dict) -> Optional[dict]:
         """The same world size, the config's batch keys unchanged, but the checkpoint's run trained with re-derived
